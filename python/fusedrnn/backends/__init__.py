@@ -1,0 +1,133 @@
+"""Backend registry and selection.
+
+Every backend is a module that implements the op contract of ``fusedrnn.backends.reference``
+(``lstm_fwd``, ``lstm_bwd``, ``gru_fwd``, ``gru_bwd``, ``lstm_cell_fwd``, ``lstm_cell_bwd``,
+``gru_cell_fwd``, ``gru_cell_bwd``, same signatures, shapes and dtypes) plus two questions:
+
+    unavailable() -> Optional[str]
+        None when the backend can run in this process, else the reason it cannot.
+    unsupported(cfg: RecurrenceConfig) -> Optional[str]
+        None when it runs this configuration, else the reason (naming the limit).
+
+``torch`` is special: it is not an op backend, the modules hand the whole forward to torch.nn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "cpp", "reference", "torch")
+KERNEL_BACKENDS = ("triton", "cuda", "cpp", "reference")
+ENV_VAR = "FUSEDRNN_BACKEND"
+
+_MODULES = {
+    "reference": "fusedrnn.backends.reference_backend",
+    "triton": "fusedrnn.backends.triton",
+    "cuda": "fusedrnn.backends.cuda",
+    "cpp": "fusedrnn.backends.cpp",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrenceConfig:
+    """What a backend needs to know to say whether it runs a module call."""
+
+    mode: str  # "LSTM", "GRU", "LSTMCell", "GRUCell"
+    device_type: str  # "cpu", "cuda", ...
+    device_index: int
+    dtype: torch.dtype
+    hidden_size: int
+    proj_size: int = 0
+
+
+def _load(name: str):
+    return importlib.import_module(_MODULES[name])
+
+
+def get(name: str):
+    """The module implementing the op contract for backend ``name``."""
+    if name not in _MODULES:
+        raise ValueError(f"fusedrnn: unknown kernel backend {name!r}; choose from {KERNEL_BACKENDS}")
+    return _load(name)
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    """None if backend ``name`` can run in this process, else why not."""
+    if name == "torch":
+        return None
+    try:
+        mod = _load(name)
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        return f"cannot import its module ({e})"
+    return mod.unavailable()
+
+
+def available_backends() -> dict:
+    """{backend: None if usable here, else the reason it is not}, for every explicit backend."""
+    return {name: unavailable_reason(name) for name in BACKENDS if name != "auto"}
+
+
+def check_backend_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"fusedrnn: unknown backend {backend!r}; choose from {BACKENDS}")
+
+
+_warned: set = set()
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _auto_candidates(cfg: RecurrenceConfig):
+    """Order in which ``auto`` tries backends.  The rule lives here, once."""
+    if cfg.device_type == "cuda":
+        return ("cuda", "triton")
+    # On CPU torch's native kernels (oneDNN) are the sane default for now; the cpp backend is
+    # chosen explicitly.
+    return ()
+
+
+def resolve(requested: str, cfg: RecurrenceConfig) -> str:
+    """Concrete backend for one call.  Explicit backends never fall back: they raise."""
+    check_backend_name(requested)
+    if requested == "auto":
+        env = os.environ.get(ENV_VAR, "")
+        if env:
+            check_backend_name(env)
+            requested = env
+    if requested == "torch":
+        return "torch"
+    if requested != "auto":
+        reason = unavailable_reason(requested)
+        if reason is None:
+            reason = get(requested).unsupported(cfg)
+            if reason is not None:
+                raise ValueError(f"fusedrnn: backend={requested!r} does not support this {cfg.mode}: {reason}")
+        else:
+            raise NotImplementedError(f"fusedrnn: backend={requested!r} is not available: {reason}")
+        return requested
+    reasons = []
+    for name in _auto_candidates(cfg):
+        reason = unavailable_reason(name)
+        if reason is None:
+            reason = get(name).unsupported(cfg)
+        if reason is None:
+            return name
+        reasons.append(f"{name}: {reason}")
+    if reasons:
+        _warn_once(
+            ("auto", cfg),
+            f"fusedrnn: backend='auto' falls back to torch for {cfg.mode} "
+            f"({cfg.dtype}, hidden_size={cfg.hidden_size}, {cfg.device_type}) because "
+            + "; ".join(reasons),
+        )
+    return "torch"

@@ -1,0 +1,88 @@
+"""The layer stack: input GEMMs, directions, dropout and projections around the recurrence ops.
+
+Everything here is plain differentiable PyTorch around the custom ops of ``fusedrnn.ops``; it is
+shared by LSTM and GRU and by every backend.  Inputs are time-major and padded:
+    x        (T, B, I)
+    lengths  (B,) int64 or None (packed input: per-sequence lengths, any order)
+    hx       (L*D, B, P) initial hidden states, cx (L*D, B, H) initial cell states (LSTM only)
+    weights  per (layer, direction), in torch.nn's order: (w_ih, w_hh, b_ih, b_hh, w_hr)
+Returns y (T, B, D*P), h_n (L*D, B, P) and, for LSTM, c_n (L*D, B, H).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+
+LayerWeights = Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]
+
+
+def _input_projection(x: Tensor, dir_weights: Sequence[LayerWeights]) -> List[Tensor]:
+    """x @ W_ih^T + b_ih for every step and every direction in one GEMM: [(T, B, G)] per direction."""
+    if len(dir_weights) == 1:
+        w_ih, _, b_ih, _, _ = dir_weights[0]
+        return [F.linear(x, w_ih, b_ih)]
+    w = torch.cat([d[0] for d in dir_weights], dim=0)
+    b = None if dir_weights[0][2] is None else torch.cat([d[2] for d in dir_weights], dim=0)
+    return list(F.linear(x, w, b).chunk(len(dir_weights), dim=-1))
+
+
+def rnn(
+    mode: str,
+    x: Tensor,
+    lengths: Optional[Tensor],
+    hx: Tensor,
+    cx: Optional[Tensor],
+    weights: Sequence[LayerWeights],
+    *,
+    num_layers: int,
+    bidirectional: bool,
+    dropout: float,
+    training: bool,
+    backend: str,
+):
+    """Multi-layer (bi)directional LSTM ("LSTM") or GRU ("GRU") over padded time-major input."""
+    num_dirs = 2 if bidirectional else 1
+    if lengths is not None:
+        lengths = lengths.to(device=x.device, dtype=torch.int64)
+    h_n, c_n = [], []
+    layer_input = x
+    for layer in range(num_layers):
+        dir_weights = weights[layer * num_dirs : (layer + 1) * num_dirs]
+        projections = _input_projection(layer_input, dir_weights)
+        outputs = []
+        for d in range(num_dirs):
+            idx = layer * num_dirs + d
+            _, w_hh, _, b_hh, w_hr = dir_weights[d]
+            if mode == "LSTM":
+                y, h, c, _, _ = ops.lstm_fwd(
+                    projections[d], w_hh, b_hh, hx[idx], cx[idx], w_hr, lengths, d == 1, backend
+                )
+                c_n.append(c)
+            else:
+                y, h, _ = ops.gru_fwd(projections[d], w_hh, b_hh, hx[idx], lengths, d == 1, backend)
+            outputs.append(y)
+            h_n.append(h)
+        layer_input = outputs[0] if num_dirs == 1 else torch.cat(outputs, dim=-1)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, p=dropout, training=True)
+    h_out = torch.stack(h_n, dim=0)
+    c_out = torch.stack(c_n, dim=0) if mode == "LSTM" else None
+    return layer_input, h_out, c_out
+
+
+def lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih, w_hh, b_ih, b_hh, backend: str):
+    """One LSTM step: x (B, I), h (B, H), c (B, H) -> (h_new, c_new)."""
+    h_new, c_new, _ = ops.lstm_cell_fwd(F.linear(x, w_ih), F.linear(h, w_hh), b_ih, b_hh, c, backend)
+    return h_new, c_new
+
+
+def gru_cell(x: Tensor, h: Tensor, w_ih, w_hh, b_ih, b_hh, backend: str):
+    """One GRU step: x (B, I), h (B, H) -> h_new."""
+    h_new, _ = ops.gru_cell_fwd(F.linear(x, w_ih), F.linear(h, w_hh), b_ih, b_hh, h, backend)
+    return h_new
