@@ -147,10 +147,13 @@ class _FusedRNNBase(_BackendMixin):
                 self.num_layers * num_directions, max_batch_size, n, dtype=input.dtype, device=input.device
             )
             hx = (zeros(real_hidden_size), zeros(self.hidden_size)) if is_lstm else zeros(self.hidden_size)
-        if is_lstm:
-            self.check_forward_args(input, hx, batch_sizes)
-        else:
-            self.check_forward_args(input, hx, batch_sizes)
+        if is_lstm and batch_sizes is not None and input.size(-1) != self.input_size:
+            # torch.nn.LSTM skips its Python checks for packed input; its first GEMM raises this.
+            raise RuntimeError(
+                f"mat1 and mat2 shapes cannot be multiplied ({input.size(0)}x{input.size(-1)} and "
+                f"{self.input_size}x{4 * self.hidden_size})"
+            )
+        self.check_forward_args(input, hx, batch_sizes)
 
         weights = [
             tuple(self._flat_weights[i : i + self._weights_per_direction()])
@@ -290,8 +293,15 @@ class GRU(_FusedRNNBase, nn.GRU):
 
 
 # ------------------------------------------------------------------------------------------ cells
-def _check_cell_inputs(module, input: Tensor, hiddens) -> None:
+def _check_cell_inputs(module, input: Tensor, hiddens, autocast: bool) -> None:
     """The checks of torch's native cell ops (same messages)."""
+    if not autocast:
+        for t in (input, *hiddens):
+            if t.dtype != module.weight_ih.dtype:  # torch's first GEMM raises this
+                raise RuntimeError(
+                    f"mat1 and mat2 must have the same dtype, but got {_scalar_name(t.dtype)} "
+                    f"and {_scalar_name(module.weight_ih.dtype)}"
+                )
     if input.size(1) != module.input_size:
         raise RuntimeError(
             f"input has inconsistent input_size: got {input.size(1)} expected {module.input_size}"
@@ -335,11 +345,11 @@ class LSTMCell(_BackendMixin, nn.LSTMCell):
             hx = (zeros, zeros)
         else:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0)) if not is_batched else hx
-        _check_cell_inputs(self, input, hx)
+        _check_cell_inputs(self, input, hx, autocast)
         params = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
         _check_same_device_and_dtype(input, [], params)
         h, c = hx
-        if autocast or input.dtype != dtype:
+        if autocast:
             input, h, c = input.to(dtype), h.to(dtype), c.to(dtype)
             params = [None if p is None else p.to(dtype) for p in params]
         with torch.autocast(input.device.type, enabled=False) if autocast else _nullcontext():
@@ -372,11 +382,11 @@ class GRUCell(_BackendMixin, nn.GRUCell):
             hx = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
         else:
             hx = hx.unsqueeze(0) if not is_batched else hx
-        _check_cell_inputs(self, input, [hx])
+        _check_cell_inputs(self, input, [hx], autocast)
         params = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
         _check_same_device_and_dtype(input, [], params)
         h = hx
-        if autocast or input.dtype != dtype:
+        if autocast:
             input, h = input.to(dtype), h.to(dtype)
             params = [None if p is None else p.to(dtype) for p in params]
         with torch.autocast(input.device.type, enabled=False) if autocast else _nullcontext():

@@ -1,0 +1,151 @@
+"""``python -m fusedrnn.bench``: run a benchmark suite, print a table, write JSON / markdown / plots.
+
+Examples
+    python -m fusedrnn.bench --quick                                   # CPU: a minute or two
+    python -m fusedrnn.bench --suite standard --json bench.json --plot speedup.png --markdown bench.md
+    python -m fusedrnn.bench --suite full --backends torch cuda triton --filter 'lstm-*'
+    python -m fusedrnn.bench --suite tiny --device cpu --backends torch triton   # Triton interpreter
+
+Exit status: 0 when every row ran and passed its accuracy check (rows skipped as unavailable or
+unsupported count as passed), 1 when some row errored or failed the check, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+from . import configs as C
+from . import harness, report
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fusedrnn.bench",
+        description="Benchmark fusedrnn backends against torch.nn (same process, same inputs).",
+    )
+    p.add_argument("--suite", choices=C.SUITES, default=None,
+                   help="config set (default: standard on CUDA, quick on CPU)")
+    p.add_argument("--quick", action="store_true", help="alias for --suite quick")
+    p.add_argument("--backends", nargs="+", default=None, metavar="NAME",
+                   help="backends to run (default: torch + every usable kernel backend; on CPU torch, "
+                        "reference, cpp if built).  'triton' on CPU runs under TRITON_INTERPRET=1 with tiny sizes.")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
+    p.add_argument("--filter", nargs="+", default=None, metavar="GLOB", help="only configs matching a glob")
+    p.add_argument("--json", metavar="FILE", help="write rows + environment as JSON (rewritten after every config)")
+    p.add_argument("--plot", metavar="FILE.png", help="speed-up bar chart; sweeps go to FILE_vs_{H,B,T}.png")
+    p.add_argument("--markdown", metavar="FILE.md", help="markdown table for BENCHMARKS.md")
+    p.add_argument("--no-check", action="store_true", help="skip the float64 accuracy check")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="start no new row after S seconds (the rest are recorded as skipped)")
+    p.add_argument("--min-time", type=float, default=None, metavar="S", help="seconds per measurement")
+    p.add_argument("--max-reps", type=int, default=None, help="cap on repetitions per measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--list", action="store_true", help="list the suite's configs and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar / per-row lines")
+    return p
+
+
+def _select(args, device: torch.device) -> List[C.BenchConfig]:
+    name = "quick" if args.quick else (args.suite or ("standard" if device.type == "cuda" else "quick"))
+    args.suite = name
+    cfgs = C.suite(name, device.type)
+    if args.filter:
+        cfgs = [c for c in cfgs if any(fnmatch.fnmatch(c.name, g) for g in args.filter)]
+    return cfgs
+
+
+def _triton_interpreter(device: torch.device, backends: List[str], argv: List[str]) -> None:
+    """Triton on CPU means the interpreter; the variable must be set before kernels are defined."""
+    if device.type != "cpu" or "triton" not in backends or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    if any(m.startswith("fusedrnn.backends.triton.") for m in sys.modules):
+        # kernels were already defined for the GPU: start again with the variable set
+        os.execv(sys.executable, [sys.executable, "-m", "fusedrnn.bench", *argv])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    if args.device:
+        device = torch.device(args.device)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("fusedrnn.bench: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    cfgs = _select(args, device)
+    if args.list:
+        for c in cfgs:
+            print(c.name, c.to_dict())
+        return 0
+    if not cfgs:
+        print("fusedrnn.bench: no config matches", file=sys.stderr)
+        return 2
+    backends = args.backends
+    if backends:
+        _triton_interpreter(device, backends, argv)
+    else:
+        backends = harness.default_backends(device)
+    opts = harness.TimingOptions.for_device(device, args.suite)
+    if args.min_time is not None:
+        opts.min_time_s = args.min_time
+    if args.max_reps is not None:
+        opts.max_reps = max(1, args.max_reps)
+        opts.min_reps = min(opts.min_reps, opts.max_reps)
+    if device.type == "cpu" and args.suite not in ("quick", "tiny"):
+        print(f"fusedrnn.bench: suite {args.suite!r} on CPU uses GPU-sized configs and can take very long",
+              file=sys.stderr)
+
+    meta = harness.environment(device)
+    meta.update(suite=args.suite, backends=list(backends),
+                configs={c.name: c.to_dict() for c in cfgs},
+                timing=dict(vars(opts)), command="python -m fusedrnn.bench " + " ".join(argv))
+    print("\n".join(report.header_lines(meta)), flush=True)
+    print(f"backends: {', '.join(backends)}   configs: {len(cfgs)}", flush=True)
+
+    def checkpoint(rows):
+        if args.json:
+            report.write_json(args.json, meta, rows)
+
+    t0 = time.perf_counter()
+    rows = harness.run_suite(cfgs, backends, device, opts=opts, check=not args.no_check, seed=args.seed,
+                             time_budget_s=args.time_budget, progress=not args.no_progress,
+                             on_config_done=checkpoint)
+    meta["elapsed_s"] = round(time.perf_counter() - t0, 2)
+    print()
+    print(report.format_table(rows))
+    print(f"\n{len(rows)} rows in {meta['elapsed_s']:.1f} s")
+    if args.json:
+        report.write_json(args.json, meta, rows)
+        print(f"wrote {args.json}")
+    if args.markdown:
+        report.write_markdown(args.markdown, meta, rows)
+        print(f"wrote {args.markdown}")
+    if args.plot:
+        try:
+            by_name = {c.name: c for c in cfgs}
+            sweeps = {c.name for c in cfgs if c.sweep}
+            print(f"wrote {report.plot_speedup(args.plot, meta, rows, exclude=sweeps)}")
+            for f in report.plot_sweeps(args.plot, meta, rows, by_name):
+                print(f"wrote {f}")
+        except ImportError as e:
+            print(f"fusedrnn.bench: no plot ({e}); pip install matplotlib", file=sys.stderr)
+
+    failed = [r for r in rows if r.get("ok") is False
+              or (r.get("error") and not r["error"].startswith(harness.NOT_FAILURES))]
+    if failed:
+        print(f"{len(failed)} row(s) failed: " + ", ".join(f"{r['config']}[{r['backend']}]" for r in failed[:20]),
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The one tolerance rule of the test suite (GUIDE §4), written once.
+
+Errors are relative norms ||out - ref|| / ||ref|| per output and per gradient, against float64
+truth.  Never loosen these to make a test pass.
+"""
+
+import torch
+
+RTOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,  # full fp32 (no TF32)
+    torch.float16: 1e-2,
+    torch.bfloat16: 2e-2,
+}
+TF32_RTOL = 1e-3  # fp32 inputs on a GPU with torch.backends.cudnn.allow_tf32
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (0 when both are empty or ref is 0 and out equals it)."""
+    out = out.detach().to(torch.float64)
+    ref = ref.detach().to(torch.float64)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    if ref.numel() == 0:
+        return 0.0
+    num = torch.linalg.vector_norm(out - ref).item()
+    den = torch.linalg.vector_norm(ref).item()
+    if den == 0.0:
+        return num
+    return num / den
+
+
+def assert_close(outs, refs, dtype, names=None, rtol=None):
+    """Every pair within the dtype's tolerance, and no NaN anywhere."""
+    rtol = RTOL[dtype] if rtol is None else rtol
+    assert len(outs) == len(refs)
+    names = names or [str(i) for i in range(len(outs))]
+    bad = []
+    for name, o, r in zip(names, outs, refs):
+        if o is None or r is None:
+            assert o is None and r is None, f"{name}: one side has no gradient"
+            continue
+        assert not torch.isnan(o).any(), f"{name}: NaN in output"
+        e = rel_err(o, r)
+        if not e <= rtol:
+            bad.append(f"{name}: rel err {e:.3e} > {rtol:.1e}")
+    assert not bad, "; ".join(bad)
