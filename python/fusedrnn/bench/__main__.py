@@ -46,10 +46,59 @@ def _parser() -> argparse.ArgumentParser:
                    help="start no new row after S seconds (the rest are recorded as skipped)")
     p.add_argument("--min-time", type=float, default=None, metavar="S", help="seconds per measurement")
     p.add_argument("--max-reps", type=int, default=None, help="cap on repetitions per measurement")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls before each measurement")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for the run (default: 1 for the quick/tiny suites on CPU, whose "
+                        "sizes gain nothing from threads and whose timings threads make noisy on a shared "
+                        "machine; 0: torch's default)")
     p.add_argument("--list", action="store_true", help="list the suite's configs and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar / per-row lines")
+    p.add_argument("--no-progress", action="store_true", help="plain per-row lines instead of a progress bar")
+    p.add_argument("--from-json", metavar="FILE",
+                   help="run nothing: render the table / --markdown / --plot of an earlier --json file")
     return p
+
+
+def _write_reports(args, meta, rows, cfgs) -> None:
+    if args.markdown:
+        report.write_markdown(args.markdown, meta, rows)
+        print(f"wrote {args.markdown}")
+    if args.plot:
+        try:
+            by_name = {c.name: c for c in cfgs}
+            sweeps = {c.name for c in cfgs if c.sweep}
+            print(f"wrote {report.plot_speedup(args.plot, meta, rows, exclude=sweeps)}")
+            for f in report.plot_sweeps(args.plot, meta, rows, by_name):
+                print(f"wrote {f}")
+        except ImportError as e:
+            print(f"fusedrnn.bench: no plot ({e}); pip install matplotlib", file=sys.stderr)
+
+
+def _failed(rows):
+    return [r for r in rows if r.get("ok") is False
+            or (r.get("error") and not r["error"].startswith(harness.NOT_FAILURES))]
+
+
+def _finish(rows) -> int:
+    failed = _failed(rows)
+    if failed:
+        print(f"{len(failed)} row(s) failed: " + ", ".join(f"{r['config']}[{r['backend']}]" for r in failed[:20]),
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _render(args) -> int:
+    import json  # noqa: PLC0415
+
+    with open(args.from_json) as f:
+        data = json.load(f)
+    rows = data.pop("rows")
+    cfgs = [C.BenchConfig(**{**d, "lengths": tuple(d["lengths"]) if d.get("lengths") else None})
+            for d in data.get("configs", {}).values()]
+    print("\n".join(report.header_lines(data)))
+    print(report.format_table(rows))
+    _write_reports(args, data, rows, cfgs)
+    return _finish(rows)
 
 
 def _select(args, device: torch.device) -> List[C.BenchConfig]:
@@ -74,6 +123,16 @@ def _triton_interpreter(device: torch.device, backends: List[str], argv: List[st
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if args.from_json:
+        return _render(args)
+    threads = torch.get_num_threads()
+    try:
+        return _run(args, argv)
+    finally:
+        torch.set_num_threads(threads)  # main() is also called in-process (tests)
+
+
+def _run(args, argv: List[str]) -> int:
     if args.device:
         device = torch.device(args.device)
     else:
@@ -82,6 +141,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("fusedrnn.bench: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
     cfgs = _select(args, device)
+    if args.threads is None and device.type == "cpu" and args.suite in ("quick", "tiny"):
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.list:
         for c in cfgs:
             print(c.name, c.to_dict())
@@ -100,6 +163,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.max_reps is not None:
         opts.max_reps = max(1, args.max_reps)
         opts.min_reps = min(opts.min_reps, opts.max_reps)
+    if args.warmup is not None:
+        opts.warmup = max(0, args.warmup)
     if device.type == "cpu" and args.suite not in ("quick", "tiny"):
         print(f"fusedrnn.bench: suite {args.suite!r} on CPU uses GPU-sized configs and can take very long",
               file=sys.stderr)
@@ -117,7 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     t0 = time.perf_counter()
     rows = harness.run_suite(cfgs, backends, device, opts=opts, check=not args.no_check, seed=args.seed,
-                             time_budget_s=args.time_budget, progress=not args.no_progress,
+                             time_budget_s=args.time_budget, progress="lines" if args.no_progress else True,
                              on_config_done=checkpoint)
     meta["elapsed_s"] = round(time.perf_counter() - t0, 2)
     print()
@@ -126,25 +191,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         report.write_json(args.json, meta, rows)
         print(f"wrote {args.json}")
-    if args.markdown:
-        report.write_markdown(args.markdown, meta, rows)
-        print(f"wrote {args.markdown}")
-    if args.plot:
-        try:
-            by_name = {c.name: c for c in cfgs}
-            sweeps = {c.name for c in cfgs if c.sweep}
-            print(f"wrote {report.plot_speedup(args.plot, meta, rows, exclude=sweeps)}")
-            for f in report.plot_sweeps(args.plot, meta, rows, by_name):
-                print(f"wrote {f}")
-        except ImportError as e:
-            print(f"fusedrnn.bench: no plot ({e}); pip install matplotlib", file=sys.stderr)
-
-    failed = [r for r in rows if r.get("ok") is False
-              or (r.get("error") and not r["error"].startswith(harness.NOT_FAILURES))]
-    if failed:
-        print(f"{len(failed)} row(s) failed: " + ", ".join(f"{r['config']}[{r['backend']}]" for r in failed[:20]),
-              file=sys.stderr)
-    return 1 if failed else 0
+    _write_reports(args, meta, rows, cfgs)
+    return _finish(rows)
 
 
 if __name__ == "__main__":

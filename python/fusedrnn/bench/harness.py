@@ -705,7 +705,6 @@ def environment(device: torch.device) -> dict:
         props = torch.cuda.get_device_properties(device)
         env["compute_capability"] = f"{props.major}.{props.minor}"
         env["sm_count"] = props.multi_processor_count
-        env["driver_cuda_version"] = None
         rates = device_rates(name)
         env["floor_rates"] = dataclasses.asdict(rates) if rates else None
     else:
@@ -728,7 +727,7 @@ def default_backends(device: torch.device) -> List[str]:
 # =========================================================================================== suite
 def run_suite(configs: Sequence[BenchConfig], backends: Sequence[str], device="cpu",
               opts: Optional[TimingOptions] = None, check: bool = True, seed: int = 0,
-              time_budget_s: Optional[float] = None, progress: bool = True,
+              time_budget_s: Optional[float] = None, progress=True,
               on_config_done: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
     """Every (config, backend) row; torch first within a config so ratios come from the same run.
 
@@ -791,12 +790,13 @@ def run_suite(configs: Sequence[BenchConfig], backends: Sequence[str], device="c
 
 
 class _progress:
-    """tqdm when installed, else one plain line per row (to stderr)."""
+    """tqdm when installed (progress=True), else one plain line per row to stderr
+    (progress="lines", or tqdm missing); progress=False prints nothing."""
 
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.n, self.enabled = total, 0, enabled
+    def __init__(self, total: int, progress):
+        self.total, self.n, self.enabled = total, 0, bool(progress)
         self.bar = None
-        if enabled:
+        if progress is True and sys.stderr.isatty():
             try:
                 from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -807,6 +807,8 @@ class _progress:
     def set(self, desc: str) -> None:
         if self.bar is not None:
             self.bar.set_postfix_str(desc)
+        elif self.enabled:  # so a log shows which row hung or crashed the process
+            print(f"[{self.n + 1}/{self.total}] {desc} ...", file=sys.stderr, flush=True)
 
     def update(self, row: dict) -> None:
         self.n += 1

@@ -177,7 +177,8 @@ def plot_speedup(path, meta: dict, rows: List[dict], exclude=()) -> Optional[str
     configs = list(dict.fromkeys(r["config"] for r in rows))
     backends = list(dict.fromkeys(r["backend"] for r in rows))
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.9 * len(configs) * max(1, len(backends)) ** 0.5), 4.8))
+    width_in = min(20.0, max(6.0, 1.5 + 0.6 * len(configs) * max(1, len(backends)) ** 0.5))
+    fig, ax = plt.subplots(figsize=(width_in, 5.2))
     if not rows:
         ax.text(0.5, 0.5, "no rows with a torch baseline", ha="center", va="center", transform=ax.transAxes)
     else:
@@ -204,8 +205,19 @@ def plot_speedup(path, meta: dict, rows: List[dict], exclude=()) -> Optional[str
                 ax.annotate(f"{v:.2f}", (x, v), ha="center", va="bottom", fontsize=7)
         ax.axhline(1.0, color="gray", lw=1, ls="--")
         ax.set_yscale("log")
+        from matplotlib.ticker import FormatStrFormatter  # noqa: PLC0415
+
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        lo, hi = ax.get_ylim()
+        if hi / lo < 20:  # within about one decade: label the minor ticks too
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+            ax.tick_params(axis="y", which="minor", labelsize=7)
+        else:
+            from matplotlib.ticker import NullFormatter  # noqa: PLC0415
+
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xticks(range(len(configs)))
-        ax.set_xticklabels(configs, rotation=30, ha="right", fontsize=8)
+        ax.set_xticklabels(configs, rotation=30 if len(configs) <= 12 else 60, ha="right", fontsize=8)
         ax.set_ylabel("speed-up vs torch.nn (torch time / time)")
         ax.legend(fontsize=8)
     ax.set_title(f"{meta.get('device', '')}\n{meta.get('date', '')}  {str(meta.get('git_commit', ''))[:10]}",
