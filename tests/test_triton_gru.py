@@ -116,6 +116,10 @@ def test_h129_fp64():
     _check(T=2, B=1, H=129, dtype=torch.float64, device=CPU, reverse=True, lengths=[1])
 
 
+def test_h129_bf16_split_auto():
+    _check(T=2, B=2, H=129, dtype=torch.bfloat16, device=CPU, lengths=[2, 1])
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=_dtname)
 def test_unsorted_lengths(reverse, dtype):
@@ -182,10 +186,15 @@ def test_over_limit_raises():
     assert G.unsupported_gru(torch.float32, limit, "cpu", CPU) is None
 
 
-def test_nonzero_h0_and_zero_batch():
-    xproj, w, b, h0, *_ = _inputs(2, 0, 3, torch.float32, CPU)
+def test_empty_batch_and_sequence():
+    xproj, w, b, h0, dy, dhn, _ = _inputs(2, 0, 3, torch.float32, CPU)
     y, hn, gates = G.gru_fwd(xproj, w, b, h0, None, False)
     assert y.shape == (2, 0, 3) and hn.shape == (0, 3) and gates.shape == (2, 0, 12)
+    xproj, w, b, h0, dy, dhn, _ = _inputs(0, 2, 3, torch.float32, CPU)
+    y, hn, gates = G.gru_fwd(xproj, w, b, h0, None, False)
+    assert y.shape == (0, 2, 3) and torch.equal(hn, h0)
+    dx, dh0, dhs = G.gru_bwd(dy, dhn, w, h0, y, gates, None, False)
+    assert dx.shape == (0, 2, 9) and dhs.shape == (0, 2, 3) and torch.equal(dh0, dhn)
 
 
 # ---------------------------------------------------------------------------------------- cells

@@ -1,10 +1,96 @@
-"""The ``cuda``  backend (placeholder until the compiled extension lands)."""
+"""The ``cuda`` backend: the persistent CUDA kernels of the compiled extension (csrc/cuda).
+
+Same op contract as ``fusedrnn.backends.reference``.  fp32 recurrences may use TF32 exactly when
+``torch.backends.cudnn.allow_tf32`` allows it (the flag that governs torch.nn.LSTM/GRU).
+"""
+
+from __future__ import annotations
+
 from typing import Optional
 
+import torch
+from torch import Tensor
 
+from . import cpp as _cpp  # loads fusedrnn._C and registers the fusedrnn_ext fakes
+
+_MODE_LIMIT = {"LSTM": "LSTM", "LSTMCell": "LSTM", "GRU": "GRU", "GRUCell": "GRU"}
+
+
+def _tf32() -> bool:
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def _ops():
+    return torch.ops.fusedrnn_ext
+
+
+# ------------------------------------------------------------------------------ availability
 def unavailable() -> Optional[str]:
-    return "the compiled extension fusedrnn._C is not implemented yet"
+    reason = _cpp.extension_error()
+    if reason is not None:
+        return reason
+    if not _cpp.extension().build_info().get("with_cuda", False):
+        return "fusedrnn._C was built without CUDA (torch without CUDA or no nvcc at build time)"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+def max_hidden_size(mode: str, dtype: torch.dtype, device_index: int) -> int:
+    """Largest hidden size the CUDA kernels run for this mode ("LSTM"/"GRU"), dtype and device."""
+    name = str(dtype).replace("torch.", "")
+    return int(_cpp.extension().max_hidden_size(_MODE_LIMIT.get(mode, mode), name, int(device_index)))
 
 
 def unsupported(cfg) -> Optional[str]:
-    return "the compiled extension fusedrnn._C is not implemented yet"
+    if cfg.device_type != "cuda":
+        return f"the cuda backend runs on CUDA tensors only (got device {cfg.device_type!r})"
+    if cfg.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        return f"dtype {cfg.dtype} is not supported (float32, float64, bfloat16, float16)"
+    if cfg.mode in ("LSTMCell", "GRUCell"):
+        return None  # the cells are elementwise: no on-chip weight limit
+    index = cfg.device_index if cfg.device_index is not None and cfg.device_index >= 0 else torch.cuda.current_device()
+    limit = max_hidden_size(cfg.mode, cfg.dtype, index)
+    if cfg.hidden_size > limit:
+        return (
+            f"hidden_size={cfg.hidden_size} exceeds the largest hidden size the persistent CUDA kernels keep "
+            f"on chip for {cfg.mode} in {cfg.dtype} on this device (max_hidden_size={limit})"
+        )
+    return None
+
+
+# ------------------------------------------------------------------------------ op contract
+def lstm_fwd(xproj: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, c0: Tensor,
+             w_hr: Optional[Tensor], lengths: Optional[Tensor], reverse: bool):
+    return _ops().lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, _tf32())
+
+
+def lstm_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], c0: Tensor,
+             gates: Tensor, cs: Tensor, lengths: Optional[Tensor], reverse: bool):
+    return _ops().lstm_bwd(dy, dh_n, dc_n, w_hh, w_hr, c0, gates, cs, lengths, reverse, _tf32())
+
+
+def gru_fwd(xproj: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, lengths: Optional[Tensor],
+            reverse: bool):
+    return _ops().gru_fwd(xproj, w_hh, b_hh, h0, lengths, reverse, _tf32())
+
+
+def gru_bwd(dy: Tensor, dh_n: Tensor, w_hh: Tensor, h0: Tensor, y: Tensor, gates: Tensor,
+            lengths: Optional[Tensor], reverse: bool):
+    return _ops().gru_bwd(dy, dh_n, w_hh, h0, y, gates, lengths, reverse, _tf32())
+
+
+def lstm_cell_fwd(igates: Tensor, hgates: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], c: Tensor):
+    return _ops().lstm_cell_fwd(igates, hgates, b_ih, b_hh, c)
+
+
+def lstm_cell_bwd(dh_new: Tensor, dc_new: Tensor, c: Tensor, c_new: Tensor, gates: Tensor):
+    return _ops().lstm_cell_bwd(dh_new, dc_new, c, c_new, gates)
+
+
+def gru_cell_fwd(igates: Tensor, hgates: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], h: Tensor):
+    return _ops().gru_cell_fwd(igates, hgates, b_ih, b_hh, h)
+
+
+def gru_cell_bwd(dh_new: Tensor, h: Tensor, gates: Tensor):
+    return _ops().gru_cell_bwd(dh_new, h, gates)

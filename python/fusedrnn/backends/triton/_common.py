@@ -32,30 +32,35 @@ rows and keeps the matching rows of W_hh on chip, loaded once before the time lo
 
 Selection rule (:func:`select_variant`)
 ---------------------------------------
-1. ``block_k = pow2(P)`` (K of the recurrent GEMM), ``block_b = 16`` (min tile of ``tl.dot``;
-   larger batches get more batch tiles, up to ``block_b = 64`` when programs run short).
-2. If all units fit one program (``gates * pow2(H) * block_k * elt <= ONCHIP_WEIGHT_BUDGET``)
-   -> ``single`` (no barrier: fastest for small H).
-3. Else split: ``block_u`` = smallest power of two >= 16 whose W_hh slice fits the budget and
-   whose grid ``n_batch_tiles * cdiv(H, block_u)`` fits the co-resident limit (the SM count);
-   the smallest slice spreads W_hh over the most SMs.  ``persistent`` on a GPU, ``stepwise``
-   under the interpreter.  Batches whose tiles do not fit the grid run as several launches over
-   batch chunks (each launch is independent: batch rows never interact).
-4. Nothing fits -> unsupported (the limit below).
+1. ``block_k = pow2(P)`` (K of the recurrent GEMM), ``block_h = pow2(H)``, ``block_b = 16`` (the
+   smallest ``tl.dot`` tile).  All tiles are powers of 2 >= 16, masked to H / P / B.
+2. ``single`` when one program can own every unit: W_hh slice ``gates * pow2(H) * pow2(P) * elt
+   <= SINGLE_BUDGET`` (64 KiB, beyond that the single program spills) and its shared memory fits.
+3. Else split: ``block_u`` = smallest power of two >= 16 with ``cdiv(H, block_u) <= SMs``,
+   doubled while the grid for all batch tiles exceeds the SMs and a bigger slice still fits.
+   ``persistent`` on a GPU, ``stepwise`` under the interpreter.  ``block_b`` doubles (to 64)
+   while the grid is too big and shared memory allows; rows beyond one co-resident grid run as
+   further launches over batch chunks (batch rows never interact).
+4. ``num_warps`` keeps the weight slice at ~64 registers per thread (4..16); GEMMs with long K
+   run split-K over warps (``ksplit``: a batched ``tl.dot`` + sum) so no thread holds all of K.
+5. Nothing fits -> unsupported (:func:`supports`, the limit below).
 
-Limits (``ONCHIP_WEIGHT_BUDGET`` = 128 KiB of W_hh per program, tiles padded to powers of 2,
-block_u >= 16, 1 program per SM; same numbers for H100 (132 SMs) and A100 (108 SMs) because the
-per-program budget binds first):
+Limits (:func:`supports`): a program's recurrent weights (forward: W_hh slice
+[gates * block_u, pow2(P)], backward: W_hh^T slice [gates * pow2(H), block_p], plus the W_hr
+slices when projecting) must fit ``ONCHIP_WEIGHT_BUDGET`` = 128 KiB and the modelled shared
+memory (:func:`onchip_bytes`: weights + one staged GEMM operand) must fit the device (sm_80:
+163 KiB, sm_90: 227 KiB); the grid (1 program per SM) must fit the SMs.
 
-    dtype          elt  largest H (= largest P when projecting)   units/program at the limit
-    bf16 / fp16    2 B  1024                                      16  (64 programs)
-    fp32           4 B   512                                      16  (32 programs)
-    fp64           8 B   256                                      16  (16 programs)
+    dtype          elt  largest H (no projection)   units/program   programs at the limit
+    bf16 / fp16    2 B  1024                         16              64
+    fp32           4 B   512                         16              32
+    fp64           8 B   256                         16              16
+    (same on A100 / sm_80 and H100 / sm_90: the 128 KiB weight budget binds first; with a
+    projection the W_hr slice counts too, e.g. bf16 H=512 P=256 runs, H=1024 P=512 does not.)
 
-(Budget: 4 gates * 16 units * pow2(H) * elt <= 128 KiB.  H100 has 256 KiB of registers and
-228 KiB of shared memory per SM; 128 KiB keeps room for the h tile, the accumulators and the
-pipeline.  Whether Triton keeps the slice in registers without spilling is checked per variant by
-``tools/triton_aot.py``.)
+At the bf16 limit: 4 gates * 16 units * 1024 * 2 B = 128 KiB of W_hh per program in shared memory
+(Triton stages ``tl.dot`` operands there) + a 32 KiB staged h tile = 160 KiB, checked per variant
+by ``tools/triton_aot.py`` (registers, spills, shared memory for sm_80 and sm_90).
 """
 
 from __future__ import annotations
@@ -244,15 +249,68 @@ def _num_warps(nbytes: int) -> int:
     return min(16, max(4, next_pow2(cdiv(nbytes, 64 * 4 * 32))))
 
 
-def max_hidden_size(gates_per_unit: int, dtype: torch.dtype, device=None) -> int:
-    """Largest H (and P) the split variant supports for ``dtype`` on ``device`` (see table)."""
-    elt = elt_size(dtype)
-    sms = device_info(device).sms
-    best = 0
-    for h_pow in (2**k for k in range(0, 16)):
-        if weight_bytes_per_program(gates_per_unit, MIN_TILE, h_pow, elt) > ONCHIP_WEIGHT_BUDGET:
+def onchip_bytes(
+    gates_per_unit: int, block_b: int, block_u: int, block_k: int, block_h: int, block_p: int, elt: int, proj: bool
+) -> int:
+    """Shared memory one program needs (model of what Triton allocates, checked by triton_aot).
+
+    Forward: W_hh slice [gates * block_u, block_k] (+ W_hr slice [block_p, block_h]) + the staged
+    GEMM operand h_{t-1} [block_b, max K].  Backward: W_hh^T slice [gates * block_h, block_p]
+    (+ W_hr slice [block_k, block_u]) + one staged dgates operand [block_b, block_h] (+ the fp32
+    dh_tot [block_b, block_k] when projecting).  Forward and backward are separate kernels: max.
+    """
+    stage = block_b * max(block_k, block_h) * elt
+    fwd = gates_per_unit * block_u * block_k * elt + (block_h * block_p * elt if proj else 0) + stage
+    bwd = gates_per_unit * block_h * block_p * elt + stage
+    if proj:
+        bwd += block_k * block_u * elt + block_b * block_k * 4
+    return max(fwd, bwd)
+
+
+def _weights(gates_per_unit, block_u, block_k, block_h, block_p, elt, proj) -> int:
+    """Largest recurrent-weight slice one program holds (forward or backward kernel)."""
+    fwd = gates_per_unit * block_u * block_k * elt + (block_h * block_p * elt if proj else 0)
+    bwd = gates_per_unit * block_h * block_p * elt + (block_k * block_u * elt if proj else 0)
+    return max(fwd, bwd)
+
+
+def _split_fits(gates_per_unit: int, H: int, P: int, elt: int, info: DeviceInfo, block_u: int, block_b: int) -> bool:
+    n_u = cdiv(H, block_u)
+    if n_u > info.sms:
+        return False
+    bk, bh = next_pow2(P, MIN_TILE), next_pow2(H, MIN_TILE)
+    bp = next_pow2(cdiv(P, n_u), MIN_TILE)
+    proj = P != H
+    return (
+        _weights(gates_per_unit, block_u, bk, bh, bp, elt, proj) <= ONCHIP_WEIGHT_BUDGET
+        and onchip_bytes(gates_per_unit, block_b, block_u, bk, bh, bp, elt, proj) <= info.smem_bytes
+    )
+
+
+def _min_block_u(H: int, sms: int) -> int:
+    """Smallest units-per-program (pow2 >= 16) whose grid for one batch tile fits the SMs."""
+    bu = MIN_TILE
+    while cdiv(H, bu) > sms:
+        bu *= 2
+    return bu
+
+
+def supports(gates_per_unit: int, H: int, P: int, dtype: torch.dtype, info: DeviceInfo) -> bool:
+    """Whether some variant runs hidden size H with h size P (P == H: no projection)."""
+    return _split_fits(gates_per_unit, H, P, elt_size(dtype), info, _min_block_u(H, info.sms), MIN_TILE)
+
+
+def max_hidden_size(gates_per_unit: int, dtype: torch.dtype, device=None, proj_size: int = 0,
+                    info: Optional[DeviceInfo] = None) -> int:
+    """Largest H the kernels support for ``dtype`` on ``device`` (with ``proj_size``, if any)."""
+    info = info or device_info(device)
+    best, h = 0, 1
+    while h <= 1 << 15:  # costs change at powers of 2: test each power, then the SM bound
+        P = proj_size if proj_size else h
+        if not supports(gates_per_unit, h, P, dtype, info):
             break
-        best = min(h_pow, sms * MIN_TILE)
+        best = h
+        h *= 2
     return best
 
 
@@ -265,50 +323,72 @@ def unsupported_reason(
         return r
     if dtype not in _ELT:
         return f"dtype {dtype} is not supported (float16, bfloat16, float32, float64)"
-    limit = max_hidden_size(gates_per_unit, dtype, device)
-    if hidden_size > limit:
-        return f"hidden_size={hidden_size} exceeds the largest supported hidden size {limit} for {dtype}"
-    if proj_size and proj_size > limit:
-        return f"proj_size={proj_size} exceeds the largest supported size {limit} for {dtype}"
-    return None
+    info = device_info(device)
+    P = proj_size or hidden_size
+    if supports(gates_per_unit, hidden_size, P, dtype, info):
+        return None
+    limit = max_hidden_size(gates_per_unit, dtype, device, info=info)
+    if proj_size and hidden_size <= limit:
+        plimit = max((p for p in range(1, hidden_size) if supports(gates_per_unit, hidden_size, p, dtype, info)), default=0)
+        return (
+            f"proj_size={proj_size} with hidden_size={hidden_size} exceeds the on-chip limit for {dtype} "
+            f"(largest supported proj_size for this hidden_size: {plimit}; largest hidden size {limit})"
+        )
+    return (
+        f"hidden_size={hidden_size} exceeds the largest supported hidden size {limit} for {dtype} "
+        f"(W_hh slice per program must fit {ONCHIP_WEIGHT_BUDGET // 1024} KiB on chip, "
+        f"{info.smem_bytes // 1024} KiB shared memory)"
+    )
+
+
+SINGLE_BUDGET = 64 * 1024  # one program owning every unit: above this, split (spills otherwise)
 
 
 def select_variant(
-    gates_per_unit: int, H: int, P: int, B: int, dtype: torch.dtype, device=None
+    gates_per_unit: int, H: int, P: int, B: int, dtype: torch.dtype, device=None,
+    info: Optional[DeviceInfo] = None, interpret: Optional[bool] = None,
 ) -> Variant:
-    """THE variant-selection rule (module docstring).  Raises ValueError above the limit."""
+    """THE variant-selection rule (module docstring).  Raises ValueError above the limit.
+
+    ``info`` / ``interpret`` override the device and the interpreter check (AOT compilation).
+    """
     elt = elt_size(dtype)
-    info = device_info(device)
+    info = info or device_info(device)
+    interpret = interpret_mode() if interpret is None else interpret
+    proj = P != H
     block_k = next_pow2(P, MIN_TILE)
     block_h = next_pow2(H, MIN_TILE)
     forced_mode, forced_u, forced_b = _FORCED[-1] if _FORCED else (None, None, None)
-    limit = max_hidden_size(gates_per_unit, dtype, device)
-    if max(H, P) > limit:
+    if not supports(gates_per_unit, H, P, dtype, info):
         raise ValueError(
-            f"fusedrnn triton: hidden/proj size {max(H, P)} exceeds the largest supported hidden size "
-            f"{limit} for {dtype} (W_hh slice per program must fit {ONCHIP_WEIGHT_BUDGET // 1024} KiB on chip)"
+            "fusedrnn triton: " + (unsupported_reason(gates_per_unit, H, P if proj else 0, dtype, "cuda" if not interpret_mode() else "cpu", device)
+                                   or f"hidden size {H} / proj {P} not supported")
         )
     block_b = forced_b or MIN_TILE
-    bytes_all = max(
-        weight_bytes_per_program(gates_per_unit, block_h, block_k, elt),
-        weight_bytes_per_program(gates_per_unit, block_h, block_h, elt),  # backward phase 2 / proj
+
+    def fits(bu, bb):
+        return _split_fits(gates_per_unit, H, P, elt, info, bu, bb)
+
+    single_p = block_k  # one program: its P slice is all of P
+    single_ok = (
+        _weights(gates_per_unit, block_h, block_k, block_h, single_p, elt, proj) <= SINGLE_BUDGET
+        and onchip_bytes(gates_per_unit, block_b, block_h, block_k, block_h, single_p, elt, proj) <= info.smem_bytes
     )
     if forced_u is not None:
         block_u = max(MIN_TILE, next_pow2(forced_u))
-    elif bytes_all <= ONCHIP_WEIGHT_BUDGET:
+    elif single_ok:
         block_u = block_h
     else:
-        block_u = MIN_TILE
-        while block_u < block_h and cdiv(H, block_u) * cdiv(B, block_b) > info.sms and (
-            weight_bytes_per_program(gates_per_unit, block_u * 2, max(block_k, block_h), elt)
-            <= ONCHIP_WEIGHT_BUDGET
-        ):
+        # smallest slice (W_hh spread over the most SMs) whose grid fits; grow while the grid
+        # for all batch tiles would not be co-resident and a bigger slice still fits on chip
+        block_u = _min_block_u(H, info.sms)
+        while block_u < block_h and cdiv(H, block_u) * cdiv(B, block_b) > info.sms and fits(block_u * 2, block_b):
             block_u *= 2
     n_u = cdiv(H, block_u)
     if n_u == 1:
         mode = "single"
     else:
-        mode = "stepwise" if interpret_mode() else "persistent"
+        mode = "stepwise" if interpret else "persistent"
     if forced_mode is not None:
         mode = forced_mode
         if mode == "single" and n_u != 1:
@@ -317,16 +397,16 @@ def select_variant(
     block_p = next_pow2(cdiv(P, n_u), MIN_TILE)
     n_b_total = cdiv(B, block_b)
     if mode == "persistent":
-        while forced_b is None and n_b_total * n_u > info.sms and block_b < MAX_BLOCK_B:
+        while (
+            forced_b is None and n_b_total * n_u > info.sms and block_b < MAX_BLOCK_B
+            and onchip_bytes(gates_per_unit, block_b * 2, block_u, block_k, block_h, block_p, elt, proj) <= info.smem_bytes
+        ):
             block_b *= 2
             n_b_total = cdiv(B, block_b)
-        n_batch_tiles = max(1, min(n_b_total, info.sms // n_u))
+        n_batch_tiles = max(1, min(n_b_total, info.sms // n_u))  # more rows: launches over batch chunks
     else:
         n_batch_tiles = n_b_total
-    nbytes = max(
-        weight_bytes_per_program(gates_per_unit, block_u, max(block_k, block_h), elt),
-        weight_bytes_per_program(gates_per_unit, block_h, block_p, elt),
-    )
+    nbytes = _weights(gates_per_unit, block_u, block_k, block_h, block_p, elt, proj)
     num_warps = _num_warps(nbytes)
     return Variant(
         ksplit_k=ksplit(block_k, num_warps),
@@ -348,6 +428,30 @@ def ksplit(block: int, num_warps: int) -> int:
     over warps, so a [16, 1024] x [1024, 16] dot leaves each thread the whole K (spills).  The
     kernels run a batched dot over ``ksplit`` chunks (the batch dim spreads over warps) and sum."""
     return max(1, min(num_warps, block // MIN_TILE))
+
+
+# ------------------------------------------------------------------------------ AOT compilation
+AOT_TARGETS = {80: DeviceInfo(108, 163 * 1024, (8, 0)), 90: DeviceInfo(132, 227 * 1024, (9, 0))}
+
+
+def aot_spec(name: str, fn, ptr_types: dict, constexprs: dict, num_warps: int, num_stages: int = 1) -> dict:
+    """One kernel variant for ``tools/triton_aot.py``.
+
+    ``ptr_types``: pointer argument -> triton type ("bf16", "fp32", "i64", ...); ``constexprs``:
+    every constexpr argument; every other argument is a runtime ``i32``.
+    """
+    sig = {}
+    for a in fn.arg_names:
+        if a in constexprs:
+            sig[a] = "constexpr"
+        elif a in ptr_types:
+            sig[a] = "*" + ptr_types[a]
+        else:
+            sig[a] = "i32"
+    return dict(name=name, fn=fn, signature=sig, constexprs=dict(constexprs), num_warps=num_warps, num_stages=num_stages)
+
+
+TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
 # ------------------------------------------------------------------------------------ launching
@@ -428,7 +532,7 @@ if triton is not None:
             tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
             cur = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
             spins = 0
-            failed = tl.load(err_ptr, volatile=True)
+            failed = 0  # polled every 1024 spins, not per barrier (an extra L2 round trip per step)
             while (cur < target) & (spins < MAX_SPINS) & (failed == 0):
                 cur = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
                 spins += 1

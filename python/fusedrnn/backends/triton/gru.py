@@ -1,60 +1,70 @@
 """GRU recurrence and GRUCell kernels in Triton (the ``triton`` backend's GRU half).
 
 Contract: ``fusedrnn.backends.reference`` (``gru_fwd``, ``gru_bwd``, ``gru_cell_fwd``,
-``gru_cell_bwd``): same signatures, shapes, dtypes and padded-step semantics.
+``gru_cell_bwd``): same signatures, shapes, dtypes and padded-step semantics.  Gate order r, z, n;
+n = tanh(x_n + r * (W_hn h + b_hn)); saved gates [r, z, n, hn] with hn = W_hn h + b_hn.
 
 Recurrence kernels
 ------------------
-One launch per layer and direction covers the whole sequence (persistent mode).  A program owns
-``BU`` hidden units -- the r, z and n rows of W_hh for those units together -- for a tile of ``BB``
-batch rows, and loads its slice of W_hh once, before the time loop; it stays on chip (registers /
-shared memory, as the compiler places the ``tl.dot`` operand) for all T steps.
+One launch per layer and direction covers the whole sequence.  A program owns ``BU`` hidden units
+-- the r, z and n rows of W_hh for those units together -- of a tile of ``BB`` batch rows, and
+loads its W_hh slice once, before the time loop; the compiler keeps it in shared memory (the
+``tl.dot`` operand) for all T steps, it is never re-read from HBM.  The recurrent GEMM is split-K
+over warps (``_common.mma_splitk``): the slice is held as [KS, HP/KS, BU] and the K slices are the
+batch dim of ``tl.dot``, so each warp reduces 1/KS of K (a plain [16, 1024] x [1024, 16] dot makes
+every warp repeat the whole K and spills).  Variants (``_common.select_variant`` + ``_gru_variant``):
 
-* single-program variant (``SPLIT=False``): one program owns every unit of its batch tile
-  (``BU == HP``); h never leaves the program and no barrier is needed.  Used while the whole W_hh
-  fits one program's budget (small H).
-* split variant (``SPLIT=True``): ``cdiv(H, BU)`` programs per batch tile.  Every step each program
-  needs the whole h_{t-1} (forward) or the whole [dr, dz, dhn] (backward): they are exchanged
-  through a double-buffered global (L2) buffer in the accumulation dtype, and programs meet at a
-  grid barrier (atomic counter, bounded spin, error flag: a failed barrier raises, never hangs).
-  ``SYNC=False`` runs the same kernel without barriers, one launch per step (the kernel boundary is
-  the barrier): the "stepwise" mode, used where programs are not co-resident -- notably under the
-  Triton interpreter, which runs programs one after another.
+* ``single`` (``SPLIT=False``): one program owns every unit of its batch tile (BU == HP); h stays in
+  registers, no barrier.  Small H (W_hh fits the per-program budget).
+* ``persistent`` (``SPLIT=True, SYNC=True``): cdiv(H, BU) programs per batch tile (grid <= SM
+  count, co-resident).  Every step each program needs the whole h_{t-1} (forward) or the whole
+  [dr_pre, dz_pre, dhn] (backward): exchanged through a double-buffered global buffer (L2, ``.cg``
+  loads) in the input dtype -- exactly the values the dot rounds to anyway; the own units' state
+  stays in fp32/fp64 registers -- and the programs meet at ``_common.grid_barrier`` (atomic
+  counter, bounded spin, error flag: a failed barrier raises RuntimeError, never hangs).
+* ``stepwise`` (``SPLIT=True, SYNC=False``): the same kernel and grid, launched once per step (the
+  kernel boundary is the barrier).  Under the Triton interpreter (programs run one after another)
+  this is how the split logic runs with > 1 program; the runtime step range ``[step_begin,
+  step_end)`` and the fp32/fp64 state buffers carry the recurrence across launches.
 
-Forward step (program p, own units U):  h_full = hx[s%2] (SPLIT) | h_own;  [hr|hz|hn]_U = h_full @
-W_{r,z,n}[U]^T + b_hh;  r, z, n, h_new as reference.py;  stores y, gates=[r,z,n,hn];  h_own ->
-hx[(s+1)%2];  barrier.
-Backward step (reverse time): phase A: own units' [dr_pre, dz_pre, dn_pre], dhn = dn_pre*r ->
-dxproj, dhn, exchange buffer xb[s%2];  ``base = where(valid, dh_tot*z, dh)``;  barrier;  phase B:
-dh_own = base + [dr|dz|dhn]_full @ W_hh[:, U] (padded rows contribute zeros, so the masked update
-of reference.py falls out).  In stepwise mode phase B of step s runs at the start of the launch for
-step s+1 (and a final launch with an empty step range finishes step T-1).
+Forward step s (t = s, or T-1-s when reverse), own units U:
+    h_full [KS, BB, HP/KS] <- hx[s % 2] (split) | h_own (single)
+    [hr|hz|hn]_U = h_full @ W_{r,z,n}[U]^T + b_hh;  r, z, n, h_new as reference.py
+    h_own = where(valid, h_new, h_own) -> hx[(s+1) % 2];  y_t, gates_t (zeros where padded);  barrier
+Backward step s (t in the opposite order), phase A: own units' dr_pre, dz_pre, dn_pre, dhn = dn_pre*r
+    (zeros where padded) -> dxproj_t, dhn_t, exchange xb[s % 2]; base = where(valid, dh_tot*z, dh);
+    barrier;  phase B: dh_U = base + [dr|dz|dhn]_full @ W_hh[:, U]  (padded rows contribute zeros, so
+    reference.py's masked update falls out).  Stepwise: phase B of step s runs at the start of the
+    launch of step s+1 (``finish_pending``), and one last launch with an empty range finishes step T-1.
+h_{t-1} for backward comes from y / h0 exactly as ``reference.previous_states`` (reverse: h0 at each
+sequence's own first step t = lengths-1).
 
-Per-step cost (one layer/direction, B=16, H=768, bf16, 48 programs of BU=16, HP=1024):
-    FLOP  2*B*H*3H = 56.6 MFLOP per step (fwd; bwd the same), ~1.2 MFLOP per program: ~0.2 us on
-          one SM's tensor cores.  (Padding H to HP=1024 costs 4/3 of that.)
-    bytes W_hh 3H*H*2 = 3.5 MB read once per launch, never per step.  Per step and program:
-          read h_full B*HP*4 = 64 KB from L2 (fp32 exchange buffer), xproj B*3BU*2 = 1.5 KB;
-          write y B*BU*2 = 0.5 KB, gates B*4BU*2 = 2 KB, h B*BU*4 = 1 KB.  Whole grid per step:
-          ~3.1 MB L2 reads (h broadcast), ~0.17 MB HBM traffic (xproj, y, gates) -> ~0.05 us at
-          3.3 TB/s; the floor is latency: one L2 round trip for h + one grid barrier (~1 us).
-    backward per program per step: read dy, gates, h_prev (~3 KB), write dxproj, dhn (~2 KB),
-          exchange 3*B*BU*4 = 3 KB out, 3*B*HP*4 = 192 KB in (L2).
+Per-step cost, GRU T=1024 B=16 H=768 bf16 (the performance target), 48 programs x BU=16, HP=1024,
+16 warps, KS=16 (AOT: 128 regs, no spills, 128 KiB shared memory):
+    FLOP   2*B*H*3H = 56.6 MFLOP/step useful (75.5 executed with the pow2 padding of K), 1.57 MFLOP
+           per program: ~0.2-0.3 us of mma.sync on one SM (M = 16 rows, no wgmma).
+    on-chip W_hh slice 3*HP*BU*2 = 96 KiB per program read from shared memory every step: ~0.4 us
+           at ~128 B/clk -- the per-program floor; W_hh total 3H*H*2 = 3.5 MB read from HBM once.
+    forward, per program: h_full B*HP*2 = 32 KiB from L2 (1.5 MB over the grid ~ 0.3 us of L2
+           bandwidth), xproj 1.5 KiB, writes y 0.5 KiB, gates 2 KiB, h 0.5 KiB; HBM per step
+           ~0.17 MB (xproj + y + gates) ~ 0.05 us.  Plus one grid barrier (~0.5-1 us).
+           Estimate ~1.2-1.5 us/step.
+    backward, per program: dy, gates, h_prev ~3.5 KiB in, dxproj + dhn ~2 KiB out, exchange
+           3*B*BU*2 = 1.5 KiB out and 3*B*HP*2 = 96 KiB in from L2 (4.6 MB over the grid ~ 0.8 us):
+           the L2 broadcast of [dr|dz|dhn] dominates.  Estimate ~2 us/step.
+    (Not measured: no GPU in this session.  cuDNN's figure must come from the benchmark suite.)
 
-Variant rule (``_plan``): HP = next_pow2(max(H, 16)); BB = 16 batch rows per tile (``tl.dot``
-needs >= 16); W budget per program ``W_BUDGET_BYTES`` (fits the register file of 8 warps with
-room for the rest).  Single program if 3*HP*HP*elt <= budget, else the largest BU (power of 2,
->= 16) with 3*HP*BU*elt <= budget; the grid's programs per launch must be co-resident (<= SM count),
-batch tiles are launched in groups that fit.  The largest H per dtype is ``max_hidden_size``.
+int64 offsets: every time-step offset t * B * G is an int64 scalar (per-step tile offsets are
+int32: B * 4H < 2**31 is checked); T and B are runtime ints
+(``do_not_specialize``); H is constexpr, padded to HP = pow2(max(H, 16)) with masks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
 __all__ = [
@@ -62,13 +72,14 @@ __all__ = [
     "gru_bwd",
     "gru_cell_fwd",
     "gru_cell_bwd",
+    "check_supported",
     "max_hidden_size",
     "unsupported_gru",
     "aot_variants",
 ]
 
 from . import _common as C
-from ._common import grid_barrier, sigmoid as _sigmoid, tanh as _tanh
+from ._common import tl, triton  # None without triton: the module still imports (backend unavailable)
 
 GATES = 3  # r, z, n rows of W_hh per hidden unit
 MAX_SPIN_INTERPRET = 64  # the interpreter polls slowly: fail fast there (tests of the error path)
@@ -84,378 +95,425 @@ def unsupported_gru(dtype: torch.dtype, hidden_size: int, device_type: str, devi
     return C.unsupported_reason(GATES, hidden_size, 0, dtype, device_type, device)
 
 
+def check_supported(H: int, dtype: torch.dtype, device) -> None:
+    """Raise ValueError (naming the limit) when the kernels do not run this size / dtype / device."""
+    dev = torch.device(device)
+    reason = C.unsupported_reason(GATES, H, 0, dtype, dev.type, dev)
+    if reason is not None:
+        raise ValueError(f"fusedrnn triton GRU: {reason}")
+
+
+SINGLE_MAX_WARPS = 8  # more warps on a single-program tile [16, <=64] only cap registers (ptxas)
+SMEM_MARGIN = 4 * 1024
+
+
+def _gru_variant(H: int, B: int, dtype: torch.dtype, device=None, info=None, interpret=None) -> "C.Variant":
+    """``_common.select_variant`` (THE rule) with two GRU-kernel adjustments, both from the AOT
+    report (tools/triton_aot.py):
+
+    * single-program variants run 8 warps (4 for tiles under 512 elements): their pointwise tiles
+      [block_b, pow2(H)] dominate registers; at 16 warps ptxas caps the registers and spills KiBs,
+      at 4 warps [16, 64] tiles spill ~380 B.
+    * split variants shrink ``block_b`` until the W_hh slice + the exchanged [block_b, pow2(H)]
+      operand fit the device's shared memory (block_b = 64 at H = 768 bf16 needs 226 KiB)."""
+    v = C.select_variant(GATES, H, H, B, dtype, device, info=info, interpret=interpret)
+    info = info or C.device_info(device)
+    if v.mode == "single":
+        # 8 warps from pow2(H) = 32 on (fewer spills of the [block_b, pow2(H)] tiles than 4 warps)
+        w = SINGLE_MAX_WARPS if v.block_b * v.block_h >= 512 else 4
+        v = dataclasses.replace(v, num_warps=w, ksplit_k=C.ksplit(v.block_k, w), ksplit_h=C.ksplit(v.block_h, w))
+    if v.mode != "single":
+        e = C.elt_size(dtype)
+        w_bytes = C.weight_bytes_per_program(GATES, v.block_u, v.block_h, e)
+        bb = v.block_b
+        while bb > C.MIN_TILE and w_bytes + bb * v.block_h * e > info.smem_bytes - SMEM_MARGIN:
+            bb //= 2
+        if bb != v.block_b:
+            n_tiles = C.cdiv(B, bb)
+            if v.mode == "persistent":
+                n_tiles = max(1, min(n_tiles, info.sms // v.n_unit_progs))
+            v = dataclasses.replace(v, block_b=bb, n_batch_tiles=n_tiles)
+    return v
+
+
 def _variant(H: int, B: int, dtype: torch.dtype, device) -> "C.Variant":
-    try:
-        return C.select_variant(GATES, H, H, B, dtype, device)
-    except ValueError as e:
-        raise ValueError(f"fusedrnn triton GRU: hidden_size={H}: {e}") from None
-
-
-def _upcast_dot(dtype: torch.dtype) -> bool:
-    """The interpreter's bf16 ``tl.dot`` returns garbage (triton 3.8): there the operands are rounded
-    to bf16 and multiplied in fp32 (same values, same result up to summation order)."""
-    return dtype == torch.bfloat16 and C.interpret_mode()
+    check_supported(H, dtype, device)
+    if B * 4 * H >= 2**31:
+        raise ValueError(f"fusedrnn triton GRU: batch * 4 * hidden_size = {B * 4 * H} must be < 2**31 "
+                         "(per-step offsets are int32; the time offset is int64)")
+    return _gru_variant(H, B, dtype, device)
 
 
 def _max_spins() -> int:
     return MAX_SPIN_INTERPRET if C.interpret_mode() else C.MAX_SPIN
 
 
-# ---------------------------------------------------------------------------- forward kernel
-@triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end", "tile0"])
-def _gru_fwd_kernel(
-    xproj_ptr,  # (T, B, 3H) dtype
-    w_ptr,  # (3H, H)
-    b_ptr,  # (3H,) or dummy
-    len_ptr,  # (B,) int64 or dummy
-    hx_ptr,  # (2, B, H) acc: state / exchange buffer (double-buffered by step parity)
-    y_ptr,  # (T, B, H) dtype
-    hn_ptr,  # (B, H) dtype
-    gates_ptr,  # (T, B, 4H) dtype
-    bar_ptr,  # (n_tiles,) int32 barrier counters, zero at launch
-    err_ptr,  # (1,) int32 error flag
-    T,
-    B,
-    step_begin,
-    step_end,
-    tile0,
-    H: tl.constexpr,
-    HP: tl.constexpr,
-    BU: tl.constexpr,
-    BB: tl.constexpr,
-    N_UBLK: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr,
-    REVERSE: tl.constexpr,
-    SPLIT: tl.constexpr,
-    SYNC: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    MAX_SPINS: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-):
-    ACC: tl.constexpr = tl.float64 if xproj_ptr.dtype.element_ty == tl.float64 else tl.float32
-    DT: tl.constexpr = xproj_ptr.dtype.element_ty
-    OP: tl.constexpr = tl.float32 if UPCAST_DOT else DT  # dtype of the tl.dot operands
-    pid_u = tl.program_id(0)
-    tile = tile0 + tl.program_id(1)
-    rows = tile * BB + tl.arange(0, BB)  # [BB]
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    units = pid_u * BU + tl.arange(0, BU)  # [BU] own units
-    unit_ok = units < H
-    ks = tl.arange(0, HP)  # [HP] input units of the recurrent GEMM
-    k_ok = ks < H
-    H64 = H
-    B64 = B.to(tl.int64)
+if triton is not None:
+    _sigmoid = C.sigmoid
+    _tanh = C.tanh
+    grid_barrier = C.grid_barrier
 
-    # W_hh^T slices [HP, BU]: wt_g[k, u] = W[g*H + u, k]; loaded once, on chip for all steps
-    w_off = units[None, :].to(tl.int64) * H + ks[:, None]
-    w_msk = k_ok[:, None] & unit_ok[None, :]
-    wt_r = tl.load(w_ptr + w_off, mask=w_msk, other=0.0).to(DT).to(OP)
-    wt_z = tl.load(w_ptr + H64 * H + w_off, mask=w_msk, other=0.0).to(DT).to(OP)
-    wt_n = tl.load(w_ptr + 2 * H64 * H + w_off, mask=w_msk, other=0.0).to(DT).to(OP)
-    if HAS_BIAS:
-        b_r = tl.load(b_ptr + units, mask=unit_ok, other=0.0).to(ACC)
-        b_z = tl.load(b_ptr + H + units, mask=unit_ok, other=0.0).to(ACC)
-        b_n = tl.load(b_ptr + 2 * H + units, mask=unit_ok, other=0.0).to(ACC)
-    else:
-        b_r = tl.zeros([BU], dtype=ACC)
-        b_z = tl.zeros([BU], dtype=ACC)
-        b_n = tl.zeros([BU], dtype=ACC)
-    if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
-    else:
-        lens = tl.where(row_ok, T, 0).to(tl.int64)
+    # ---------------------------------------------------------------------------- jit helpers
+    @triton.jit
+    def _kdot(a, w, DOT_PREC: tl.constexpr, ACC: tl.constexpr):
+        """Split-K recurrent GEMM: a [KS, BB, KC] @ w [KS, KC, BU] summed over the KS slices -> [BB, BU]
+        (``_common.mma_splitk``: the K slices are the batch dim of ``tl.dot``, one per warp, so a warp
+        keeps K/KS of W_hh instead of every warp repeating the whole K of a 16x16 tile, which spills).
+        Operands arrive already in their dot dtype (upcast under the interpreter, see ``dot_upcast``)."""
+        return C.mma_splitk(a, w, ACC, DOT_PREC, False)
 
-    io_msk = row_ok[:, None] & unit_ok[None, :]  # [BB, BU]
-    own_off = rows64[:, None] * H + units[None, :]  # into (B, H)
-    full_off = rows64[:, None] * H + ks[None, :]  # [BB, HP]
-    full_msk = row_ok[:, None] & k_ok[None, :]
-    buf = B64 * H  # one slot of hx
 
-    # the launcher puts h0 (in the accumulation dtype) into slot 0 before the first launch
-    h_own = tl.load(hx_ptr + (step_begin % 2) * buf + own_off, mask=io_msk, other=0.0, cache_modifier=".cg")
-    for s in range(step_begin, step_end):
-        if REVERSE:
-            t = T - 1 - s
+    @triton.jit
+    def _to_slices(x, BB: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr):
+        """[BB, KS*KC] (registers) -> [KS, BB, KC], the A operand of ``_kdot``."""
+        return tl.permute(tl.reshape(x, [BB, KS, KC]), (1, 0, 2))
+
+
+    # ---------------------------------------------------------------------------- forward kernel
+    @triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end", "tile0"])
+    def _gru_fwd_kernel(
+        xproj_ptr,  # (T, B, 3H) dtype
+        w_ptr,  # (3H, H)
+        b_ptr,  # (3H,) or dummy
+        len_ptr,  # (B,) int64 or dummy
+        hs_ptr,  # (B, H) acc: state between launches (h0 before the first)
+        hx_ptr,  # (2, B, H) dtype: h exchange buffer, slot = step parity (SPLIT); slot 0 = h0
+        y_ptr,  # (T, B, H) dtype
+        hn_ptr,  # (B, H) dtype
+        gates_ptr,  # (T, B, 4H) dtype
+        bar_ptr,  # (n_tiles,) int32 barrier counters, zero at launch
+        err_ptr,  # (1,) int32 error flag
+        T,
+        B,
+        step_begin,
+        step_end,
+        tile0,
+        H: tl.constexpr,
+        HP: tl.constexpr,  # pow2(H): K of the recurrent GEMM
+        BU: tl.constexpr,  # units per program
+        BB: tl.constexpr,  # batch rows per program
+        KS: tl.constexpr,  # K slices (one per warp)
+        N_UBLK: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_LENGTHS: tl.constexpr,
+        REVERSE: tl.constexpr,
+        SPLIT: tl.constexpr,
+        SYNC: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+        MAX_SPINS: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
+    ):
+        ACC: tl.constexpr = tl.float64 if xproj_ptr.dtype.element_ty == tl.float64 else tl.float32
+        DT: tl.constexpr = xproj_ptr.dtype.element_ty
+        OP: tl.constexpr = tl.float32 if UPCAST_DOT else DT  # dtype of the tl.dot operands
+        KC: tl.constexpr = HP // KS
+        pid_u = tl.program_id(0)
+        tile = tile0 + tl.program_id(1)
+        rows = tile * BB + tl.arange(0, BB)  # [BB]
+        row_ok = rows < B
+        units = pid_u * BU + tl.arange(0, BU)  # [BU] own units
+        unit_ok = units < H
+        H64 = H
+        B64 = B.to(tl.int64)
+
+        # W_hh^T slices [KS, KC, BU]: wt_g[c, k, u] = W[g*H + u, c*KC + k]; loaded once, on chip
+        kidx = C.kidx_b(HP, KS)  # [KS, KC, 1]
+        w_off = units[None, None, :].to(tl.int64) * H + kidx
+        w_msk = (kidx < H) & unit_ok[None, None, :]
+        wt_r = tl.load(w_ptr + w_off, mask=w_msk, other=0.0).to(DT).to(OP)
+        wt_z = tl.load(w_ptr + H64 * H + w_off, mask=w_msk, other=0.0).to(DT).to(OP)
+        wt_n = tl.load(w_ptr + 2 * H64 * H + w_off, mask=w_msk, other=0.0).to(DT).to(OP)
+        if HAS_BIAS:
+            b_r = tl.load(b_ptr + units, mask=unit_ok, other=0.0).to(ACC)
+            b_z = tl.load(b_ptr + H + units, mask=unit_ok, other=0.0).to(ACC)
+            b_n = tl.load(b_ptr + 2 * H + units, mask=unit_ok, other=0.0).to(ACC)
         else:
-            t = s
-        t64 = t.to(tl.int64)
-        if SPLIT:
-            h_full = tl.load(hx_ptr + (s % 2) * buf + full_off, mask=full_msk, other=0.0, cache_modifier=".cg")
+            b_r = tl.zeros([BU], dtype=ACC)
+            b_z = tl.zeros([BU], dtype=ACC)
+            b_n = tl.zeros([BU], dtype=ACC)
+        if HAS_LENGTHS:
+            lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
         else:
-            h_full = h_own
-        hd = h_full.to(DT).to(OP)  # [BB, HP]
-        if ACC == tl.float64:
-            a_r = tl.dot(hd, wt_r, out_dtype=tl.float64)
-            a_z = tl.dot(hd, wt_z, out_dtype=tl.float64)
-            a_n = tl.dot(hd, wt_n, out_dtype=tl.float64)
-        else:
-            a_r = tl.dot(hd, wt_r, input_precision=DOT_PREC, out_dtype=tl.float32)
-            a_z = tl.dot(hd, wt_z, input_precision=DOT_PREC, out_dtype=tl.float32)
-            a_n = tl.dot(hd, wt_n, input_precision=DOT_PREC, out_dtype=tl.float32)
-        x_off = t64 * B64 * (3 * H) + rows64[:, None] * (3 * H) + units[None, :]
-        x_r = tl.load(xproj_ptr + x_off, mask=io_msk, other=0.0).to(ACC)
-        x_z = tl.load(xproj_ptr + x_off + H, mask=io_msk, other=0.0).to(ACC)
-        x_n = tl.load(xproj_ptr + x_off + 2 * H, mask=io_msk, other=0.0).to(ACC)
-        hn = a_n + b_n[None, :]
-        r = _sigmoid(x_r + a_r + b_r[None, :])
-        z = _sigmoid(x_z + a_z + b_z[None, :])
-        n = _tanh(x_n + r * hn)
-        h_new = (1.0 - z) * n + z * h_own
-        valid = (t < lens)[:, None]  # [BB, 1]
-        h_own = tl.where(valid, h_new, h_own)
+            lens = tl.where(row_ok, T, 0).to(tl.int64)
+
+        io_msk = row_ok[:, None] & unit_ok[None, :]  # [BB, BU]
+        # per-step tile offsets in int32 (B * 4H < 2**31, checked by the launcher); the time-step
+        # base t * B * G is an int64 scalar added to the pointer first
+        own_off = rows[:, None] * H + units[None, :]  # into (B, H)
+        own3_off = rows[:, None] * (3 * H) + units[None, :]  # into (B, 3H)
+        own4_off = rows[:, None] * (4 * H) + units[None, :]  # into (B, 4H)
+        # full h of the tile as split-K operand [KS, BB, KC]: hx[b, c*KC + k]
+        hk = C.kidx_a(HP, KS)  # [KS, 1, KC]
+        full_off = rows[None, :, None] * H + hk
+        full_msk = row_ok[None, :, None] & (hk < H)
+        slot = B64 * H
+
+        h_own = tl.load(hs_ptr + own_off, mask=io_msk, other=0.0, cache_modifier=".cg").to(ACC)  # [BB, BU]
         zero = tl.zeros([BB, BU], dtype=ACC)
-        y_off = t64 * B64 * H + own_off
-        tl.store(y_ptr + y_off, tl.where(valid, h_new, zero).to(DT), mask=io_msk)
-        g_off = t64 * B64 * (4 * H) + rows64[:, None] * (4 * H) + units[None, :]
-        tl.store(gates_ptr + g_off, tl.where(valid, r, zero).to(DT), mask=io_msk)
-        tl.store(gates_ptr + g_off + H, tl.where(valid, z, zero).to(DT), mask=io_msk)
-        tl.store(gates_ptr + g_off + 2 * H, tl.where(valid, n, zero).to(DT), mask=io_msk)
-        tl.store(gates_ptr + g_off + 3 * H, tl.where(valid, hn, zero).to(DT), mask=io_msk)
-        if SPLIT:
-            tl.store(hx_ptr + ((s + 1) % 2) * buf + own_off, h_own, mask=io_msk)
+        for s in range(step_begin, step_end):
+            if REVERSE:
+                t = T - 1 - s
+            else:
+                t = s
+            t64 = t.to(tl.int64)
+            if SPLIT:
+                hd = tl.load(hx_ptr + (s % 2) * slot + full_off, mask=full_msk, other=0.0, cache_modifier=".cg")
+            else:
+                hd = _to_slices(h_own.to(DT), BB, KS, KC)
+            hd = hd.to(OP)
+            x_t = xproj_ptr + t64 * B64 * (3 * H)
+            x_r = tl.load(x_t + own3_off, mask=io_msk, other=0.0).to(ACC)
+            x_z = tl.load(x_t + own3_off + H, mask=io_msk, other=0.0).to(ACC)
+            x_n = tl.load(x_t + own3_off + 2 * H, mask=io_msk, other=0.0).to(ACC)
+            hn = _kdot(hd, wt_n, DOT_PREC, ACC) + b_n[None, :]
+            r = _sigmoid(x_r + _kdot(hd, wt_r, DOT_PREC, ACC) + b_r[None, :])
+            z = _sigmoid(x_z + _kdot(hd, wt_z, DOT_PREC, ACC) + b_z[None, :])
+            n = _tanh(x_n + r * hn)
+            h_new = (1.0 - z) * n + z * h_own
+            valid = (t < lens)[:, None]  # [BB, 1]
+            h_own = tl.where(valid, h_new, h_own)
+            if SPLIT:  # publish first: the other programs wait for it
+                tl.store(hx_ptr + ((s + 1) % 2) * slot + own_off, h_own.to(DT), mask=io_msk)
+            tl.store((y_ptr + t64 * B64 * H) + own_off, tl.where(valid, h_new, zero).to(DT), mask=io_msk)
+            g_t = gates_ptr + t64 * B64 * (4 * H)
+            tl.store(g_t + own4_off, tl.where(valid, r, zero).to(DT), mask=io_msk)
+            tl.store(g_t + own4_off + H, tl.where(valid, z, zero).to(DT), mask=io_msk)
+            tl.store(g_t + own4_off + 2 * H, tl.where(valid, n, zero).to(DT), mask=io_msk)
+            tl.store(g_t + own4_off + 3 * H, tl.where(valid, hn, zero).to(DT), mask=io_msk)
             if SYNC:
                 grid_barrier(bar_ptr + tile, N_UBLK * (s - step_begin + 1), err_ptr, N_UBLK, MAX_SPINS)
 
-    if not SPLIT:
-        tl.store(hx_ptr + (step_end % 2) * buf + own_off, h_own, mask=io_msk)
-    tl.store(hn_ptr + own_off, h_own.to(DT), mask=io_msk)
+        tl.store(hs_ptr + own_off, h_own, mask=io_msk)
+        tl.store(hn_ptr + own_off, h_own.to(DT), mask=io_msk)
 
 
-# --------------------------------------------------------------------------- backward kernel
-@triton.jit
-def _exchange_dot(xb_ptr, slot_off, full_off, full_msk, H, w_r, w_z, w_n, DT: tl.constexpr, OP: tl.constexpr,
-                  DOT_PREC: tl.constexpr, ACC: tl.constexpr):
-    """[dr|dz|dhn]_full (from the exchange buffer, (B, 3H) per slot) @ W_hh[:, U] -> [BB, BU]."""
-    d_r = tl.load(xb_ptr + slot_off + full_off, mask=full_msk, other=0.0, cache_modifier=".cg").to(DT).to(OP)
-    d_z = tl.load(xb_ptr + slot_off + full_off + H, mask=full_msk, other=0.0, cache_modifier=".cg").to(DT).to(OP)
-    d_n = tl.load(xb_ptr + slot_off + full_off + 2 * H, mask=full_msk, other=0.0, cache_modifier=".cg").to(DT).to(OP)
-    return _dot3(d_r, d_z, d_n, w_r, w_z, w_n, DOT_PREC, ACC)
+    # --------------------------------------------------------------------------- backward kernel
+    @triton.jit
+    def _exchange_dot(xb_ptr, slot_off, full_off, full_msk, H, w_r, w_z, w_n, OP: tl.constexpr,
+                      DOT_PREC: tl.constexpr, ACC: tl.constexpr):
+        """[dr|dz|dhn] of the whole tile (exchange buffer slot, (B, 3H)) @ W_hh[:, U] -> [BB, BU].
+        One gate at a time: each operand tile is dead before the next is loaded (shared memory)."""
+        acc = _kdot(tl.load(xb_ptr + slot_off + full_off, mask=full_msk, other=0.0, cache_modifier=".cg").to(OP),
+                    w_r, DOT_PREC, ACC)
+        acc += _kdot(tl.load(xb_ptr + slot_off + full_off + H, mask=full_msk, other=0.0, cache_modifier=".cg").to(OP),
+                     w_z, DOT_PREC, ACC)
+        acc += _kdot(tl.load(xb_ptr + slot_off + full_off + 2 * H, mask=full_msk, other=0.0,
+                             cache_modifier=".cg").to(OP), w_n, DOT_PREC, ACC)
+        return acc
 
 
-@triton.jit
-def _dot3(a_r, a_z, a_n, w_r, w_z, w_n, DOT_PREC: tl.constexpr, ACC: tl.constexpr):
-    if ACC == tl.float64:
-        acc = tl.dot(a_r, w_r, out_dtype=tl.float64)
-        acc = tl.dot(a_z, w_z, acc, out_dtype=tl.float64)
-        acc = tl.dot(a_n, w_n, acc, out_dtype=tl.float64)
-    else:
-        acc = tl.dot(a_r, w_r, input_precision=DOT_PREC, out_dtype=tl.float32)
-        acc = tl.dot(a_z, w_z, acc, input_precision=DOT_PREC, out_dtype=tl.float32)
-        acc = tl.dot(a_n, w_n, acc, input_precision=DOT_PREC, out_dtype=tl.float32)
-    return acc
+    @triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end", "tile0", "finish_pending",
+                                   "defer_last"])
+    def _gru_bwd_kernel(
+        dy_ptr,  # (T, B, H) dtype
+        dhn_in_ptr,  # (B, H) dtype: gradient of h_n
+        w_ptr,  # (3H, H)
+        h0_ptr,  # (B, H)
+        y_ptr,  # (T, B, H)
+        gates_ptr,  # (T, B, 4H) [r, z, n, hn]
+        len_ptr,  # (B,) int64 or dummy
+        dst_ptr,  # (B, H) acc: dh state between launches
+        xb_ptr,  # (2, B, 3H) dtype: exchange buffer of [dr_pre, dz_pre, dhn] (SPLIT)
+        dx_ptr,  # (T, B, 3H) dtype out
+        dhseq_ptr,  # (T, B, H) dtype out
+        dh0_ptr,  # (B, H) dtype out
+        bar_ptr,
+        err_ptr,
+        T,
+        B,
+        step_begin,
+        step_end,
+        tile0,
+        finish_pending,  # 1: phase B of step step_begin-1 is still due (stepwise mode)
+        defer_last,  # 1: leave phase B of the last step to the next launch (stepwise mode)
+        H: tl.constexpr,
+        HP: tl.constexpr,
+        BU: tl.constexpr,
+        BB: tl.constexpr,
+        KS: tl.constexpr,
+        N_UBLK: tl.constexpr,
+        HAS_LENGTHS: tl.constexpr,
+        REVERSE: tl.constexpr,
+        SPLIT: tl.constexpr,
+        SYNC: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+        MAX_SPINS: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
+    ):
+        ACC: tl.constexpr = tl.float64 if dy_ptr.dtype.element_ty == tl.float64 else tl.float32
+        DT: tl.constexpr = dy_ptr.dtype.element_ty
+        OP: tl.constexpr = tl.float32 if UPCAST_DOT else DT  # dtype of the tl.dot operands
+        KC: tl.constexpr = HP // KS
+        pid_u = tl.program_id(0)
+        tile = tile0 + tl.program_id(1)
+        rows = tile * BB + tl.arange(0, BB)
+        row_ok = rows < B
+        units = pid_u * BU + tl.arange(0, BU)
+        unit_ok = units < H
+        H64 = H
+        B64 = B.to(tl.int64)
 
-
-@triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end", "tile0", "finish_pending",
-                               "defer_last"])
-def _gru_bwd_kernel(
-    dy_ptr,  # (T, B, H) dtype
-    dhn_in_ptr,  # (B, H) dtype: gradient of h_n
-    w_ptr,  # (3H, H)
-    h0_ptr,  # (B, H)
-    y_ptr,  # (T, B, H)
-    gates_ptr,  # (T, B, 4H) [r, z, n, hn]
-    len_ptr,  # (B,) int64 or dummy
-    dst_ptr,  # (B, H) acc: dh state between launches
-    xb_ptr,  # (2, B, 3H) acc: exchange buffer of [dr_pre, dz_pre, dhn] (SPLIT)
-    dx_ptr,  # (T, B, 3H) dtype out
-    dhseq_ptr,  # (T, B, H) dtype out
-    dh0_ptr,  # (B, H) dtype out
-    bar_ptr,
-    err_ptr,
-    T,
-    B,
-    step_begin,
-    step_end,
-    tile0,
-    finish_pending,  # 1: phase B of step step_begin-1 is still due (stepwise mode)
-    defer_last,  # 1: leave phase B of the last step to the next launch (stepwise mode)
-    H: tl.constexpr,
-    HP: tl.constexpr,
-    BU: tl.constexpr,
-    BB: tl.constexpr,
-    N_UBLK: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr,
-    REVERSE: tl.constexpr,
-    SPLIT: tl.constexpr,
-    SYNC: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    MAX_SPINS: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-):
-    ACC: tl.constexpr = tl.float64 if dy_ptr.dtype.element_ty == tl.float64 else tl.float32
-    DT: tl.constexpr = dy_ptr.dtype.element_ty
-    OP: tl.constexpr = tl.float32 if UPCAST_DOT else DT  # dtype of the tl.dot operands
-    pid_u = tl.program_id(0)
-    tile = tile0 + tl.program_id(1)
-    rows = tile * BB + tl.arange(0, BB)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    units = pid_u * BU + tl.arange(0, BU)
-    unit_ok = units < H
-    ks = tl.arange(0, HP)
-    k_ok = ks < H
-    H64 = H
-    B64 = B.to(tl.int64)
-
-    # W_hh column slices [HP, BU]: w_g[k, u] = W[g*H + k, u]
-    w_off = ks[:, None].to(tl.int64) * H + units[None, :]
-    w_msk = k_ok[:, None] & unit_ok[None, :]
-    w_r = tl.load(w_ptr + w_off, mask=w_msk, other=0.0).to(DT).to(OP)
-    w_z = tl.load(w_ptr + H64 * H + w_off, mask=w_msk, other=0.0).to(DT).to(OP)
-    w_n = tl.load(w_ptr + 2 * H64 * H + w_off, mask=w_msk, other=0.0).to(DT).to(OP)
-    if HAS_LENGTHS:
-        lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
-    else:
-        lens = tl.where(row_ok, T, 0).to(tl.int64)
-
-    io_msk = row_ok[:, None] & unit_ok[None, :]
-    own_off = rows64[:, None] * H + units[None, :]
-    own3_off = rows64[:, None] * (3 * H) + units[None, :]
-    full3_off = rows64[:, None] * (3 * H) + ks[None, :]
-    full_msk = row_ok[:, None] & k_ok[None, :]
-    slot = B64 * (3 * H)
-
-    if step_begin == 0:
-        dh_own = tl.load(dhn_in_ptr + own_off, mask=io_msk, other=0.0).to(ACC)
-    else:
-        dh_own = tl.load(dst_ptr + own_off, mask=io_msk, other=0.0, cache_modifier=".cg")
-    if SPLIT:
-        if finish_pending != 0:
-            dh_own += _exchange_dot(xb_ptr, ((step_begin - 1) % 2) * slot, full3_off, full_msk, H,
-                                    w_r, w_z, w_n, DT, OP, DOT_PREC, ACC)
-
-    zero = tl.zeros([BB, BU], dtype=ACC)
-    for s in range(step_begin, step_end):
-        if REVERSE:
-            t = s
-            tp = t + 1
+        # W_hh column slices [KS, KC, BU]: w_g[c, k, u] = W[g*H + c*KC + k, u]
+        kidx = C.kidx_b(HP, KS)  # [KS, KC, 1]
+        w_off = kidx.to(tl.int64) * H + units[None, None, :]
+        w_msk = (kidx < H) & unit_ok[None, None, :]
+        w_r = tl.load(w_ptr + w_off, mask=w_msk, other=0.0).to(DT).to(OP)
+        w_z = tl.load(w_ptr + H64 * H + w_off, mask=w_msk, other=0.0).to(DT).to(OP)
+        w_n = tl.load(w_ptr + 2 * H64 * H + w_off, mask=w_msk, other=0.0).to(DT).to(OP)
+        if HAS_LENGTHS:
+            lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
         else:
-            t = T - 1 - s
-            tp = t - 1
-        t64 = t.to(tl.int64)
-        valid = (t < lens)[:, None]
-        # h_{t-1} as reference.previous_states: y of the neighbouring step, or h0 where the
-        # sequence starts (t = 0 forward; t = lengths-1 reverse)
-        if REVERSE:
-            use_init = (tp >= lens)[:, None] | (tp >= T)
-        else:
-            use_init = (tl.zeros([BB, 1], dtype=tl.int32) + tp) < 0
-        tp64 = tl.minimum(tl.maximum(tp, 0), T - 1).to(tl.int64)
-        h_prev_y = tl.load(y_ptr + tp64 * B64 * H + own_off, mask=io_msk & (~use_init), other=0.0)
-        h_prev_0 = tl.load(h0_ptr + own_off, mask=io_msk & use_init, other=0.0)
-        h_prev = tl.where(use_init, h_prev_0.to(ACC), h_prev_y.to(ACC))
+            lens = tl.where(row_ok, T, 0).to(tl.int64)
 
-        dh_tot = dh_own + tl.load(dy_ptr + t64 * B64 * H + own_off, mask=io_msk, other=0.0).to(ACC)
-        g_off = t64 * B64 * (4 * H) + rows64[:, None] * (4 * H) + units[None, :]
-        r = tl.load(gates_ptr + g_off, mask=io_msk, other=0.0).to(ACC)
-        z = tl.load(gates_ptr + g_off + H, mask=io_msk, other=0.0).to(ACC)
-        n = tl.load(gates_ptr + g_off + 2 * H, mask=io_msk, other=0.0).to(ACC)
-        hn = tl.load(gates_ptr + g_off + 3 * H, mask=io_msk, other=0.0).to(ACC)
-        dn_pre = dh_tot * (1.0 - z) * (1.0 - n * n)
-        dz_pre = dh_tot * (h_prev - n) * z * (1.0 - z)
+        io_msk = row_ok[:, None] & unit_ok[None, :]
+        own_off = rows[:, None] * H + units[None, :]  # int32 tile offsets, as in the forward
+        own3_off = rows[:, None] * (3 * H) + units[None, :]
+        own4_off = rows[:, None] * (4 * H) + units[None, :]
+        hk = C.kidx_a(HP, KS)  # [KS, 1, KC]
+        full3_off = rows[None, :, None] * (3 * H) + hk
+        full_msk = row_ok[None, :, None] & (hk < H)
+        slot = B64 * (3 * H)
+
+        if step_begin == 0:
+            dh_own = tl.load(dhn_in_ptr + own_off, mask=io_msk, other=0.0).to(ACC)
+        else:
+            dh_own = tl.load(dst_ptr + own_off, mask=io_msk, other=0.0, cache_modifier=".cg")
+        if SPLIT:
+            if finish_pending != 0:
+                dh_own += _exchange_dot(xb_ptr, ((step_begin - 1) % 2) * slot, full3_off, full_msk, H,
+                                        w_r, w_z, w_n, OP, DOT_PREC, ACC)
+
+        zero = tl.zeros([BB, BU], dtype=ACC)
+        for s in range(step_begin, step_end):
+            if REVERSE:
+                t = s
+                tp = t + 1
+            else:
+                t = T - 1 - s
+                tp = t - 1
+            t64 = t.to(tl.int64)
+            valid = (t < lens)[:, None]
+            # h_{t-1} as reference.previous_states: y of the neighbouring step, or h0 where the
+            # sequence starts (t = 0 forward; t = lengths-1 reverse)
+            if REVERSE:
+                use_init = (tp >= lens)[:, None] | (tp >= T)
+            else:
+                use_init = (tl.zeros([BB, 1], dtype=tl.int32) + tp) < 0
+            tp64 = tl.minimum(tl.maximum(tp, 0), T - 1).to(tl.int64)
+            h_prev_y = tl.load((y_ptr + tp64 * B64 * H) + own_off, mask=io_msk & (~use_init), other=0.0)
+            h_prev_0 = tl.load(h0_ptr + own_off, mask=io_msk & use_init, other=0.0)
+            h_prev = tl.where(use_init, h_prev_0.to(ACC), h_prev_y.to(ACC))
+
+            dh_tot = dh_own + tl.load((dy_ptr + t64 * B64 * H) + own_off, mask=io_msk, other=0.0).to(ACC)
+            g_t = gates_ptr + t64 * B64 * (4 * H)
+            r = tl.load(g_t + own4_off, mask=io_msk, other=0.0).to(ACC)
+            z = tl.load(g_t + own4_off + H, mask=io_msk, other=0.0).to(ACC)
+            n = tl.load(g_t + own4_off + 2 * H, mask=io_msk, other=0.0).to(ACC)
+            hn = tl.load(g_t + own4_off + 3 * H, mask=io_msk, other=0.0).to(ACC)
+            dn_pre = tl.where(valid, dh_tot * (1.0 - z) * (1.0 - n * n), zero)
+            dz_pre = tl.where(valid, dh_tot * (h_prev - n) * z * (1.0 - z), zero)
+            dr_pre = dn_pre * hn * r * (1.0 - r)
+            dhn = dn_pre * r
+            base = tl.where(valid, dh_tot * z, dh_own)
+            if SPLIT:  # publish first: the other programs wait for it
+                sl = (s % 2) * slot
+                tl.store(xb_ptr + sl + own3_off, dr_pre.to(DT), mask=io_msk)
+                tl.store(xb_ptr + sl + own3_off + H, dz_pre.to(DT), mask=io_msk)
+                tl.store(xb_ptr + sl + own3_off + 2 * H, dhn.to(DT), mask=io_msk)
+            dx_t = dx_ptr + t64 * B64 * (3 * H)
+            tl.store(dx_t + own3_off, dr_pre.to(DT), mask=io_msk)
+            tl.store(dx_t + own3_off + H, dz_pre.to(DT), mask=io_msk)
+            tl.store(dx_t + own3_off + 2 * H, dn_pre.to(DT), mask=io_msk)
+            tl.store((dhseq_ptr + t64 * B64 * H) + own_off, dhn.to(DT), mask=io_msk)
+            if SPLIT:
+                dh_own = base
+                if SYNC:
+                    grid_barrier(bar_ptr + tile, N_UBLK * (s - step_begin + 1), err_ptr, N_UBLK, MAX_SPINS)
+                if (defer_last == 0) | (s + 1 < step_end):
+                    dh_own += _exchange_dot(xb_ptr, sl, full3_off, full_msk, H, w_r, w_z, w_n, OP, DOT_PREC, ACC)
+            else:
+                dh_own = base
+                dh_own += _kdot(_to_slices(dr_pre.to(DT), BB, KS, KC).to(OP), w_r, DOT_PREC, ACC)
+                dh_own += _kdot(_to_slices(dz_pre.to(DT), BB, KS, KC).to(OP), w_z, DOT_PREC, ACC)
+                dh_own += _kdot(_to_slices(dhn.to(DT), BB, KS, KC).to(OP), w_n, DOT_PREC, ACC)
+
+        tl.store(dst_ptr + own_off, dh_own, mask=io_msk)
+        tl.store(dh0_ptr + own_off, dh_own.to(DT), mask=io_msk)
+
+
+    # ------------------------------------------------------------------------------ cell kernels
+    @triton.jit(do_not_specialize=["N"])
+    def _gru_cell_fwd_kernel(
+        ig_ptr, hg_ptr, bih_ptr, bhh_ptr, h_ptr, hnew_ptr, gates_ptr, N,
+        H: tl.constexpr, HAS_BIH: tl.constexpr, HAS_BHH: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        ACC: tl.constexpr = tl.float64 if ig_ptr.dtype.element_ty == tl.float64 else tl.float32
+        DT: tl.constexpr = ig_ptr.dtype.element_ty
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # flat (b, u) of (B, H)
+        msk = idx < N
+        b = idx // H
+        u = idx % H
+        g3 = b * (3 * H) + u
+        x_r = tl.load(ig_ptr + g3, mask=msk, other=0.0).to(ACC)
+        x_z = tl.load(ig_ptr + g3 + H, mask=msk, other=0.0).to(ACC)
+        x_n = tl.load(ig_ptr + g3 + 2 * H, mask=msk, other=0.0).to(ACC)
+        h_r = tl.load(hg_ptr + g3, mask=msk, other=0.0).to(ACC)
+        h_z = tl.load(hg_ptr + g3 + H, mask=msk, other=0.0).to(ACC)
+        h_n = tl.load(hg_ptr + g3 + 2 * H, mask=msk, other=0.0).to(ACC)
+        if HAS_BIH:
+            x_r += tl.load(bih_ptr + u, mask=msk, other=0.0).to(ACC)
+            x_z += tl.load(bih_ptr + H + u, mask=msk, other=0.0).to(ACC)
+            x_n += tl.load(bih_ptr + 2 * H + u, mask=msk, other=0.0).to(ACC)
+        if HAS_BHH:
+            h_r += tl.load(bhh_ptr + u, mask=msk, other=0.0).to(ACC)
+            h_z += tl.load(bhh_ptr + H + u, mask=msk, other=0.0).to(ACC)
+            h_n += tl.load(bhh_ptr + 2 * H + u, mask=msk, other=0.0).to(ACC)
+        r = _sigmoid(x_r + h_r)
+        z = _sigmoid(x_z + h_z)
+        n = _tanh(x_n + r * h_n)
+        h = tl.load(h_ptr + idx, mask=msk, other=0.0).to(ACC)
+        tl.store(hnew_ptr + idx, ((1.0 - z) * n + z * h).to(DT), mask=msk)
+        g4 = b * (4 * H) + u
+        tl.store(gates_ptr + g4, r.to(DT), mask=msk)
+        tl.store(gates_ptr + g4 + H, z.to(DT), mask=msk)
+        tl.store(gates_ptr + g4 + 2 * H, n.to(DT), mask=msk)
+        tl.store(gates_ptr + g4 + 3 * H, h_n.to(DT), mask=msk)
+
+
+    @triton.jit(do_not_specialize=["N"])
+    def _gru_cell_bwd_kernel(
+        dhnew_ptr, h_ptr, gates_ptr, di_ptr, dhg_ptr, dh_ptr, N, H: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        ACC: tl.constexpr = tl.float64 if gates_ptr.dtype.element_ty == tl.float64 else tl.float32
+        DT: tl.constexpr = gates_ptr.dtype.element_ty
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        msk = idx < N
+        b = idx // H
+        u = idx % H
+        g4 = b * (4 * H) + u
+        r = tl.load(gates_ptr + g4, mask=msk, other=0.0).to(ACC)
+        z = tl.load(gates_ptr + g4 + H, mask=msk, other=0.0).to(ACC)
+        n = tl.load(gates_ptr + g4 + 2 * H, mask=msk, other=0.0).to(ACC)
+        hn = tl.load(gates_ptr + g4 + 3 * H, mask=msk, other=0.0).to(ACC)
+        dh = tl.load(dhnew_ptr + idx, mask=msk, other=0.0).to(ACC)
+        h = tl.load(h_ptr + idx, mask=msk, other=0.0).to(ACC)
+        dn_pre = dh * (1.0 - z) * (1.0 - n * n)
+        dz_pre = dh * (h - n) * z * (1.0 - z)
         dr_pre = dn_pre * hn * r * (1.0 - r)
-        dn_pre = tl.where(valid, dn_pre, zero)
-        dz_pre = tl.where(valid, dz_pre, zero)
-        dr_pre = tl.where(valid, dr_pre, zero)
-        dhn = dn_pre * r
-        dx_off = t64 * B64 * (3 * H) + own3_off
-        tl.store(dx_ptr + dx_off, dr_pre.to(DT), mask=io_msk)
-        tl.store(dx_ptr + dx_off + H, dz_pre.to(DT), mask=io_msk)
-        tl.store(dx_ptr + dx_off + 2 * H, dn_pre.to(DT), mask=io_msk)
-        tl.store(dhseq_ptr + t64 * B64 * H + own_off, dhn.to(DT), mask=io_msk)
-        base = tl.where(valid, dh_tot * z, dh_own)
-        if SPLIT:
-            sl = (s % 2) * slot
-            tl.store(xb_ptr + sl + own3_off, dr_pre, mask=io_msk)
-            tl.store(xb_ptr + sl + own3_off + H, dz_pre, mask=io_msk)
-            tl.store(xb_ptr + sl + own3_off + 2 * H, dhn, mask=io_msk)
-            dh_own = base
-            if SYNC:
-                grid_barrier(bar_ptr + tile, N_UBLK * (s - step_begin + 1), err_ptr, N_UBLK, MAX_SPINS)
-            if (defer_last == 0) | (s + 1 < step_end):
-                dh_own += _exchange_dot(xb_ptr, sl, full3_off, full_msk, H, w_r, w_z, w_n, DT, OP, DOT_PREC, ACC)
-        else:
-            dh_own = base + _dot3(dr_pre.to(DT).to(OP), dz_pre.to(DT).to(OP), dhn.to(DT).to(OP), w_r, w_z, w_n,
-                                  DOT_PREC, ACC)
-
-    tl.store(dst_ptr + own_off, dh_own, mask=io_msk)
-    tl.store(dh0_ptr + own_off, dh_own.to(DT), mask=io_msk)
-
-
-# ------------------------------------------------------------------------------ cell kernels
-@triton.jit(do_not_specialize=["N"])
-def _gru_cell_fwd_kernel(
-    ig_ptr, hg_ptr, bih_ptr, bhh_ptr, h_ptr, hnew_ptr, gates_ptr, N,
-    H: tl.constexpr, HAS_BIH: tl.constexpr, HAS_BHH: tl.constexpr, BLOCK: tl.constexpr,
-):
-    ACC: tl.constexpr = tl.float64 if ig_ptr.dtype.element_ty == tl.float64 else tl.float32
-    DT: tl.constexpr = ig_ptr.dtype.element_ty
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # flat (b, u) of (B, H)
-    msk = idx < N
-    b = idx // H
-    u = idx % H
-    g3 = b * (3 * H) + u
-    x_r = tl.load(ig_ptr + g3, mask=msk, other=0.0).to(ACC)
-    x_z = tl.load(ig_ptr + g3 + H, mask=msk, other=0.0).to(ACC)
-    x_n = tl.load(ig_ptr + g3 + 2 * H, mask=msk, other=0.0).to(ACC)
-    h_r = tl.load(hg_ptr + g3, mask=msk, other=0.0).to(ACC)
-    h_z = tl.load(hg_ptr + g3 + H, mask=msk, other=0.0).to(ACC)
-    h_n = tl.load(hg_ptr + g3 + 2 * H, mask=msk, other=0.0).to(ACC)
-    if HAS_BIH:
-        x_r += tl.load(bih_ptr + u, mask=msk, other=0.0).to(ACC)
-        x_z += tl.load(bih_ptr + H + u, mask=msk, other=0.0).to(ACC)
-        x_n += tl.load(bih_ptr + 2 * H + u, mask=msk, other=0.0).to(ACC)
-    if HAS_BHH:
-        h_r += tl.load(bhh_ptr + u, mask=msk, other=0.0).to(ACC)
-        h_z += tl.load(bhh_ptr + H + u, mask=msk, other=0.0).to(ACC)
-        h_n += tl.load(bhh_ptr + 2 * H + u, mask=msk, other=0.0).to(ACC)
-    r = _sigmoid(x_r + h_r)
-    z = _sigmoid(x_z + h_z)
-    n = _tanh(x_n + r * h_n)
-    h = tl.load(h_ptr + idx, mask=msk, other=0.0).to(ACC)
-    tl.store(hnew_ptr + idx, ((1.0 - z) * n + z * h).to(DT), mask=msk)
-    g4 = b * (4 * H) + u
-    tl.store(gates_ptr + g4, r.to(DT), mask=msk)
-    tl.store(gates_ptr + g4 + H, z.to(DT), mask=msk)
-    tl.store(gates_ptr + g4 + 2 * H, n.to(DT), mask=msk)
-    tl.store(gates_ptr + g4 + 3 * H, h_n.to(DT), mask=msk)
-
-
-@triton.jit(do_not_specialize=["N"])
-def _gru_cell_bwd_kernel(
-    dhnew_ptr, h_ptr, gates_ptr, di_ptr, dhg_ptr, dh_ptr, N, H: tl.constexpr, BLOCK: tl.constexpr,
-):
-    ACC: tl.constexpr = tl.float64 if gates_ptr.dtype.element_ty == tl.float64 else tl.float32
-    DT: tl.constexpr = gates_ptr.dtype.element_ty
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    msk = idx < N
-    b = idx // H
-    u = idx % H
-    g4 = b * (4 * H) + u
-    r = tl.load(gates_ptr + g4, mask=msk, other=0.0).to(ACC)
-    z = tl.load(gates_ptr + g4 + H, mask=msk, other=0.0).to(ACC)
-    n = tl.load(gates_ptr + g4 + 2 * H, mask=msk, other=0.0).to(ACC)
-    hn = tl.load(gates_ptr + g4 + 3 * H, mask=msk, other=0.0).to(ACC)
-    dh = tl.load(dhnew_ptr + idx, mask=msk, other=0.0).to(ACC)
-    h = tl.load(h_ptr + idx, mask=msk, other=0.0).to(ACC)
-    dn_pre = dh * (1.0 - z) * (1.0 - n * n)
-    dz_pre = dh * (h - n) * z * (1.0 - z)
-    dr_pre = dn_pre * hn * r * (1.0 - r)
-    g3 = b * (3 * H) + u
-    tl.store(di_ptr + g3, dr_pre.to(DT), mask=msk)
-    tl.store(di_ptr + g3 + H, dz_pre.to(DT), mask=msk)
-    tl.store(di_ptr + g3 + 2 * H, dn_pre.to(DT), mask=msk)
-    tl.store(dhg_ptr + g3, dr_pre.to(DT), mask=msk)
-    tl.store(dhg_ptr + g3 + H, dz_pre.to(DT), mask=msk)
-    tl.store(dhg_ptr + g3 + 2 * H, (dn_pre * r).to(DT), mask=msk)
-    tl.store(dh_ptr + idx, (dh * z).to(DT), mask=msk)
+        g3 = b * (3 * H) + u
+        tl.store(di_ptr + g3, dr_pre.to(DT), mask=msk)
+        tl.store(di_ptr + g3 + H, dz_pre.to(DT), mask=msk)
+        tl.store(di_ptr + g3 + 2 * H, dn_pre.to(DT), mask=msk)
+        tl.store(dhg_ptr + g3, dr_pre.to(DT), mask=msk)
+        tl.store(dhg_ptr + g3 + H, dz_pre.to(DT), mask=msk)
+        tl.store(dhg_ptr + g3 + 2 * H, (dn_pre * r).to(DT), mask=msk)
+        tl.store(dh_ptr + idx, (dh * z).to(DT), mask=msk)
 
 
 # ---------------------------------------------------------------------------------- launchers
 def _launch_plan(v: "C.Variant", B: int):
-    """(mode flags, [(tile0, n_tiles)]): batch tiles in groups of ``v.n_batch_tiles`` per launch."""
+    """(split, units per program, batch tiles, [(first tile, tiles)] per launch group): batch tiles
+    run in groups of ``v.n_batch_tiles`` so a persistent grid stays co-resident."""
     n_tiles = C.cdiv(B, v.block_b)
     groups = [(t0, min(v.n_batch_tiles, n_tiles - t0)) for t0 in range(0, n_tiles, v.n_batch_tiles)]
     split = v.mode != "single"
@@ -466,9 +524,10 @@ def _launch_plan(v: "C.Variant", B: int):
 def _common_meta(v: "C.Variant", H: int, dt: torch.dtype, has_lengths: bool, reverse: bool) -> dict:
     split = v.mode != "single"
     return dict(
-        H=H, HP=v.block_h, BU=v.block_u if split else v.block_h, BB=v.block_b, N_UBLK=v.n_unit_progs,
+        H=H, HP=v.block_h, BU=v.block_u if split else v.block_h, BB=v.block_b,
+        KS=v.ksplit_h, N_UBLK=v.n_unit_progs,
         HAS_LENGTHS=bool(has_lengths), REVERSE=bool(reverse), SPLIT=split, SYNC=v.mode == "persistent",
-        DOT_PREC=C.dot_precision(dt), MAX_SPINS=_max_spins(), UPCAST_DOT=_upcast_dot(dt),
+        DOT_PREC=C.dot_precision(dt), MAX_SPINS=_max_spins(), UPCAST_DOT=C.dot_upcast(dt),
         num_warps=v.num_warps, num_stages=v.num_stages,
     )
 
@@ -500,7 +559,8 @@ def gru_fwd(xproj: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, len
         return y, hn, gates
     xproj, w_hh = xproj.contiguous(), w_hh.contiguous()
     split, block_u, n_tiles, groups = _launch_plan(v, B)
-    hx = torch.empty(2, B, H, dtype=C.acc_dtype(dt), device=dev)  # state / exchange (step parity)
+    hs = h0.to(C.acc_dtype(dt)).contiguous().clone()  # h state between launches
+    hx = torch.empty(2, B, H, dtype=dt, device=dev)  # h exchange (step parity)
     hx[0].copy_(h0)
     bar, err = C.new_sync_buffers(n_tiles, dev)
     bias = b_hh.contiguous() if b_hh is not None else xproj
@@ -511,7 +571,7 @@ def gru_fwd(xproj: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, len
     for t0, nt in groups:
         grid = (v.n_unit_progs, nt)
         for s0, s1 in steps:
-            _gru_fwd_kernel[grid](xproj, w_hh, bias, lens, hx, y, hn, gates, bar, err, T, B, s0, s1, t0, **meta)
+            _gru_fwd_kernel[grid](xproj, w_hh, bias, lens, hs, hx, y, hn, gates, bar, err, T, B, s0, s1, t0, **meta)
             C.count_launch("gru_fwd")
     if sync and v.n_unit_progs > 1:
         C.check_error_flag(err, "GRU forward")
@@ -537,7 +597,7 @@ def gru_bwd(dy: Tensor, dh_n: Tensor, w_hh: Tensor, h0: Tensor, y: Tensor, gates
     h0, y, gates = h0.contiguous(), y.contiguous(), gates.contiguous()
     split, block_u, n_tiles, groups = _launch_plan(v, B)
     dst = torch.empty(B, H, dtype=C.acc_dtype(dt), device=dev)  # dh between launches
-    xb = torch.empty(2 if split else 1, B, 3 * H, dtype=C.acc_dtype(dt), device=dev)  # [dr|dz|dhn] exchange
+    xb = torch.empty(2 if split else 1, B, 3 * H, dtype=dt, device=dev)  # [dr|dz|dhn] exchange
     bar, err = C.new_sync_buffers(n_tiles, dev)
     lens = lengths.to(device=dev, dtype=torch.int64).contiguous() if lengths is not None else bar
     sync = v.mode == "persistent"
@@ -598,82 +658,55 @@ def gru_cell_bwd(dh_new: Tensor, h: Tensor, gates: Tensor):
 
 
 # ------------------------------------------------------------------------------------ AOT
-_TSIG = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-
-# (H, B) shapes whose variants AOT compiles per dtype: the largest single-program H, a split H,
-# the performance shape (768, bf16/fp16 only) and the limit; B=256 covers block_b > 16.
-_AOT_SHAPES = {
-    torch.bfloat16: [(128, 16), (129, 16), (768, 16), (768, 256), (1024, 16)],
-    torch.float16: [(128, 16), (768, 16), (1024, 16)],
-    torch.float32: [(64, 16), (129, 16), (512, 16), (512, 256)],
-    torch.float64: [(32, 16), (129, 16), (256, 16)],
-}
-
-
-def _aot_spec(kind: str, H: int, B: int, dtype: torch.dtype) -> dict:
-    """One compile spec: {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"}.
-
-    Runtime flags that do not change register use much are pinned to the heavier choice
-    (bias, lengths); persistent (barrier) mode is what a GPU runs for split variants.
-    """
-    v = C.select_variant(GATES, H, H, B, dtype, None)
-    if v.mode == "stepwise":  # the selection ran under the interpreter: compile what a GPU runs
-        v = C.Variant(**{**v.__dict__, "mode": "persistent"})
-    d = _TSIG[dtype]
-    a = "fp64" if dtype == torch.float64 else "fp32"
+def _aot_recurrence(kind: str, v: "C.Variant", H: int, dt: torch.dtype, precision: str, tag: str) -> dict:
+    ty, aty = C.TL_NAMES[dt], C.TL_NAMES[C.acc_dtype(dt)]
     if kind == "fwd":
         fn = _gru_fwd_kernel
-        meta = _fwd_meta(v, H, dtype, True, True, False)
-        ptrs = dict(xproj_ptr=d, w_ptr=d, b_ptr=d, len_ptr="i64", hx_ptr=a, y_ptr=d, hn_ptr=d, gates_ptr=d,
-                    bar_ptr="i32", err_ptr="i32")
-        ints = ["T", "B", "step_begin", "step_end", "tile0"]
+        meta = _fwd_meta(v, H, dt, True, True, False)
+        ptrs = dict(xproj_ptr=ty, w_ptr=ty, b_ptr=ty, len_ptr="i64", hs_ptr=aty, hx_ptr=ty, y_ptr=ty, hn_ptr=ty,
+                    gates_ptr=ty, bar_ptr="i32", err_ptr="i32")
     else:
         fn = _gru_bwd_kernel
-        meta = _bwd_meta(v, H, dtype, True, False)
-        ptrs = dict(dy_ptr=d, dhn_in_ptr=d, w_ptr=d, h0_ptr=d, y_ptr=d, gates_ptr=d, len_ptr="i64", dst_ptr=a,
-                    xb_ptr=a, dx_ptr=d, dhseq_ptr=d, dh0_ptr=d, bar_ptr="i32", err_ptr="i32")
-        ints = ["T", "B", "step_begin", "step_end", "tile0", "finish_pending", "defer_last"]
-    meta = dict(meta, MAX_SPINS=C.MAX_SPIN, UPCAST_DOT=False,
-                DOT_PREC="tf32" if dtype == torch.float32 else "ieee")
+        meta = _bwd_meta(v, H, dt, True, False)
+        ptrs = dict(dy_ptr=ty, dhn_in_ptr=ty, w_ptr=ty, h0_ptr=ty, y_ptr=ty, gates_ptr=ty, len_ptr="i64",
+                    dst_ptr=aty, xb_ptr=ty, dx_ptr=ty, dhseq_ptr=ty, dh0_ptr=ty, bar_ptr="i32", err_ptr="i32")
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
-    sig = {name: "*" + t for name, t in ptrs.items()}
-    sig.update({name: "i32" for name in ints})
-    sig.update({name: "constexpr" for name in meta})
-    assert set(sig) == set(fn.arg_names), (sorted(sig), fn.arg_names)
-    sig = {name: sig[name] for name in fn.arg_names}
-    return dict(
-        name=f"gru_{kind}_{d}_H{H}_{v.mode}_bb{v.block_b}_bu{meta['BU']}_w{num_warps}",
-        fn=fn, signature=sig, constexprs=meta, num_warps=num_warps, num_stages=num_stages,
-    )
+    meta.update(DOT_PREC=precision, MAX_SPINS=C.MAX_SPIN, UPCAST_DOT=False)
+    return C.aot_spec(f"gru_{kind} {tag}", fn, ptrs, meta, num_warps, num_stages)
 
 
-def _aot_cell_spec(kind: str, dtype: torch.dtype) -> dict:
-    d = _TSIG[dtype]
-    if kind == "cell_fwd":
-        fn = _gru_cell_fwd_kernel
-        sig = {n: "*" + d for n in ("ig_ptr", "hg_ptr", "bih_ptr", "bhh_ptr", "h_ptr", "hnew_ptr", "gates_ptr")}
-        sig["N"] = "i32"
-        consts = dict(H=256, HAS_BIH=True, HAS_BHH=True, BLOCK=CELL_BLOCK)
-    else:
-        fn = _gru_cell_bwd_kernel
-        sig = {n: "*" + d for n in ("dhnew_ptr", "h_ptr", "gates_ptr", "di_ptr", "dhg_ptr", "dh_ptr")}
-        sig["N"] = "i32"
-        consts = dict(H=256, BLOCK=CELL_BLOCK)
-    sig.update({n: "constexpr" for n in consts})
-    assert list(sig) == fn.arg_names, (list(sig), fn.arg_names)
-    return dict(name=f"gru_{kind}_{d}", fn=fn, signature=sig, constexprs=consts, num_warps=4, num_stages=1)
+def aot_variants(capability: int = 90) -> list:
+    """Every GRU kernel variant the selection rule picks, at representative sizes up to the limit,
+    as ``_common.aot_spec`` dicts for ``tools/triton_aot.py`` (compiled for ``capability``).
 
-
-def aot_variants():
-    """Compile specs of the GRU kernels for ``tools/triton_aot.py``: a list of dicts
-    ``{"name", "fn" (JITFunction), "signature" ({arg: type}), "constexprs" ({arg: value}),
-    "num_warps", "num_stages"}`` ready for ``triton.compile(ASTSource(fn, signature, constexprs),
-    target=GPUTarget("cuda", arch, 32), options={"num_warps": ..., "num_stages": ...})``."""
+    Runtime flags that barely change the code are pinned to the heavier choice (bias, lengths);
+    persistent (barrier) mode is what a GPU runs for split variants; stepwise (interpreter / tests)
+    is compiled once per dtype at the smallest split size."""
+    info = C.AOT_TARGETS[capability]
+    sel = lambda H, B, dt: _gru_variant(H, B, dt, info=info, interpret=False)  # noqa: E731
     specs = []
-    for dtype, shapes in _AOT_SHAPES.items():
-        for H, B in shapes:
-            for kind in ("fwd", "bwd"):
-                specs.append(_aot_spec(kind, H, B, dtype))
-        for kind in ("cell_fwd", "cell_bwd"):
-            specs.append(_aot_cell_spec(kind, dtype))
+    for dt in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        ty = C.TL_NAMES[dt]
+        limit = C.max_hidden_size(GATES, dt)
+        single_max = max(h for h in range(1, limit + 1) if sel(h, 16, dt).mode == "single")
+        mid = min(768, limit)
+        for H in sorted({37, single_max, single_max + 1, mid, limit}):
+            for B in (16, 256):
+                v = sel(H, B, dt)
+                if B != 16 and (v.block_b == 16 or H != mid):
+                    continue  # same kernel as B = 16; larger batch tiles only at one size
+                modes = [v.mode] + (["stepwise"] if H == single_max + 1 and B == 16 else [])
+                for mode in modes:
+                    vv = dataclasses.replace(v, mode=mode)
+                    for precision in ("ieee", "tf32") if dt == torch.float32 else ("ieee",):
+                        tag = f"{ty} H={H} B={B} {mode} u={vv.block_u} b={vv.block_b} ks={vv.ksplit_h}" + (
+                            " tf32" if precision == "tf32" else "")
+                        for kind in ("fwd", "bwd"):
+                            specs.append(_aot_recurrence(kind, vv, H, dt, precision, tag))
+        cell_ptrs_f = {n: ty for n in ("ig_ptr", "hg_ptr", "bih_ptr", "bhh_ptr", "h_ptr", "hnew_ptr", "gates_ptr")}
+        specs.append(C.aot_spec(f"gru_cell_fwd {ty}", _gru_cell_fwd_kernel, cell_ptrs_f,
+                                dict(H=768, HAS_BIH=True, HAS_BHH=True, BLOCK=CELL_BLOCK), 4))
+        cell_ptrs_b = {n: ty for n in ("dhnew_ptr", "h_ptr", "gates_ptr", "di_ptr", "dhg_ptr", "dh_ptr")}
+        specs.append(C.aot_spec(f"gru_cell_bwd {ty}", _gru_cell_bwd_kernel, cell_ptrs_b,
+                                dict(H=768, BLOCK=CELL_BLOCK), 4))
     return specs

@@ -23,16 +23,27 @@ Backward (reverse processing order), per step:
     phase B (slice of P): dh[:, slice] = sum_k dgates_k @ W_k[:, slice]  (W_hh slice on chip),
         dh_seq_t (projection) ; barrier.
 
-Per-step traffic of the forward, H = 768, B = 16, bf16, 48 programs (block_u = 16):
-    every program reads h_{t-1}: 16 x 768 x 4 B = 48 KiB from L2 (2.4 MB over the grid, L2 rate
-    ~ 10 TB/s -> ~0.25 us), xproj_t 16 x 3072 x 2 B = 96 KiB total, writes gates/cs/y/h
-    (~ 96 + 48 + 24 + 48 KiB); FLOP: 2 x 16 x 768 x 3072 = 75.5 MFLOP (tensor cores: < 0.1 us over
-    48 SMs); so a step is bound by the L2 round trip + one grid barrier (~ 0.5-1 us), not by
-    math.  W_hh (4.7 MB) is never re-read from HBM.
+Per-step budget of the forward, H = 768, B = 16, bf16 (48 programs, block_u = 16, block_k = 1024):
+    FLOP   2 x 16 x 768 x 3072 = 75.5 MFLOP per step (1.6 MFLOP per program: tensor cores,
+           ~ 0.05 us) -- the math is negligible.
+    W_hh   128 KiB per program stays in shared memory for the whole sequence (Triton stages the
+           ``tl.dot`` operand there); it is re-read from shared memory each step (128 KiB at
+           ~128 B/clk ~ 0.55 us per step per SM) and never from HBM/L2 (4.7 MB total).
+    h_{t-1} 16 x 768 x 2 B = 24 KiB per program from L2 (1.2 MB over the grid, ~0.2-0.3 us);
+    xproj_t 16 x 3072 x 2 B = 96 KiB over the grid (HBM, prefetchable); writes gates_t 96 KiB,
+           cs_t 48 KiB, y_t 24 KiB, h_t 24 KiB.
+    sync   one grid barrier (atomics in L2, ~0.5-1 us).
+    => floor ~1.5 us per step, set by the barrier + L2 round trip + shared-memory re-read of the
+       weight slice.  Next steps (not done): the 4 gate GEMMs as one N = 4 * block_u GEMM (one
+       split-K reduction instead of 4, block_u = 8 -> 96 programs and half the per-program
+       weight re-read), weights pinned in registers.
+Backward per step: the same W_hh^T slice GEMM (dh_{t-1} = dgates_t @ W_hh over a slice of P) +
+an exchange of dgates (B x 4H) through L2 and two grid barriers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -57,8 +68,8 @@ if triton is not None:
     def _lstm_fwd_kernel(
         xproj_ptr, w_hh_ptr, b_hh_ptr, w_hr_ptr, len_ptr,
         y_ptr, gates_ptr, cs_ptr,
-        hbuf_ptr,  # (2, B, P) acc: ping-pong, hbuf[s % 2] = h entering processing step s
-        mbuf_ptr,  # (B, H) acc: m = o * tanh(c) exchange for the projection phase
+        hbuf_ptr,  # (2, B, P) xproj dtype: ping-pong, hbuf[s % 2] = h entering processing step s
+        mbuf_ptr,  # (B, H) xproj dtype: m = o * tanh(c) exchange for the projection phase
         cst_ptr,  # (B, H) acc: cell state, read at start, written at the end
         sync_ptr, err_ptr,
         T, B, b_start, s_begin, s_end, N_U,
@@ -166,11 +177,11 @@ if triton is not None:
                 tl.store(cs_ptr + (t64 * B + rows)[:, None] * H + offs_u[None, :], tl.where(valid, c_new, zero), mask=m_bu)
                 c = tl.where(valid, c_new, c)
                 if HAS_PROJ:
-                    tl.store(mbuf_ptr + rows[:, None] * H + offs_u[None, :], m, mask=m_bu)
+                    tl.store(mbuf_ptr + rows[:, None] * H + offs_u[None, :], m.to(wdt), mask=m_bu)
                 else:
                     own = rows[:, None] * P + offs_u[None, :]
                     h_own = tl.load(h_cur + own, mask=m_bu, other=0.0, cache_modifier=".cg")
-                    tl.store(h_nxt + own, tl.where(valid, m, h_own), mask=m_bu)
+                    tl.store(h_nxt + own, tl.where(valid, m.to(wdt), h_own), mask=m_bu)
                     tl.store(y_ptr + (t64 * B + rows)[:, None] * P + offs_u[None, :], tl.where(valid, m, zero).to(odt), mask=m_bu)
             if HAS_PROJ:
                 if SYNC:
@@ -184,7 +195,7 @@ if triton is not None:
                     hp = mma_splitk(m_all, wr, ACC, DOT_PRECISION, UPCAST)  # [BB, BP]
                     own_p = rows[:, None] * P + offs_p[None, :]
                     h_own_p = tl.load(h_cur + own_p, mask=m_bp, other=0.0, cache_modifier=".cg")
-                    tl.store(h_nxt + own_p, tl.where(valid, hp, h_own_p), mask=m_bp)
+                    tl.store(h_nxt + own_p, tl.where(valid, hp.to(wdt), h_own_p), mask=m_bp)
                     tl.store(
                         y_ptr + (t64 * B + rows)[:, None] * P + offs_p[None, :],
                         tl.where(valid, hp, tl.zeros_like(hp)).to(odt), mask=m_bp,
@@ -202,7 +213,7 @@ if triton is not None:
         dy_ptr, w_hh_ptr, w_hr_ptr, gates_ptr, cs_ptr, c0_ptr, len_ptr,
         dxproj_ptr, dhseq_ptr,
         dhbuf_ptr,  # (2, B, P) acc: ping-pong dh (gradient reaching the state h), [r % 2] entering step r
-        dpbuf_ptr,  # (B, 4H) acc: dgates exchange
+        dpbuf_ptr,  # (B, 4H) xproj dtype (a GEMM operand only): dgates exchange
         dcst_ptr,  # (B, H) acc: dc state, read at start, written at the end
         sync_ptr, err_ptr,
         T, B, b_start, r_begin, r_end, N_U,
@@ -311,24 +322,27 @@ if triton is not None:
                 tl.store(dx_base + 2 * H, dp_g.to(odt), mask=m_bu)
                 tl.store(dx_base + 3 * H, dp_o.to(odt), mask=m_bu)
                 dp_base = dpbuf_ptr + rows[:, None] * G + offs_u[None, :]
-                tl.store(dp_base + 0 * H, dp_i, mask=m_bu)
-                tl.store(dp_base + 1 * H, dp_f, mask=m_bu)
-                tl.store(dp_base + 2 * H, dp_g, mask=m_bu)
-                tl.store(dp_base + 3 * H, dp_o, mask=m_bu)
+                tl.store(dp_base + 0 * H, dp_i.to(wdt), mask=m_bu)
+                tl.store(dp_base + 1 * H, dp_f.to(wdt), mask=m_bu)
+                tl.store(dp_base + 2 * H, dp_g.to(wdt), mask=m_bu)
+                tl.store(dp_base + 3 * H, dp_o.to(wdt), mask=m_bu)
                 dc = tl.where(valid, dc_tot * gf, dc)
             if SYNC:
                 n_bar += 1
                 grid_barrier(sync, n_bar * N_U, err_ptr, N_U, MAX_SPINS)
             if PHASE_B:
                 q_base = dpbuf_ptr + rows[None, :, None] * G + kah
-                q_i = tl.load(q_base + 0 * H, mask=m_bh, other=0.0, cache_modifier=".cg").to(wdt)
-                q_f = tl.load(q_base + 1 * H, mask=m_bh, other=0.0, cache_modifier=".cg").to(wdt)
-                q_g = tl.load(q_base + 2 * H, mask=m_bh, other=0.0, cache_modifier=".cg").to(wdt)
-                q_o = tl.load(q_base + 3 * H, mask=m_bh, other=0.0, cache_modifier=".cg").to(wdt)
-                dhn = mma_splitk(q_i, v_i, ACC, DOT_PRECISION, UPCAST)
-                dhn += mma_splitk(q_f, v_f, ACC, DOT_PRECISION, UPCAST)
-                dhn += mma_splitk(q_g, v_g, ACC, DOT_PRECISION, UPCAST)
-                dhn += mma_splitk(q_o, v_o, ACC, DOT_PRECISION, UPCAST)  # [BB, BP]
+                # the 4 gate GEMMs accumulate into one split-K partial, reduced over warps once;
+                # load -> GEMM per gate keeps one staged operand alive at a time
+                q = tl.load(q_base + 0 * H, mask=m_bh, other=0.0, cache_modifier=".cg")
+                dhn3 = mma(q, v_i, None, ACC, DOT_PRECISION, UPCAST)
+                q = tl.load(q_base + 1 * H, mask=m_bh, other=0.0, cache_modifier=".cg")
+                dhn3 = mma(q, v_f, dhn3, ACC, DOT_PRECISION, UPCAST)
+                q = tl.load(q_base + 2 * H, mask=m_bh, other=0.0, cache_modifier=".cg")
+                dhn3 = mma(q, v_g, dhn3, ACC, DOT_PRECISION, UPCAST)
+                q = tl.load(q_base + 3 * H, mask=m_bh, other=0.0, cache_modifier=".cg")
+                dhn3 = mma(q, v_o, dhn3, ACC, DOT_PRECISION, UPCAST)  # [KS, BB, BP]
+                dhn = tl.sum(dhn3, axis=0)  # [BB, BP]
                 own_p = rows[:, None] * P + offs_p[None, :]
                 dh_own = tl.load(dh_cur + own_p, mask=m_bp, other=0.0, cache_modifier=".cg")
                 tl.store(dh_nxt + own_p, tl.where(valid, dhn, dh_own), mask=m_bp)
@@ -414,6 +428,20 @@ def _acc_tl(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _consts(variant, H, P, dt, has_lengths, has_proj, reverse, has_bias=None, precision=None, upcast=None):
+    """Constexprs of the recurrence kernels (``has_bias`` None: the backward kernel)."""
+    d = dict(
+        H=H, P=P, BLOCK_B=variant.block_b, BLOCK_U=variant.block_u, BLOCK_K=variant.block_k,
+        BLOCK_H=variant.block_h, BLOCK_P=variant.block_p, KS_K=variant.ksplit_k, KS_H=variant.ksplit_h,
+        HAS_LENGTHS=bool(has_lengths), HAS_PROJ=bool(has_proj), REVERSE=bool(reverse), ACC=_acc_tl(dt),
+        DOT_PRECISION=C.dot_precision(dt) if precision is None else precision,
+        UPCAST=C.dot_upcast(dt) if upcast is None else upcast,
+    )
+    if has_bias is not None:
+        d["HAS_BIAS"] = bool(has_bias)
+    return d
+
+
 def check_supported(H: int, P: int, dtype: torch.dtype, device) -> None:
     """Raise ValueError (naming the limit) when the kernels do not run this shape/device."""
     dev = torch.device(device)
@@ -480,24 +508,19 @@ def lstm_fwd(
     y = torch.empty(T, B, P, dtype=dt, device=dev)
     gates = torch.empty(T, B, G, dtype=dt, device=dev)
     cs = torch.empty(T, B, H, dtype=acc, device=dev)
-    hbuf = torch.empty(2, B, P, dtype=acc, device=dev)
+    hbuf = torch.empty(2, B, P, dtype=dt, device=dev)  # h in xproj dtype: what y / h_n store anyway
     hbuf[0].copy_(h0)
     hbuf[1].zero_()
     cst = c0.to(acc).clone().contiguous()
-    mbuf = torch.zeros(B, H, dtype=acc, device=dev) if wr is not None else cst  # unused without proj
+    mbuf = torch.zeros(B, H, dtype=dt, device=dev) if wr is not None else hbuf  # unused without proj
     dummy = cst
     args = (
         xproj, w, bias if bias is not None else dummy, wr if wr is not None else w, lens if lens is not None else dummy,
         y, gates, cs, hbuf, mbuf, cst,
     )
-    consts = dict(
-        H=H, P=P, BLOCK_B=variant.block_b, BLOCK_U=variant.block_u, BLOCK_K=variant.block_k,
-        BLOCK_H=variant.block_h, BLOCK_P=variant.block_p, KS_K=variant.ksplit_k, KS_H=variant.ksplit_h,
-        HAS_BIAS=bias is not None, HAS_LENGTHS=lens is not None, HAS_PROJ=wr is not None,
-        REVERSE=bool(reverse), ACC=_acc_tl(dt), DOT_PRECISION=C.dot_precision(dt), UPCAST=C.dot_upcast(dt),
-    )
+    consts = _consts(variant, H, P, dt, lens is not None, wr is not None, reverse, has_bias=bias is not None)
     _launch_recurrence(_lstm_fwd_kernel, "lstm_fwd", variant, T, B, args, consts, wr is not None, False, dev)
-    h_n = hbuf[T % 2].to(dt)
+    h_n = hbuf[T % 2].clone()
     c_n = cst.to(dt)
     return y, h_n, c_n, gates, cs
 
@@ -523,18 +546,13 @@ def lstm_bwd(
     dhbuf = torch.empty(2, B, P, dtype=acc, device=dev)
     dhbuf[0].copy_(dh_n)
     dhbuf[1].zero_()
-    dpbuf = torch.zeros(B, G, dtype=acc, device=dev)
+    dpbuf = torch.zeros(B, G, dtype=dt, device=dev)
     dcst = dc_n.to(acc).clone().contiguous()
     args = (
         dy.contiguous(), w, wr if wr is not None else w, gates.contiguous(), cs.contiguous(), c0.contiguous(),
         lens if lens is not None else dcst, dxproj, dh_seq if wr is not None else dxproj, dhbuf, dpbuf, dcst,
     )
-    consts = dict(
-        H=H, P=P, BLOCK_B=variant.block_b, BLOCK_U=variant.block_u, BLOCK_K=variant.block_k,
-        BLOCK_H=variant.block_h, BLOCK_P=variant.block_p, KS_K=variant.ksplit_k, KS_H=variant.ksplit_h,
-        HAS_LENGTHS=lens is not None, HAS_PROJ=wr is not None,
-        REVERSE=bool(reverse), ACC=_acc_tl(dt), DOT_PRECISION=C.dot_precision(dt), UPCAST=C.dot_upcast(dt),
-    )
+    consts = _consts(variant, H, P, dt, lens is not None, wr is not None, reverse)
     _launch_recurrence(_lstm_bwd_kernel, "lstm_bwd", variant, T, B, args, consts, wr is not None, True, dev)
     if T == 0:
         dh0 = dh_n.clone()
@@ -591,3 +609,63 @@ def lstm_cell_bwd(dh_new: Tensor, dc_new: Tensor, c: Tensor, c_new: Tensor, gate
         )
         C.count_launch("lstm_cell_bwd")
     return dgates, dc
+
+
+# ================================================================================ AOT variants
+def aot_variants(capability: int) -> list:
+    """Every kernel variant the selection rule can pick, at representative sizes up to the limit,
+    as ``_common.aot_spec`` dicts for ``tools/triton_aot.py`` (compiled for ``capability``)."""
+    info = C.AOT_TARGETS[capability]
+    specs = []
+    for dt in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        ty = C.TL_NAMES[dt]
+        aty = C.TL_NAMES[C.acc_dtype(dt)]
+        limit = C.max_hidden_size(GATES, dt, info=info)
+        # largest H that still runs in one program, then split sizes up to the limit
+        single_max = max(h for h in range(1, limit + 1) if C.select_variant(GATES, h, h, 16, dt, info=info, interpret=False).mode == "single")
+        mid = min(768, limit)
+        proj_h = max(h for h in (2**k for k in range(4, 16)) if h <= limit and C.supports(GATES, h, h // 2, dt, info))
+        sizes = sorted({(37, 37), (single_max, single_max), (single_max + 1, single_max + 1), (min(512, limit), min(512, limit)),
+                        (mid, mid), (limit, limit), (proj_h, proj_h // 2)})
+        seen = set()
+        for H, P in sizes:
+            for B in (16, 64, 256):  # larger batches change block_b / block_u; duplicates are skipped
+                v = C.select_variant(GATES, H, P, B, dt, info=info, interpret=False)
+                key = (H, P, dataclasses.replace(v, n_batch_tiles=0))  # compile-relevant fields only
+                if key in seen:
+                    continue
+                seen.add(key)
+                for precision in (("ieee", "tf32") if dt == torch.float32 else ("ieee",)):
+                    proj = P != H
+                    fwd_ptrs = dict(
+                        xproj_ptr=ty, w_hh_ptr=ty, b_hh_ptr=ty, w_hr_ptr=ty, len_ptr="i64", y_ptr=ty, gates_ptr=ty,
+                        cs_ptr=aty, hbuf_ptr=ty, mbuf_ptr=ty, cst_ptr=aty, sync_ptr="i32", err_ptr="i32",
+                    )
+                    bwd_ptrs = dict(
+                        dy_ptr=ty, w_hh_ptr=ty, w_hr_ptr=ty, gates_ptr=ty, cs_ptr=aty, c0_ptr=ty, len_ptr="i64",
+                        dxproj_ptr=ty, dhseq_ptr=ty, dhbuf_ptr=aty, dpbuf_ptr=ty, dcst_ptr=aty, sync_ptr="i32", err_ptr="i32",
+                    )
+                    tag = f"{ty} H={H} P={P} B={B} {v.mode} u={v.block_u} b={v.block_b}" + (" tf32" if precision == "tf32" else "")
+                    # stepwise is only picked under the interpreter: compile it once per dtype (smallest split)
+                    stepwise = v.mode == "persistent" and H == single_max + 1 and B == 16
+                    for mode in (v.mode, "stepwise") if stepwise else (v.mode,):
+                        vv = dataclasses.replace(v, mode=mode)
+                        for direction in ("fwd", "bwd"):
+                            phases = _phases(vv, proj, direction == "bwd")
+                            for pa, pb in phases:
+                                c = _consts(vv, H, P, dt, True, proj, False, has_bias=True if direction == "fwd" else None, precision=precision, upcast=False)
+                                c.update(PHASE_A=pa, PHASE_B=pb, SYNC=mode != "stepwise", MAX_SPINS=C.MAX_SPIN)
+                                fn = _lstm_fwd_kernel if direction == "fwd" else _lstm_bwd_kernel
+                                ptrs = fwd_ptrs if direction == "fwd" else bwd_ptrs
+                                ph = "" if mode != "stepwise" else (" A" if pa and not pb else (" B" if pb and not pa else " AB"))
+                                specs.append(C.aot_spec(f"lstm_{direction} {tag}{' stepwise' + ph if mode == 'stepwise' else ''}", fn, ptrs, c, vv.num_warps, vv.num_stages))
+        for name, fn, ptrs, consts in (
+            ("lstm_cell_fwd", _lstm_cell_fwd_kernel,
+             dict(ig_ptr=ty, hg_ptr=ty, bih_ptr=ty, bhh_ptr=ty, c_ptr=ty, h_out=ty, c_out=ty, g_out=ty),
+             dict(HAS_BIH=True, HAS_BHH=True, ACC=_acc_tl(dt), BLOCK=_CELL_BLOCK)),
+            ("lstm_cell_bwd", _lstm_cell_bwd_kernel,
+             dict(dh_ptr=ty, dc_ptr=ty, c_ptr=ty, cn_ptr=ty, g_ptr=ty, dg_out=ty, dc_out=ty),
+             dict(ACC=_acc_tl(dt), BLOCK=_CELL_BLOCK)),
+        ):
+            specs.append(C.aot_spec(f"{name} {ty}", fn, ptrs, consts, 4))
+    return specs

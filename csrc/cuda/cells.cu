@@ -1,0 +1,259 @@
+// Fused LSTMCell / GRUCell pointwise kernels (forward and backward) for one step whose GEMMs were
+// done outside (igates = x W_ih^T, hgates = h W_hh^T), and max_hidden_size_cuda.  One thread per
+// (batch, unit) pair: all gates of a unit are read and written by the same thread; the math is
+// cell_math.h in the accumulation type.
+#include <map>
+#include <tuple>
+
+#include "common.cuh"
+
+namespace fusedrnn {
+namespace cuda_detail {
+namespace {
+
+constexpr int kCellThreads = 256;
+
+inline unsigned int cell_blocks(int64_t n) {
+  return static_cast<unsigned int>(std::max<int64_t>(1, ceil_div(n, kCellThreads)));
+}
+
+template <typename T>
+__global__ void lstm_cell_fwd_kernel(const T* __restrict__ ig, const T* __restrict__ hg,
+                                     const T* __restrict__ b_ih, const T* __restrict__ b_hh,
+                                     const T* __restrict__ c, T* __restrict__ h_out,
+                                     T* __restrict__ c_out, T* __restrict__ gates, int64_t B, int64_t H) {
+  using A = acc_t<T>;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= B * H) return;
+  const int64_t b = idx / H, u = idx % H, G = 4 * H;
+  A pre[4];
+#pragma unroll
+  for (int gi = 0; gi < 4; ++gi) {
+    const int64_t o = b * G + gi * H + u;
+    pre[gi] = A(to_acc(ig[o])) + A(to_acc(hg[o]));
+    if (b_ih) pre[gi] += A(to_acc(b_ih[gi * H + u]));
+    if (b_hh) pre[gi] += A(to_acc(b_hh[gi * H + u]));
+  }
+  const LstmStep<A> s = lstm_cell_forward<A>(pre[0], pre[1], pre[2], pre[3], A(to_acc(c[idx])));
+  h_out[idx] = from_acc<T>(s.h);
+  c_out[idx] = from_acc<T>(s.c);
+  T* gp = gates + b * G + u;
+  gp[0] = from_acc<T>(s.i);
+  gp[H] = from_acc<T>(s.f);
+  gp[2 * H] = from_acc<T>(s.g);
+  gp[3 * H] = from_acc<T>(s.o);
+}
+
+template <typename T>
+__global__ void lstm_cell_bwd_kernel(const T* __restrict__ dh_new, const T* __restrict__ dc_new,
+                                     const T* __restrict__ c, const T* __restrict__ c_new,
+                                     const T* __restrict__ gates, T* __restrict__ dgates,
+                                     T* __restrict__ dc, int64_t B, int64_t H) {
+  using A = acc_t<T>;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= B * H) return;
+  const int64_t b = idx / H, u = idx % H, G = 4 * H;
+  const T* gp = gates + b * G + u;
+  const LstmGrad<A> d = lstm_cell_backward<A>(to_acc(gp[0]), to_acc(gp[H]), to_acc(gp[2 * H]), to_acc(gp[3 * H]),
+                                              to_acc(c_new[idx]), to_acc(c[idx]), to_acc(dh_new[idx]),
+                                              to_acc(dc_new[idx]));
+  T* dp = dgates + b * G + u;
+  dp[0] = from_acc<T>(d.d_i);
+  dp[H] = from_acc<T>(d.d_f);
+  dp[2 * H] = from_acc<T>(d.d_g);
+  dp[3 * H] = from_acc<T>(d.d_o);
+  dc[idx] = from_acc<T>(d.dc_prev);
+}
+
+template <typename T>
+__global__ void gru_cell_fwd_kernel(const T* __restrict__ ig, const T* __restrict__ hg,
+                                    const T* __restrict__ b_ih, const T* __restrict__ b_hh,
+                                    const T* __restrict__ h, T* __restrict__ h_out,
+                                    T* __restrict__ gates, int64_t B, int64_t H) {
+  using A = acc_t<T>;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= B * H) return;
+  const int64_t b = idx / H, u = idx % H, G = 3 * H;
+  A x[3], hid[3];
+#pragma unroll
+  for (int gi = 0; gi < 3; ++gi) {
+    const int64_t o = b * G + gi * H + u;
+    x[gi] = to_acc(ig[o]);
+    hid[gi] = to_acc(hg[o]);
+    if (b_ih) x[gi] += A(to_acc(b_ih[gi * H + u]));
+    if (b_hh) hid[gi] += A(to_acc(b_hh[gi * H + u]));
+  }
+  const GruStep<A> s = gru_cell_forward<A>(x[0], x[1], x[2], hid[0], hid[1], hid[2], A(to_acc(h[idx])));
+  h_out[idx] = from_acc<T>(s.h);
+  T* gp = gates + b * 4 * H + u;
+  gp[0] = from_acc<T>(s.r);
+  gp[H] = from_acc<T>(s.z);
+  gp[2 * H] = from_acc<T>(s.n);
+  gp[3 * H] = from_acc<T>(hid[2]);
+}
+
+template <typename T>
+__global__ void gru_cell_bwd_kernel(const T* __restrict__ dh_new, const T* __restrict__ h,
+                                    const T* __restrict__ gates, T* __restrict__ d_i,
+                                    T* __restrict__ d_h, T* __restrict__ dh, int64_t B, int64_t H) {
+  using A = acc_t<T>;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= B * H) return;
+  const int64_t b = idx / H, u = idx % H;
+  const T* gp = gates + b * 4 * H + u;
+  const GruGrad<A> d = gru_cell_backward<A>(to_acc(gp[0]), to_acc(gp[H]), to_acc(gp[2 * H]), to_acc(gp[3 * H]),
+                                            to_acc(h[idx]), to_acc(dh_new[idx]));
+  const int64_t o = b * 3 * H + u;
+  const T dr = from_acc<T>(d.d_r), dz = from_acc<T>(d.d_z);
+  d_i[o] = dr; d_i[o + H] = dz; d_i[o + 2 * H] = from_acc<T>(d.d_n);
+  d_h[o] = dr; d_h[o + H] = dz; d_h[o + 2 * H] = from_acc<T>(d.d_hid_n);
+  dh[idx] = from_acc<T>(d.dh_prev_direct);
+}
+
+// Calls f(T{}) with the CUDA storage type of `st`.
+template <class F>
+void dispatch_storage(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kBFloat16: f(__nv_bfloat16{}); break;
+    case at::kHalf: f(__half{}); break;
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
+    default: TORCH_CHECK(false, "fusedrnn CUDA cells: unsupported dtype ", st);
+  }
+}
+
+// Input in the reference dtype `dt`, contiguous, on `like`'s device.
+Tensor prep(const Tensor& t, at::ScalarType dt, const Tensor& like, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "fusedrnn CUDA cells: ", name,
+              " must be on ", like.device());
+  return t.to(dt).contiguous();
+}
+Tensor prep_opt(const OptTensor& t, at::ScalarType dt, const Tensor& like, const char* name) {
+  return (t.has_value() && t->defined()) ? prep(*t, dt, like, name) : Tensor();
+}
+
+}  // namespace
+}  // namespace cuda_detail
+
+Tensor3 lstm_cell_fwd_cuda(const Tensor& igates, const Tensor& hgates, const OptTensor& b_ih,
+                           const OptTensor& b_hh, const Tensor& c) {
+  using namespace cuda_detail;
+  const c10::cuda::CUDAGuard guard(igates.device());
+  const auto dt = igates.scalar_type();
+  TORCH_CHECK(igates.dim() == 2 && igates.size(1) % 4 == 0, "fusedrnn CUDA lstm_cell_fwd: igates must be (B, 4H)");
+  const int64_t B = igates.size(0), H = igates.size(1) / 4;
+  const Tensor ig = prep(igates, dt, igates, "igates"), hg = prep(hgates, dt, igates, "hgates");
+  const Tensor bi = prep_opt(b_ih, dt, igates, "b_ih"), bh = prep_opt(b_hh, dt, igates, "b_hh");
+  const Tensor cc = prep(c, dt, igates, "c");
+  TORCH_CHECK(hg.sizes() == ig.sizes() && cc.numel() == B * H, "fusedrnn CUDA lstm_cell_fwd: shape mismatch");
+  Tensor h_new = at::empty({B, H}, ig.options()), c_new = at::empty({B, H}, ig.options());
+  Tensor gates = at::empty({B, 4 * H}, ig.options());
+  if (B * H == 0) return {h_new, c_new, gates};
+  dispatch_storage(dt, [&](auto tag) {
+    using T = decltype(tag);
+    lstm_cell_fwd_kernel<T><<<cell_blocks(B * H), kCellThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        ptr<T>(ig), ptr<T>(hg), bi.defined() ? ptr<T>(bi) : nullptr, bh.defined() ? ptr<T>(bh) : nullptr,
+        ptr<T>(cc), ptr<T>(h_new), ptr<T>(c_new), ptr<T>(gates), B, H);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {h_new, c_new, gates};
+}
+
+Tensor2 lstm_cell_bwd_cuda(const Tensor& dh_new, const Tensor& dc_new, const Tensor& c,
+                           const Tensor& c_new, const Tensor& gates) {
+  using namespace cuda_detail;
+  const c10::cuda::CUDAGuard guard(gates.device());
+  const auto dt = gates.scalar_type();
+  TORCH_CHECK(gates.dim() == 2 && gates.size(1) % 4 == 0, "fusedrnn CUDA lstm_cell_bwd: gates must be (B, 4H)");
+  const int64_t B = gates.size(0), H = gates.size(1) / 4;
+  const Tensor g = prep(gates, dt, gates, "gates"), dh = prep(dh_new, dt, gates, "dh_new");
+  const Tensor dcn = prep(dc_new, dt, gates, "dc_new"), cc = prep(c, dt, gates, "c");
+  const Tensor cn = prep(c_new, dt, gates, "c_new");
+  TORCH_CHECK(dh.numel() == B * H && dcn.numel() == B * H && cc.numel() == B * H && cn.numel() == B * H,
+              "fusedrnn CUDA lstm_cell_bwd: shape mismatch");
+  Tensor dgates = at::empty({B, 4 * H}, g.options()), dc = at::empty({B, H}, g.options());
+  if (B * H == 0) return {dgates, dc};
+  dispatch_storage(dt, [&](auto tag) {
+    using T = decltype(tag);
+    lstm_cell_bwd_kernel<T><<<cell_blocks(B * H), kCellThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        ptr<T>(dh), ptr<T>(dcn), ptr<T>(cc), ptr<T>(cn), ptr<T>(g), ptr<T>(dgates), ptr<T>(dc), B, H);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dgates, dc};
+}
+
+Tensor2 gru_cell_fwd_cuda(const Tensor& igates, const Tensor& hgates, const OptTensor& b_ih,
+                          const OptTensor& b_hh, const Tensor& h) {
+  using namespace cuda_detail;
+  const c10::cuda::CUDAGuard guard(igates.device());
+  const auto dt = igates.scalar_type();
+  TORCH_CHECK(igates.dim() == 2 && igates.size(1) % 3 == 0, "fusedrnn CUDA gru_cell_fwd: igates must be (B, 3H)");
+  const int64_t B = igates.size(0), H = igates.size(1) / 3;
+  const Tensor ig = prep(igates, dt, igates, "igates"), hg = prep(hgates, dt, igates, "hgates");
+  const Tensor bi = prep_opt(b_ih, dt, igates, "b_ih"), bh = prep_opt(b_hh, dt, igates, "b_hh");
+  const Tensor hh = prep(h, dt, igates, "h");
+  TORCH_CHECK(hg.sizes() == ig.sizes() && hh.numel() == B * H, "fusedrnn CUDA gru_cell_fwd: shape mismatch");
+  Tensor h_new = at::empty({B, H}, ig.options()), gates = at::empty({B, 4 * H}, ig.options());
+  if (B * H == 0) return {h_new, gates};
+  dispatch_storage(dt, [&](auto tag) {
+    using T = decltype(tag);
+    gru_cell_fwd_kernel<T><<<cell_blocks(B * H), kCellThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        ptr<T>(ig), ptr<T>(hg), bi.defined() ? ptr<T>(bi) : nullptr, bh.defined() ? ptr<T>(bh) : nullptr,
+        ptr<T>(hh), ptr<T>(h_new), ptr<T>(gates), B, H);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {h_new, gates};
+}
+
+Tensor3 gru_cell_bwd_cuda(const Tensor& dh_new, const Tensor& h, const Tensor& gates) {
+  using namespace cuda_detail;
+  const c10::cuda::CUDAGuard guard(gates.device());
+  const auto dt = gates.scalar_type();
+  TORCH_CHECK(gates.dim() == 2 && gates.size(1) % 4 == 0, "fusedrnn CUDA gru_cell_bwd: gates must be (B, 4H)");
+  const int64_t B = gates.size(0), H = gates.size(1) / 4;
+  const Tensor g = prep(gates, dt, gates, "gates"), dh = prep(dh_new, dt, gates, "dh_new");
+  const Tensor hh = prep(h, dt, gates, "h");
+  TORCH_CHECK(dh.numel() == B * H && hh.numel() == B * H, "fusedrnn CUDA gru_cell_bwd: shape mismatch");
+  Tensor d_i = at::empty({B, 3 * H}, g.options()), d_h = at::empty({B, 3 * H}, g.options());
+  Tensor dh_prev = at::empty({B, H}, g.options());
+  if (B * H == 0) return {d_i, d_h, dh_prev};
+  dispatch_storage(dt, [&](auto tag) {
+    using T = decltype(tag);
+    gru_cell_bwd_kernel<T><<<cell_blocks(B * H), kCellThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        ptr<T>(dh), ptr<T>(hh), ptr<T>(g), ptr<T>(d_i), ptr<T>(d_h), ptr<T>(dh_prev), B, H);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {d_i, d_h, dh_prev};
+}
+
+// Largest H whose forward and backward persistent kernels both fit on chip (P = H), cached per
+// (mode, dtype, device).  Ignores allow_tf32: for fp32 it is the smaller of the TF32 and FMA limits.
+int64_t max_hidden_size_cuda(const std::string& mode, at::ScalarType dtype, int64_t device_index) {
+  using namespace cuda_detail;
+  TORCH_CHECK(mode == "LSTM" || mode == "GRU", "fusedrnn max_hidden_size_cuda: mode must be LSTM or GRU, got ", mode);
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat || dtype == at::kDouble,
+              "fusedrnn max_hidden_size_cuda: unsupported dtype ", dtype);
+  int device = static_cast<int>(device_index);
+  if (device < 0) C10_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mu;
+  static std::map<std::tuple<std::string, int, int>, int64_t> cache;
+  const auto key = std::make_tuple(mode, static_cast<int>(dtype), device);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  int coop = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
+  int64_t limit = 0;
+  if (coop) {
+    limit = mode == "LSTM" ? std::min(lstm_fwd_max_hidden(dtype, device), lstm_bwd_max_hidden(dtype, device))
+                           : std::min(gru_fwd_max_hidden(dtype, device), gru_bwd_max_hidden(dtype, device));
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  cache[key] = limit;
+  return limit;
+}
+
+}  // namespace fusedrnn

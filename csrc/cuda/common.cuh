@@ -1,0 +1,572 @@
+// Shared machinery of the persistent CUDA kernels (csrc/cuda/*.cu):
+//   * storage-type <-> accumulation-type conversions and the dtype/engine dispatch,
+//   * the grid-wide barrier used between time steps,
+//   * the three "CTA GEMM engines" that compute, per step, out[row][n] = sum_k W[row][k] * X[n][k]
+//     for the W slice a CTA keeps in shared memory for the whole sequence and an operand X
+//     (h_{t-1}, m_t, dgates_t, ...) that the whole grid exchanged through global memory (L2),
+//   * the cooperative launch helper and the on-chip size limits.
+//
+// Engines (all write fp32/fp64 partial sums per warp into the shared buffer `red`; the caller's
+// epilogue adds the kWarps partials of each output):
+//   MmaEngine16<T, NT>  bf16/fp16, mma.sync m16n8k16, fp32 accumulate.   W stored fragment-ordered.
+//   MmaEngineTF32<NT>   fp32 with TF32 allowed, mma.sync m16n8k8 tf32.    W stored fragment-ordered.
+//   FmaEngine<T>        fp32 (no TF32) and fp64, plain FMA (exact order-independent math).
+// Rows of W are the GEMM's M (16 per m-tile, MT <= kMaxMT m-tiles per CTA); the batch is N (8 per
+// n-tile, NT n-tiles per pass, the batch loops over passes of BN = 8*NT columns); K (the reduction,
+// = the size of the exchanged vector) is split over the kWarps warps in chunks of 32.
+//
+// Fragment trick: the MMA sums over k, so any permutation of k applied to both operands gives the
+// same result.  We permute k inside every 32-wide chunk so that lane (g = lane/4, q = lane%4) owns
+// the 8 contiguous elements X[n][32c + 8q .. 32c + 8q + 7] (16 bytes for 16-bit types): the B
+// fragments of two m16n8k16 k-tiles come from ONE 16-byte global load (__ldcg: L2, never a stale
+// L1 line), and W is laid out in shared memory in the same permuted fragment order when it is
+// staged, so each A fragment is one conflict-free 16-byte shared load.  Exchange buffers are padded
+// (rows to a multiple of BN, columns to a multiple of 32, zero-filled) so no load needs a guard.
+#pragma once
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "fusedrnn/cell_math.h"
+#include "fusedrnn/ops.h"
+
+namespace fusedrnn {
+namespace cuda_detail {
+
+constexpr int kThreads = 256;  // 8 warps per CTA, one CTA per SM
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxMT = 4;      // at most 64 W rows per CTA per GEMM
+constexpr int kChunk = 32;     // K granularity of the engines (and padding of exchange buffers)
+
+// ------------------------------------------------------------------------------ host helpers
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+__host__ __device__ inline size_t align16(size_t x) { return (x + 15) & ~size_t(15); }
+
+// ------------------------------------------------------------------------ dtype conversions
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(float v);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half(v); }
+template <>
+__device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <typename T>
+__device__ __forceinline__ T from_acc(double v) { return static_cast<T>(v); }  // double only
+
+template <typename T>
+__device__ __forceinline__ T zero_of() { return from_acc<T>(acc_t<T>(0)); }
+
+// Load from L2 (bypassing L1): for data other CTAs wrote during this launch.
+template <typename T>
+__device__ __forceinline__ T ldcg(const T* p) {
+  if constexpr (sizeof(T) == 2) {
+    unsigned short v = __ldcg(reinterpret_cast<const unsigned short*>(p));
+    T r;
+    memcpy(&r, &v, 2);
+    return r;
+  } else {
+    return __ldcg(p);
+  }
+}
+
+__device__ __forceinline__ uint32_t bits16(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+__device__ __forceinline__ uint32_t bits16(__half x) { return __half_as_ushort(x); }
+
+// Map at:: scalar types to the CUDA storage types the kernels use.
+template <typename T>
+struct AtType;
+template <>
+struct AtType<__nv_bfloat16> { static constexpr at::ScalarType value = at::kBFloat16; };
+template <>
+struct AtType<__half> { static constexpr at::ScalarType value = at::kHalf; };
+template <>
+struct AtType<float> { static constexpr at::ScalarType value = at::kFloat; };
+template <>
+struct AtType<double> { static constexpr at::ScalarType value = at::kDouble; };
+
+template <typename T>
+inline T* ptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
+}
+template <typename T>
+inline const T* optr(const c10::optional<at::Tensor>& t) {
+  return (t.has_value() && t->defined()) ? reinterpret_cast<const T*>(t->data_ptr()) : nullptr;
+}
+
+// ------------------------------------------------------------------------------ grid barrier
+// Monotonic arrival counter (zeroed before the launch): after the k-th barrier it holds
+// k * gridDim.x.  Co-residency of all CTAs is guaranteed by the cooperative launch, so the spin
+// terminates.  The fences make every global write issued before the barrier (by any thread of
+// any CTA) visible to every read after it (release/acquire at gpu scope, made cumulative over the
+// CTA by bar.sync, the pattern of CUTLASS's GenericBarrier); readers use ld.global.cg (__ldcg) so
+// no stale L1 line is read.
+__device__ __forceinline__ void grid_barrier(unsigned int* counter, unsigned int& target) {
+  __syncthreads();  // every thread's writes of this step are ordered before thread 0's release
+  target += gridDim.x;
+  if (threadIdx.x == 0) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
+    unsigned int v;
+    do {
+      asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
+    } while (static_cast<int>(v - target) < 0);
+  }
+  __syncthreads();  // ... and thread 0's acquire before every thread's reads of the next step
+}
+
+// Sum of the kWarps per-warp partials of output (row, n).
+template <typename A>
+__device__ __forceinline__ A red_sum(const A* red, int rows, int bn, int row, int n) {
+  A s = A(0);
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) s += red[(w * rows + row) * bn + n];
+  return s;
+}
+
+// ================================================================ engine: bf16 / fp16 tensor cores
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint4& a, uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint4& a, uint32_t b0,
+                                                         uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint4& a, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+
+template <typename T, int NT_>
+struct MmaEngine16 {
+  using storage_t = T;
+  using acc_t = float;
+  static constexpr int NT = NT_;
+  static constexpr int BN = 8 * NT_;
+  static constexpr bool kTensorCores = true;
+
+  // Per (m-tile, chunk): 2 k-tiles x 32 lanes x one uint4 (4 packed pairs).
+  __host__ __device__ static size_t w_bytes(int MT, int KC) { return size_t(MT) * KC * 2 * 32 * sizeof(uint4); }
+
+  // get(row, k) -> acc value of W[row][k] (0 for padding rows/columns).
+  template <class Get>
+  __device__ static void stage_w(uint4* ws, int MT, int KC, Get get) {
+    const int total = MT * KC * 2 * 32;
+    for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+      const int lane = idx & 31, j = (idx >> 5) & 1, c = (idx >> 6) % KC, mt = (idx >> 6) / KC;
+      const int g = lane >> 2, q = lane & 3;
+      const int row = mt * 16 + g, k = c * kChunk + 8 * q + 4 * j;
+      auto pack = [&](int r, int kk) -> uint32_t {
+        return bits16(from_acc<T>(get(r, kk))) | (bits16(from_acc<T>(get(r, kk + 1))) << 16);
+      };
+      uint4 v;
+      v.x = pack(row, k);          // a0: row g,   logical k 2q..2q+1
+      v.y = pack(row + 8, k);      // a1: row g+8
+      v.z = pack(row, k + 2);      // a2: row g,   logical k 2q+8..2q+9
+      v.w = pack(row + 8, k + 2);  // a3: row g+8
+      ws[idx] = v;
+    }
+  }
+
+  // Per-warp partial GEMM over this warp's chunks; X points at row n0 of the exchange buffer.
+  __device__ static void compute(const uint4* __restrict__ ws, int MT, int KC,
+                                 const T* __restrict__ X, int64_t ldx, float* red) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    float acc[kMaxMT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMaxMT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+
+    // Chunks c = warp, warp + 8, ...; the operand loads run kDepth chunks ahead of the math so
+    // that for H <= 1024 all of a step's loads are in flight at once (one exposed L2 latency).
+    constexpr int kDepth = NT >= 4 ? 2 : 4;
+    const T* xl = X + int64_t(g) * ldx + 8 * q;
+    auto load = [&](uint4 (&dst)[NT], int c) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        dst[nt] = __ldcg(reinterpret_cast<const uint4*>(xl + int64_t(nt * 8) * ldx + c * kChunk));
+    };
+    uint4 buf[kDepth][NT];
+#pragma unroll
+    for (int i = 0; i < kDepth; ++i) {
+      if (warp + i * kWarps < KC) load(buf[i], warp + i * kWarps);
+    }
+    for (int base = 0; warp + base * kWarps < KC; base += kDepth) {
+#pragma unroll
+      for (int i = 0; i < kDepth; ++i) {
+        const int c = warp + (base + i) * kWarps;
+        if (c < KC) {
+#pragma unroll
+          for (int mt = 0; mt < kMaxMT; ++mt) {
+            if (mt < MT) {
+              const uint4* wp = ws + (size_t(mt * KC + c) * 2) * 32 + lane;
+              const uint4 a0 = wp[0], a1 = wp[32];
+#pragma unroll
+              for (int nt = 0; nt < NT; ++nt) {
+                mma16816<T>(acc[mt][nt], a0, buf[i][nt].x, buf[i][nt].y);
+                mma16816<T>(acc[mt][nt], a1, buf[i][nt].z, buf[i][nt].w);
+              }
+            }
+          }
+          const int cn = c + kDepth * kWarps;
+          if (cn < KC) load(buf[i], cn);
+        }
+      }
+    }
+    const int rows = MT * 16;
+#pragma unroll
+    for (int mt = 0; mt < kMaxMT; ++mt) {
+      if (mt < MT) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int row = mt * 16 + g, n = nt * 8 + 2 * q;
+          *reinterpret_cast<float2*>(red + (warp * rows + row) * BN + n) =
+              make_float2(acc[mt][nt][0], acc[mt][nt][1]);
+          *reinterpret_cast<float2*>(red + (warp * rows + row + 8) * BN + n) =
+              make_float2(acc[mt][nt][2], acc[mt][nt][3]);
+        }
+      }
+    }
+  }
+};
+
+// ============================================================================ engine: fp32 TF32
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+
+template <int NT_>
+struct MmaEngineTF32 {
+  using storage_t = float;
+  using acc_t = float;
+  static constexpr int NT = NT_;
+  static constexpr int BN = 8 * NT_;
+  static constexpr bool kTensorCores = true;
+
+  // Per (m-tile, chunk): 4 k-tiles (k = 8) x 32 lanes x one uint4.
+  __host__ __device__ static size_t w_bytes(int MT, int KC) { return size_t(MT) * KC * 4 * 32 * sizeof(uint4); }
+
+  // Lane q owns physical k = 32c + 8q .. 8q+7; k-tile j uses its elements 2j (logical k q) and
+  // 2j+1 (logical k q+4).
+  template <class Get>
+  __device__ static void stage_w(uint4* ws, int MT, int KC, Get get) {
+    const int total = MT * KC * 4 * 32;
+    for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+      const int lane = idx & 31, j = (idx >> 5) & 3, c = (idx >> 7) % KC, mt = (idx >> 7) / KC;
+      const int g = lane >> 2, q = lane & 3;
+      const int row = mt * 16 + g, k = c * kChunk + 8 * q + 2 * j;
+      uint4 v;
+      v.x = to_tf32(get(row, k));
+      v.y = to_tf32(get(row + 8, k));
+      v.z = to_tf32(get(row, k + 1));
+      v.w = to_tf32(get(row + 8, k + 1));
+      ws[idx] = v;
+    }
+  }
+
+  __device__ static void compute(const uint4* __restrict__ ws, int MT, int KC,
+                                 const float* __restrict__ X, int64_t ldx, float* red) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    float acc[kMaxMT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMaxMT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+
+    constexpr int kDepth = NT == 1 ? 4 : (NT == 2 ? 2 : 1);  // loads run ahead of the math
+    const float* xl = X + int64_t(g) * ldx + 8 * q;
+    auto load = [&](float4 (&dst)[NT][2], int c) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const float4* p = reinterpret_cast<const float4*>(xl + int64_t(nt * 8) * ldx + c * kChunk);
+        dst[nt][0] = __ldcg(p);
+        dst[nt][1] = __ldcg(p + 1);
+      }
+    };
+    float4 buf[kDepth][NT][2];
+#pragma unroll
+    for (int i = 0; i < kDepth; ++i) {
+      if (warp + i * kWarps < KC) load(buf[i], warp + i * kWarps);
+    }
+    for (int base = 0; warp + base * kWarps < KC; base += kDepth) {
+#pragma unroll
+      for (int i = 0; i < kDepth; ++i) {
+        const int c = warp + (base + i) * kWarps;
+        if (c < KC) {
+          uint32_t b[NT][8];
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const float4 lo = buf[i][nt][0], hi = buf[i][nt][1];
+            b[nt][0] = to_tf32(lo.x); b[nt][1] = to_tf32(lo.y); b[nt][2] = to_tf32(lo.z);
+            b[nt][3] = to_tf32(lo.w); b[nt][4] = to_tf32(hi.x); b[nt][5] = to_tf32(hi.y);
+            b[nt][6] = to_tf32(hi.z); b[nt][7] = to_tf32(hi.w);
+          }
+          const int cn = c + kDepth * kWarps;
+          if (cn < KC) load(buf[i], cn);
+#pragma unroll
+          for (int mt = 0; mt < kMaxMT; ++mt) {
+            if (mt < MT) {
+              const uint4* wp = ws + (size_t(mt * KC + c) * 4) * 32 + lane;
+#pragma unroll
+              for (int j = 0; j < 4; ++j) {
+                const uint4 a = wp[j * 32];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                      "{%8,%9}, {%0,%1,%2,%3};"
+                      : "+f"(acc[mt][nt][0]), "+f"(acc[mt][nt][1]), "+f"(acc[mt][nt][2]), "+f"(acc[mt][nt][3])
+                      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[nt][2 * j]), "r"(b[nt][2 * j + 1]));
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+    const int rows = MT * 16;
+#pragma unroll
+    for (int mt = 0; mt < kMaxMT; ++mt) {
+      if (mt < MT) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int row = mt * 16 + g, n = nt * 8 + 2 * q;
+          *reinterpret_cast<float2*>(red + (warp * rows + row) * BN + n) =
+              make_float2(acc[mt][nt][0], acc[mt][nt][1]);
+          *reinterpret_cast<float2*>(red + (warp * rows + row + 8) * BN + n) =
+              make_float2(acc[mt][nt][2], acc[mt][nt][3]);
+        }
+      }
+    }
+  }
+};
+
+// ================================================================== engine: plain FMA (fp32/fp64)
+// W row-major in shared memory with a padded row stride (conflict-free column reads).  Lane
+// (r = lane%16, half = lane/16) owns rows mt*16 + r and batch columns 4*half .. 4*half+3; the
+// chunk of X is loaded coalesced (lane = k) and broadcast with shuffles.
+template <typename T>
+struct FmaEngine {
+  using storage_t = T;
+  using acc_t = T;
+  static constexpr int NT = 1;
+  static constexpr int BN = 8;
+  static constexpr bool kTensorCores = false;
+
+  __host__ __device__ static int ldw(int KC) { return KC * kChunk + 1; }
+  __host__ __device__ static size_t w_bytes(int MT, int KC) { return size_t(MT) * 16 * (KC * kChunk + 1) * sizeof(T); }
+
+  template <class Get>
+  __device__ static void stage_w(uint4* ws_raw, int MT, int KC, Get get) {
+    T* ws = reinterpret_cast<T*>(ws_raw);
+    const int ld = KC * kChunk + 1, K = KC * kChunk;
+    const int total = MT * 16 * K;
+    for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+      const int row = idx / K, k = idx % K;
+      ws[row * ld + k] = get(row, k);
+    }
+  }
+
+  __device__ static void compute(const uint4* __restrict__ ws_raw, int MT, int KC,
+                                 const T* __restrict__ X, int64_t ldx, T* red) {
+    const T* ws = reinterpret_cast<const T*>(ws_raw);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane & 15, half = lane >> 4;
+    const int ld = KC * kChunk + 1;
+    T acc[kMaxMT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMaxMT; ++mt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[mt][j] = T(0);
+    for (int c = warp; c < KC; c += kWarps) {
+      T x[8];
+#pragma unroll
+      for (int n = 0; n < 8; ++n) x[n] = __ldcg(X + int64_t(n) * ldx + c * kChunk + lane);
+#pragma unroll 4
+      for (int kk = 0; kk < kChunk; ++kk) {
+        T v[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const T lo = __shfl_sync(0xffffffffu, x[j], kk);
+          const T hi = __shfl_sync(0xffffffffu, x[4 + j], kk);
+          v[j] = half ? hi : lo;
+        }
+#pragma unroll
+        for (int mt = 0; mt < kMaxMT; ++mt) {
+          if (mt < MT) {
+            const T w = ws[(mt * 16 + r) * ld + c * kChunk + kk];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[mt][j] = fma(w, v[j], acc[mt][j]);
+          }
+        }
+      }
+    }
+    const int rows = MT * 16;
+#pragma unroll
+    for (int mt = 0; mt < kMaxMT; ++mt) {
+      if (mt < MT) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) red[(warp * rows + mt * 16 + r) * BN + 4 * half + j] = acc[mt][j];
+      }
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------ dispatch
+template <typename T_, class Eng_>
+struct EngineTag {
+  using T = T_;
+  using Eng = Eng_;
+};
+
+// Calls f(EngineTag<T, Eng>{}) for the storage dtype, TF32 switch and n-tile count nt (1, 2, 4;
+// ignored by the FMA engine).
+template <class F>
+inline void dispatch_engine(at::ScalarType st, bool allow_tf32, int nt, F&& f) {
+  switch (st) {
+    case at::kBFloat16:
+      if (nt >= 4) f(EngineTag<__nv_bfloat16, MmaEngine16<__nv_bfloat16, 4>>{});
+      else if (nt == 2) f(EngineTag<__nv_bfloat16, MmaEngine16<__nv_bfloat16, 2>>{});
+      else f(EngineTag<__nv_bfloat16, MmaEngine16<__nv_bfloat16, 1>>{});
+      break;
+    case at::kHalf:
+      if (nt >= 4) f(EngineTag<__half, MmaEngine16<__half, 4>>{});
+      else if (nt == 2) f(EngineTag<__half, MmaEngine16<__half, 2>>{});
+      else f(EngineTag<__half, MmaEngine16<__half, 1>>{});
+      break;
+    case at::kFloat:
+      if (allow_tf32) {
+        if (nt >= 4) f(EngineTag<float, MmaEngineTF32<4>>{});
+        else if (nt == 2) f(EngineTag<float, MmaEngineTF32<2>>{});
+        else f(EngineTag<float, MmaEngineTF32<1>>{});
+      } else {
+        f(EngineTag<float, FmaEngine<float>>{});
+      }
+      break;
+    case at::kDouble:
+      f(EngineTag<double, FmaEngine<double>>{});
+      break;
+    default:
+      TORCH_CHECK(false, "fusedrnn CUDA: unsupported dtype ", st);
+  }
+}
+
+// n-tiles per batch pass for a batch of B (the launcher falls back to fewer if shared memory is short).
+inline int preferred_nt(int64_t B) { return B <= 8 ? 1 : (B <= 16 ? 2 : 4); }
+
+// Shared-memory bytes of the per-warp partial-sum buffer.
+template <class Eng>
+inline size_t red_bytes(int max_mt) {
+  return size_t(kWarps) * max_mt * 16 * Eng::BN * sizeof(typename Eng::acc_t);
+}
+
+// Geometry of one W slice a CTA keeps on chip: rows (<= 16*kMaxMT) x K.
+struct SliceGeom {
+  int MT = 0;  // m-tiles (rows padded to 16*MT)
+  int KC = 0;  // 32-wide K chunks (K padded to 32*KC)
+};
+inline SliceGeom slice_geom(int64_t rows, int64_t K) {
+  SliceGeom s;
+  s.MT = static_cast<int>(ceil_div(rows, 16));
+  s.KC = static_cast<int>(ceil_div(K, kChunk));
+  return s;
+}
+
+// Device facts used by the planners.
+struct DeviceLimits {
+  int sms = 0;
+  size_t smem_optin = 0;
+};
+// Cached per device (cudaGetDeviceProperties is slow).
+inline DeviceLimits device_limits(int device) {
+  static std::mutex mu;
+  static std::vector<DeviceLimits> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1);
+  if (cache[device].sms == 0) {
+    int sms = 0, optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cache[device].sms = sms;
+    cache[device].smem_optin = static_cast<size_t>(optin);
+  }
+  return cache[device];
+}
+
+// Max co-resident CTAs of `kernel` with `smem` dynamic shared memory (0 if it cannot run).
+template <class Kernel>
+inline int co_resident_ctas(Kernel kernel, size_t smem, int sms) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  return per_sm * sms;
+}
+
+// One cooperative launch on the current stream: all `grid` CTAs co-resident or an error.
+template <class Kernel, class Args>
+inline void launch_cooperative(Kernel kernel, int grid, size_t smem, const Args& args, int sms,
+                               const char* what) {
+  const int resident = co_resident_ctas(kernel, smem, sms);
+  TORCH_CHECK(grid <= resident, "fusedrnn CUDA ", what, ": ", grid, " CTAs with ", smem,
+              " B of shared memory each cannot be co-resident (device holds ", resident,
+              "); reduce the hidden size (see fusedrnn max_hidden_size_cuda)");
+  Args copy = args;
+  void* kargs[] = {reinterpret_cast<void*>(&copy)};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid),
+                                             dim3(kThreads), kargs, smem,
+                                             c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+inline void check_cuda_tensor(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.is_cuda(), "fusedrnn CUDA: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.device() == like.device(), "fusedrnn CUDA: ", name, " is on ", t.device(),
+              ", expected ", like.device());
+  TORCH_CHECK(t.is_contiguous(), "fusedrnn CUDA: ", name, " must be contiguous");
+}
+
+// Per-file limit functions (largest H whose pass fits on chip; 0 if none), used by
+// max_hidden_size_cuda (cells.cu).  P = H (no projection), any batch.
+int64_t lstm_fwd_max_hidden(at::ScalarType dtype, int device);
+int64_t lstm_bwd_max_hidden(at::ScalarType dtype, int device);
+int64_t gru_fwd_max_hidden(at::ScalarType dtype, int device);
+int64_t gru_bwd_max_hidden(at::ScalarType dtype, int device);
+
+// Largest H in [1, hi] with fits(H) (fits is monotone non-increasing in H in practice; we scan
+// down from the analytic bound so a non-monotone corner can only make the answer conservative).
+template <class Fits>
+inline int64_t largest_fitting(int64_t hi, Fits fits) {
+  for (int64_t h = hi; h >= 1; --h)
+    if (fits(h)) return h;
+  return 0;
+}
+
+}  // namespace cuda_detail
+}  // namespace fusedrnn

@@ -1,0 +1,257 @@
+// GRU recurrence, forward: one persistent cooperative kernel per call (same structure as
+// lstm_fwd.cu, see the notes there and in common.cuh).
+//   * CTA i owns hidden units [i*U, i*U + U) with the rows {gate*H + u} (gate in r, z, n) of W_hh
+//     in shared memory; U = floor(16*MT / 3), e.g. H = 768 on 132 SMs: U = 10, 77 CTAs, 30 rows
+//     (2 m-tiles), 30 x 768 x 2 B = 46 KB of bf16 W_hh per CTA.
+//   * per step: hp = h_{t-1} W_hh^T (tensor cores) + b_hh, pointwise GRU cell (fp32 h kept in a
+//     workspace owned by the CTA; the rounded h_t goes to the double-buffered exchange buffer),
+//     saved gates [r, z, n, hn]; one grid barrier per step.
+// Per step at H = 768, B = 16, bf16: 2*B*H*3H = 56.6 MFLOP; 2 m-tiles x 2 n-tiles x 48 k-tiles =
+// 192 mma per CTA; 24 KB of h_{t-1} per CTA from L2 (1.9 MB grid-wide).
+#include "common.cuh"
+
+namespace fusedrnn {
+namespace cuda_detail {
+namespace {
+
+template <typename T>
+struct GruFwdArgs {
+  const T* xproj;          // (T, B, 3H)
+  const T* w_hh;           // (3H, H)
+  const T* b_hh;           // (3H) or null
+  const int64_t* lengths;  // (B) or null
+  T* y;                    // (T, B, H)
+  T* h_n;                  // (B, H)
+  T* gates;                // (T, B, 4H) [r, z, n, hn]
+  acc_t<T>* h_state;       // (B, H) workspace, = h0 on entry
+  T* hbuf;                 // (2, Bpad, ldh), [0] = h0 on entry, zero padding
+  unsigned int* barrier;
+  int64_t T_, B, H;
+  int64_t ldh, hbuf_stride;
+  int U;
+  SliceGeom g_hh;
+  int reverse;
+};
+
+template <typename T, class Eng>
+__global__ void __launch_bounds__(kThreads, 1) gru_fwd_kernel(const GruFwdArgs<T> a) {
+  using A = typename Eng::acc_t;
+  constexpr int BN = Eng::BN;
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint4* ws = reinterpret_cast<uint4*>(smem);
+  A* red = reinterpret_cast<A*>(smem + align16(Eng::w_bytes(a.g_hh.MT, a.g_hh.KC)));
+
+  const int64_t H = a.H, B = a.B, G = 3 * H, G4 = 4 * H;
+  const int U = a.U;
+  const int64_t u0 = int64_t(blockIdx.x) * U;
+  const int nu = static_cast<int>(max(int64_t(0), min(int64_t(U), H - u0)));
+
+  Eng::stage_w(ws, a.g_hh.MT, a.g_hh.KC, [&](int r, int k) -> A {
+    const int gate = r / U, j = r % U;
+    if (gate >= 3 || j >= nu || k >= H) return A(0);
+    return to_acc(a.w_hh[(gate * H + u0 + j) * H + k]);
+  });
+  __syncthreads();
+
+  const int rows = a.g_hh.MT * 16;
+
+  // Latency hiding (as in lstm_fwd.cu): the first item of each thread is the same every step; its
+  // fp32 h stays in a register and its xproj values are loaded before the grid barrier.
+  const int first_nb = static_cast<int>(min(int64_t(BN), B));
+  const bool has_fixed = static_cast<int>(threadIdx.x) < nu * first_nb;
+  const int fj = has_fixed ? static_cast<int>(threadIdx.x) % nu : 0;
+  const int64_t fb = has_fixed ? static_cast<int>(threadIdx.x) / nu : 0;
+  A f_h = has_fixed ? a.h_state[fb * H + u0 + fj] : A(0);
+  A f_bias[3], f_x[3];
+  bool f_valid = false;
+#pragma unroll
+  for (int gi = 0; gi < 3; ++gi) f_bias[gi] = (has_fixed && a.b_hh) ? A(to_acc(a.b_hh[gi * H + u0 + fj])) : A(0);
+  auto prefetch = [&](int64_t t) {
+    if (!has_fixed) return;
+    const T* xp = a.xproj + (t * B + fb) * G + u0 + fj;
+#pragma unroll
+    for (int gi = 0; gi < 3; ++gi) f_x[gi] = to_acc(xp[gi * H]);
+    f_valid = a.lengths == nullptr || t < __ldg(a.lengths + fb);
+  };
+  prefetch(a.reverse ? a.T_ - 1 : 0);
+
+  unsigned int target = 0;
+  for (int64_t s = 0; s < a.T_; ++s) {
+    const int64_t t = a.reverse ? a.T_ - 1 - s : s;
+    const T* hcur = a.hbuf + (s & 1) * a.hbuf_stride;
+    T* hnxt = a.hbuf + ((s + 1) & 1) * a.hbuf_stride;
+    for (int64_t n0 = 0; n0 < B; n0 += BN) {
+      Eng::compute(ws, a.g_hh.MT, a.g_hh.KC, hcur + n0 * a.ldh, a.ldh, red);
+      __syncthreads();
+      const int nb = static_cast<int>(min(int64_t(BN), B - n0));
+      for (int idx = threadIdx.x; idx < nu * nb; idx += kThreads) {
+        const bool fixed = n0 == 0 && idx == static_cast<int>(threadIdx.x);
+        const int j = idx % nu, n = idx / nu;
+        const int64_t b = n0 + n, u = u0 + j, row = t * B + b;
+        const bool valid = fixed ? f_valid : (a.lengths == nullptr || t < __ldg(a.lengths + b));
+        T* gp = a.gates + row * G4 + u;
+        if (valid) {
+          A hid[3], x[3];
+          if (fixed) {
+#pragma unroll
+            for (int gi = 0; gi < 3; ++gi) {
+              hid[gi] = red_sum(red, rows, BN, gi * U + j, n) + f_bias[gi];
+              x[gi] = f_x[gi];
+            }
+          } else {
+            const T* xp = a.xproj + row * G + u;
+#pragma unroll
+            for (int gi = 0; gi < 3; ++gi) {
+              hid[gi] = red_sum(red, rows, BN, gi * U + j, n);
+              if (a.b_hh) hid[gi] += A(to_acc(a.b_hh[gi * H + u]));
+              x[gi] = to_acc(xp[gi * H]);
+            }
+          }
+          const A h_prev = fixed ? f_h : a.h_state[b * H + u];
+          const GruStep<A> st = gru_cell_forward<A>(x[0], x[1], x[2], hid[0], hid[1], hid[2], h_prev);
+          const T hv = from_acc<T>(st.h);
+          hnxt[b * a.ldh + u] = hv;  // the exchange first: it is on the critical path
+          a.y[row * H + u] = hv;
+          gp[0] = from_acc<T>(st.r);
+          gp[H] = from_acc<T>(st.z);
+          gp[2 * H] = from_acc<T>(st.n);
+          gp[3 * H] = from_acc<T>(hid[2]);
+          if (fixed) f_h = st.h;
+          else a.h_state[b * H + u] = st.h;
+        } else {
+          const T z = zero_of<T>();
+          hnxt[b * a.ldh + u] = ldcg(hcur + b * a.ldh + u);
+          a.y[row * H + u] = z;
+          gp[0] = z; gp[H] = z; gp[2 * H] = z; gp[3 * H] = z;
+        }
+      }
+      __syncthreads();
+    }
+    if (s + 1 < a.T_) {
+      prefetch(a.reverse ? t - 1 : t + 1);
+      grid_barrier(a.barrier, target);
+    }
+  }
+  if (has_fixed) a.h_state[fb * H + u0 + fj] = f_h;
+  __syncthreads();
+  for (int64_t idx = threadIdx.x; idx < int64_t(nu) * B; idx += kThreads) {
+    const int j = static_cast<int>(idx % nu);
+    const int64_t b = idx / nu;
+    a.h_n[b * H + u0 + j] = from_acc<T>(a.h_state[b * H + u0 + j]);
+  }
+}
+
+struct GruFwdPlan {
+  bool ok = false;
+  int U = 0, grid = 0;
+  SliceGeom g_hh;
+  size_t smem = 0;
+};
+
+template <class Eng>
+GruFwdPlan plan_gru_fwd(int64_t H, const DeviceLimits& dev) {
+  GruFwdPlan p;
+  const int64_t mt = ceil_div(3 * ceil_div(H, dev.sms), 16);
+  if (mt > kMaxMT) return p;
+  p.U = static_cast<int>(mt * 16 / 3);
+  p.grid = static_cast<int>(ceil_div(H, p.U));
+  p.g_hh = slice_geom(3 * p.U, H);
+  p.smem = align16(Eng::w_bytes(p.g_hh.MT, p.g_hh.KC)) + red_bytes<Eng>(p.g_hh.MT);
+  p.ok = p.smem <= dev.smem_optin;
+  return p;
+}
+
+}  // namespace
+
+int64_t gru_fwd_max_hidden(at::ScalarType dtype, int device) {
+  const DeviceLimits dev = device_limits(device);
+  auto one = [&](bool tf32) {
+    int64_t found = 0;
+    dispatch_engine(dtype, tf32, 1, [&](auto tag) {
+      using T = typename decltype(tag)::T;
+      using Eng = typename decltype(tag)::Eng;
+      found = largest_fitting(int64_t(kMaxMT) * 16 / 3 * dev.sms, [&](int64_t H) {
+        const GruFwdPlan p = plan_gru_fwd<Eng>(H, dev);
+        return p.ok && co_resident_ctas(gru_fwd_kernel<T, Eng>, p.smem, dev.sms) >= p.grid;
+      });
+    });
+    return found;
+  };
+  int64_t best = one(false);
+  if (dtype == at::kFloat) best = std::min(best, one(true));
+  return best;
+}
+
+}  // namespace cuda_detail
+
+Tensor3 gru_fwd_cuda(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b_hh, const Tensor& h0,
+                     const OptTensor& lengths, bool reverse, bool allow_tf32) {
+  using namespace cuda_detail;
+  TORCH_CHECK(xproj.dim() == 3 && xproj.size(2) % 3 == 0, "fusedrnn CUDA gru_fwd: xproj must be (T, B, 3H)");
+  const c10::cuda::CUDAGuard guard(xproj.device());
+  const int64_t T = xproj.size(0), B = xproj.size(1), G = xproj.size(2), H = G / 3;
+  const auto dt = xproj.scalar_type();
+  const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
+  check_cuda_tensor(xproj, "xproj", xproj);
+  check_cuda_tensor(w_hh, "w_hh", xproj);
+  check_cuda_tensor(h0, "h0", xproj);
+  TORCH_CHECK(w_hh.size(0) == G && w_hh.size(1) == H && h0.numel() == B * H,
+              "fusedrnn CUDA gru_fwd: shape mismatch");
+  if (b_hh.has_value() && b_hh->defined()) check_cuda_tensor(*b_hh, "b_hh", xproj);
+  if (lengths.has_value() && lengths->defined()) {
+    check_cuda_tensor(*lengths, "lengths", xproj);
+    TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->numel() == B, "fusedrnn CUDA: lengths must be int64 (B,)");
+  }
+  auto same = [&](const Tensor& t) { return t.scalar_type() == dt ? t : t.to(dt).contiguous(); };
+  const Tensor w = same(w_hh);
+  const Tensor bh = (b_hh.has_value() && b_hh->defined()) ? same(*b_hh) : Tensor();
+
+  auto opts = xproj.options();
+  Tensor y = at::empty({T, B, H}, opts);
+  Tensor h_n = at::empty({B, H}, opts);
+  Tensor gates = at::empty({T, B, 4 * H}, opts);
+  if (T == 0 || B == 0) {
+    h_n.copy_(h0.reshape({B, H}));
+    return {y, h_n, gates};
+  }
+  const int device = xproj.get_device();
+  const DeviceLimits dev = device_limits(device);
+  bool launched = false;
+  for (int nt = preferred_nt(B); nt >= 1 && !launched; nt /= 2) {
+    dispatch_engine(dt, allow_tf32, nt, [&](auto tag) {
+      using Tt = typename decltype(tag)::T;
+      using Eng = typename decltype(tag)::Eng;
+      if (launched) return;
+      const GruFwdPlan p = plan_gru_fwd<Eng>(H, dev);
+      if (!p.ok) return;
+      const int64_t Bpad = round_up(B, Eng::BN), ldh = round_up(H, kChunk);
+      Tensor hbuf = at::zeros({2, Bpad, ldh}, opts);
+      hbuf.select(0, 0).narrow(0, 0, B).narrow(1, 0, H).copy_(h0.reshape({B, H}));
+      Tensor h_state = h0.reshape({B, H}).to(acc, false, /*copy=*/true).contiguous();
+      Tensor barrier = at::zeros({1}, opts.dtype(at::kInt));
+      GruFwdArgs<Tt> a;
+      a.xproj = ptr<Tt>(xproj);
+      a.w_hh = ptr<Tt>(w);
+      a.b_hh = bh.defined() ? ptr<Tt>(bh) : nullptr;
+      a.lengths = (lengths.has_value() && lengths->defined()) ? lengths->data_ptr<int64_t>() : nullptr;
+      a.y = ptr<Tt>(y);
+      a.h_n = ptr<Tt>(h_n);
+      a.gates = ptr<Tt>(gates);
+      a.h_state = ptr<acc_t<Tt>>(h_state);
+      a.hbuf = ptr<Tt>(hbuf);
+      a.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
+      a.T_ = T; a.B = B; a.H = H;
+      a.ldh = ldh; a.hbuf_stride = Bpad * ldh;
+      a.U = p.U; a.g_hh = p.g_hh;
+      a.reverse = reverse ? 1 : 0;
+      launch_cooperative(gru_fwd_kernel<Tt, Eng>, p.grid, p.smem, a, dev.sms, "gru_fwd");
+      launched = true;
+    });
+  }
+  TORCH_CHECK(launched, "fusedrnn CUDA gru_fwd: hidden size H=", H, " (dtype ", dt,
+              ") does not fit on chip; the limit on this device is H <= ",
+              max_hidden_size_cuda("GRU", dt, device), " (max_hidden_size_cuda)");
+  return {y, h_n, gates};
+}
+
+}  // namespace fusedrnn

@@ -1,0 +1,417 @@
+"""Kernel-level tests of the compiled backends (``cpp`` on CPU, ``cuda`` on GPU) against the spec.
+
+Every case runs forward and backward of one op in the tested dtype through the backend and in
+float64 through ``fusedrnn.backends.reference`` on the same (dtype-rounded) inputs, and compares
+every output (including the saved gates / cell states) by relative norm ||out - ref|| / ||ref||.
+Uninitialised memory is NaN-filled (torch's deterministic fill), so an element a kernel forgets to
+write shows up as NaN.  The whole module is skipped when ``fusedrnn._C`` is not built.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusedrnn.backends import cpp, reference
+
+if cpp.unavailable() is not None:
+    pytest.skip(f"cpp backend: {cpp.unavailable()}", allow_module_level=True)
+
+from fusedrnn.backends import cuda  # noqa: E402  (imports fusedrnn._C)
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+HIDDEN = [1, 3, 37, 129]
+_CUDA_REASON = cuda.unavailable()
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(_CUDA_REASON is not None, reason=f"cuda backend: {_CUDA_REASON}")
+
+
+@pytest.fixture(autouse=True)
+def _poison_uninitialized_memory():
+    """torch.empty* (C++ at::empty included) returns NaN-filled memory inside each test."""
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = old_fill
+
+
+@pytest.fixture
+def no_tf32():
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    out = out.detach().double().cpu()
+    ref = ref.detach().double().cpu()
+    if ref.numel() == 0:
+        return 0.0
+    diff = (out - ref).norm().item()
+    scale = ref.norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def assert_close_all(outs, refs, names, tol):
+    assert len(outs) == len(refs) == len(names)
+    for out, ref, name in zip(outs, refs, names):
+        assert torch.isfinite(out).all(), f"{name}: non-finite values (an unwritten element?)"
+        err = rel_err(out, ref)
+        assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def _rand(gen, *shape, scale=1.0):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+
+def _lengths(B: int, T: int, kind: str):
+    if kind == "none":
+        return None
+    if kind == "unsorted":  # unsorted, includes a full-length and a length-1 sequence
+        pattern = [max(1, T - 2), T, 1, max(1, T // 2), max(1, T - 1)]
+        return torch.tensor([pattern[b % len(pattern)] for b in range(B)], dtype=torch.int64)
+    raise ValueError(kind)
+
+
+def _to(tensors, dtype, device):
+    return [None if t is None else t.to(device=device, dtype=dtype) for t in tensors]
+
+
+def _f64(tensors):
+    return [None if t is None else t.detach().cpu().double() for t in tensors]
+
+
+# ------------------------------------------------------------------------------------ LSTM
+def check_lstm(backend, device, dtype, T, B, H, P=0, lengths="unsorted", reverse=False, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    Pn = P or H
+    k = 1.0 / max(H, 1) ** 0.5
+    xproj = _rand(gen, T, B, 4 * H)
+    w_hh = _rand(gen, 4 * H, Pn, scale=k)
+    b_hh = _rand(gen, 4 * H, scale=k) if bias else None
+    h0, c0 = _rand(gen, B, Pn), _rand(gen, B, H)
+    w_hr = _rand(gen, Pn, H, scale=k) if P else None
+    lens = _lengths(B, T, lengths)
+    dy, dh_n, dc_n = _rand(gen, T, B, Pn), _rand(gen, B, Pn), _rand(gen, B, H)
+
+    args = _to([xproj, w_hh, b_hh, h0, c0, w_hr], dtype, device)
+    lens_d = None if lens is None else lens.to(device)
+    fwd = backend.lstm_fwd(*args, lens_d, reverse)
+    y, h_n, c_n, gates, cs = fwd
+    assert [t.dtype for t in fwd] == [dtype] * 4 + [reference.acc_dtype(dtype)]
+    grads = _to([dy, dh_n, dc_n], dtype, device)
+    bwd = backend.lstm_bwd(*grads, args[1], args[5], args[4], gates, cs, lens_d, reverse)
+
+    # truth: float64 reference on the same rounded inputs
+    a64 = _f64(args)
+    rf = reference.lstm_fwd(*a64, lens, reverse)
+    rb = reference.lstm_bwd(*_f64(grads), a64[1], a64[5], a64[4], rf[3], rf[4], lens, reverse)
+    tol = TOL[dtype]
+    assert_close_all(fwd, rf, ["y", "h_n", "c_n", "gates", "cs"], tol)
+    assert_close_all(bwd, rb, ["dxproj", "dh0", "dc0", "dh_seq"], tol)
+
+
+# ------------------------------------------------------------------------------------- GRU
+def check_gru(backend, device, dtype, T, B, H, lengths="unsorted", reverse=False, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    k = 1.0 / max(H, 1) ** 0.5
+    xproj = _rand(gen, T, B, 3 * H)
+    w_hh = _rand(gen, 3 * H, H, scale=k)
+    b_hh = _rand(gen, 3 * H, scale=k) if bias else None
+    h0 = _rand(gen, B, H)
+    lens = _lengths(B, T, lengths)
+    dy, dh_n = _rand(gen, T, B, H), _rand(gen, B, H)
+
+    args = _to([xproj, w_hh, b_hh, h0], dtype, device)
+    lens_d = None if lens is None else lens.to(device)
+    fwd = backend.gru_fwd(*args, lens_d, reverse)
+    y, h_n, gates = fwd
+    assert [t.dtype for t in fwd] == [dtype] * 3
+    grads = _to([dy, dh_n], dtype, device)
+    bwd = backend.gru_bwd(*grads, args[1], args[3], y, gates, lens_d, reverse)
+
+    a64 = _f64(args)
+    rf = reference.gru_fwd(*a64, lens, reverse)
+    # the backward reads h_{t-1} from y: feed the reference the backend's own (rounded) y so that
+    # only the backward's error is measured here (the forward's y was checked above)
+    rb = reference.gru_bwd(*_f64(grads), a64[1], a64[3], y.detach().cpu().double(), rf[2], lens, reverse)
+    tol = TOL[dtype]
+    assert_close_all(fwd, rf, ["y", "h_n", "gates"], tol)
+    assert_close_all(bwd, rb, ["dxproj", "dh0", "dhn"], tol)
+
+
+# ------------------------------------------------------------------------------------ cells
+def check_lstm_cell(backend, device, dtype, B, H, bias=(True, True), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ig, hg = _rand(gen, B, 4 * H), _rand(gen, B, 4 * H)
+    b_ih = _rand(gen, 4 * H) if bias[0] else None
+    b_hh = _rand(gen, 4 * H) if bias[1] else None
+    c = _rand(gen, B, H)
+    dh, dc = _rand(gen, B, H), _rand(gen, B, H)
+    args = _to([ig, hg, b_ih, b_hh, c], dtype, device)
+    fwd = backend.lstm_cell_fwd(*args)
+    h_new, c_new, gates = fwd
+    gr = _to([dh, dc], dtype, device)
+    bwd = backend.lstm_cell_bwd(*gr, args[4], c_new, gates)
+    a64 = _f64(args)
+    rf = reference.lstm_cell_fwd(*a64)
+    rb = reference.lstm_cell_bwd(*_f64(gr), a64[4], rf[1], rf[2])
+    assert_close_all(fwd, rf, ["h_new", "c_new", "gates"], TOL[dtype])
+    assert_close_all(bwd, rb, ["dgates", "dc"], TOL[dtype])
+
+
+def check_gru_cell(backend, device, dtype, B, H, bias=(True, True), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ig, hg = _rand(gen, B, 3 * H), _rand(gen, B, 3 * H)
+    b_ih = _rand(gen, 3 * H) if bias[0] else None
+    b_hh = _rand(gen, 3 * H) if bias[1] else None
+    h = _rand(gen, B, H)
+    dh = _rand(gen, B, H)
+    args = _to([ig, hg, b_ih, b_hh, h], dtype, device)
+    fwd = backend.gru_cell_fwd(*args)
+    h_new, gates = fwd
+    gr = _to([dh], dtype, device)
+    bwd = backend.gru_cell_bwd(*gr, args[4], gates)
+    a64 = _f64(args)
+    rf = reference.gru_cell_fwd(*a64)
+    rb = reference.gru_cell_bwd(*_f64(gr), a64[4], rf[1])
+    assert_close_all(fwd, rf, ["h_new", "gates"], TOL[dtype])
+    assert_close_all(bwd, rb, ["d_igates", "d_hgates", "dh"], TOL[dtype])
+
+
+# ================================================================================ cpp (CPU)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("H", HIDDEN)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("lengths", ["none", "unsorted"])
+def test_lstm(dtype, H, reverse, lengths):
+    check_lstm(cpp, "cpu", dtype, T=6, B=5, H=H, lengths=lengths, reverse=reverse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("H", HIDDEN)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("lengths", ["none", "unsorted"])
+def test_gru(dtype, H, reverse, lengths):
+    check_gru(cpp, "cpu", dtype, T=6, B=5, H=H, lengths=lengths, reverse=reverse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("H,P", [(3, 2), (37, 5), (129, 64), (1, 1)])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_lstm_proj(dtype, H, P, reverse):
+    check_lstm(cpp, "cpu", dtype, T=5, B=4, H=H, P=P, lengths="unsorted", reverse=reverse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 4, 37), (7, 1, 37), (0, 3, 5), (3, 0, 5), (200, 2, 16)],
+                         ids=["T1B1", "T1", "B1", "T0", "B0", "T200"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("mode", ["lstm", "lstm_proj", "gru"])
+def test_edge_shapes(dtype, shape, reverse, mode):
+    T, B, H = shape
+    lengths = "unsorted" if T > 0 and B > 0 else "none"
+    if mode == "gru":
+        check_gru(cpp, "cpu", dtype, T=T, B=B, H=H, lengths=lengths, reverse=reverse)
+    else:
+        check_lstm(cpp, "cpu", dtype, T=T, B=B, H=H, P=2 if mode == "lstm_proj" else 0, lengths=lengths,
+                   reverse=reverse)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_no_bias_and_long_lengths(mode):
+    # lengths beyond T mean "all T steps"; all-equal lengths must match lengths=None
+    check = check_lstm if mode == "lstm" else check_gru
+    check(cpp, "cpu", torch.float64, T=4, B=3, H=5, lengths="none", bias=False)
+    T, B, H = 4, 3, 5
+    gen = torch.Generator().manual_seed(1)
+    G = 4 * H if mode == "lstm" else 3 * H
+    x, w, h0 = _rand(gen, T, B, G), _rand(gen, G, H, scale=0.4), _rand(gen, B, H)
+    full = torch.full((B,), T, dtype=torch.int64)
+    if mode == "lstm":
+        c0 = _rand(gen, B, H)
+        a = cpp.lstm_fwd(x, w, None, h0, c0, None, full + 3, False)
+        b = cpp.lstm_fwd(x, w, None, h0, c0, None, None, False)
+    else:
+        a = cpp.gru_fwd(x, w, None, h0, full + 3, True)
+        b = cpp.gru_fwd(x, w, None, h0, None, True)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_inputs_not_modified_and_outputs_not_aliased():
+    gen = torch.Generator().manual_seed(2)
+    T, B, H = 3, 2, 4
+    x, w, b = _rand(gen, T, B, 4 * H), _rand(gen, 4 * H, H), _rand(gen, 4 * H)
+    h0, c0 = _rand(gen, B, H), _rand(gen, B, H)
+    saved = [t.clone() for t in (x, w, b, h0, c0)]
+    outs = cpp.lstm_fwd(x, w, b, h0, c0, None, None, False)
+    for t, s in zip((x, w, b, h0, c0), saved):
+        assert torch.equal(t, s)
+    ptrs = {t.data_ptr() for t in (x, w, b, h0, c0)}
+    assert not any(o.data_ptr() in ptrs for o in outs if o.numel())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("H", HIDDEN)
+@pytest.mark.parametrize("bias", [(True, True), (False, True), (False, False)], ids=["bb", "nb", "nn"])
+def test_cells(dtype, H, bias):
+    check_lstm_cell(cpp, "cpu", dtype, B=4, H=H, bias=bias)
+    check_gru_cell(cpp, "cpu", dtype, B=4, H=H, bias=bias)
+
+
+def test_bad_inputs_raise():
+    x = torch.randn(3, 2, 8)
+    with pytest.raises(RuntimeError, match="w_hh"):
+        cpp.lstm_fwd(x, torch.randn(8, 3), None, torch.zeros(2, 2), torch.zeros(2, 2), None, None, False)
+    with pytest.raises(RuntimeError, match="lengths"):
+        cpp.lstm_fwd(x, torch.randn(8, 2), None, torch.zeros(2, 2), torch.zeros(2, 2), None,
+                     torch.tensor([1, 2, 3]), False)
+    with pytest.raises(RuntimeError, match="h0"):
+        cpp.gru_fwd(torch.randn(3, 2, 6), torch.randn(6, 2), None, torch.zeros(3, 2), None, False)
+
+
+def test_unsupported():
+    from fusedrnn.backends import RecurrenceConfig
+
+    cfg = RecurrenceConfig("LSTM", "cpu", -1, torch.float32, 64)
+    assert cpp.unsupported(cfg) is None
+    assert "CPU" in cpp.unsupported(RecurrenceConfig("LSTM", "cuda", 0, torch.float32, 64))
+    assert "CUDA" in cuda.unsupported(cfg)
+
+
+def test_build_info():
+    info = cpp.extension().build_info()
+    assert set(info) >= {"with_cuda", "cuda_version", "cuda_archs", "torch_version"}
+    assert info["torch_version"].split(".")[:2] == torch.__version__.split("+")[0].split(".")[:2]
+    if info["with_cuda"]:
+        assert info["cuda_version"].split(".")[0] == torch.version.cuda.split(".")[0]
+        assert info["cuda_archs"]
+        assert hasattr(cpp.extension(), "max_hidden_size")
+
+
+# -------------------------------------------------------------------------------- opcheck
+def _opcheck_samples():
+    gen = torch.Generator().manual_seed(3)
+    T, B, H, P = 3, 4, 5, 2
+    f = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    lens = torch.tensor([3, 1, 2, 3])
+    x4, w, b, h0, c0 = f(T, B, 4 * H), f(4 * H, H), f(4 * H), f(B, H), f(B, H)
+    wp, wr, h0p = f(4 * H, P), f(P, H), f(B, P)
+    y, _, _, gates, cs = cpp.lstm_fwd(x4, w, b, h0, c0, None, lens, False)
+    _, _, _, gates_p, cs_p = cpp.lstm_fwd(x4, wp, None, h0p, c0, wr, lens, True)
+    x3, w3, b3 = f(T, B, 3 * H), f(3 * H, H), f(3 * H)
+    gy, _, ggates = cpp.gru_fwd(x3, w3, b3, h0, lens, False)
+    ops = torch.ops.fusedrnn_ext
+    _, c_new, cg = cpp.lstm_cell_fwd(f(B, 4 * H), f(B, 4 * H), b, None, c0)
+    _, gcg = cpp.gru_cell_fwd(f(B, 3 * H), f(B, 3 * H), None, b3, h0)
+    return [
+        (ops.lstm_fwd, (x4, w, b, h0, c0, None, lens, False, False)),
+        (ops.lstm_fwd, (x4, wp, None, h0p, c0, wr, None, True, False)),
+        (ops.lstm_bwd, (f(T, B, H), f(B, H), f(B, H), w, None, c0, gates, cs, lens, False, False)),
+        (ops.lstm_bwd, (f(T, B, P), f(B, P), f(B, H), wp, wr, c0, gates_p, cs_p, lens, True, False)),
+        (ops.gru_fwd, (x3, w3, b3, h0, lens, False, False)),
+        (ops.gru_fwd, (x3, w3, None, h0, None, True, False)),
+        (ops.gru_bwd, (f(T, B, H), f(B, H), w3, h0, gy, ggates, lens, False, False)),
+        (ops.lstm_cell_fwd, (f(B, 4 * H), f(B, 4 * H), b, None, c0)),
+        (ops.lstm_cell_bwd, (f(B, H), f(B, H), c0, c_new, cg)),
+        (ops.gru_cell_fwd, (f(B, 3 * H), f(B, 3 * H), None, b3, h0)),
+        (ops.gru_cell_bwd, (f(B, H), h0, gcg)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(11))
+def test_opcheck(index):
+    op, args = _opcheck_samples()[index]
+    torch.library.opcheck(op.default, args)
+
+
+# ================================================================================ cuda (GPU)
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("H", HIDDEN + [256])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("lengths", ["none", "unsorted"])
+def test_cuda_lstm(no_tf32, dtype, H, reverse, lengths):
+    check_lstm(cuda, "cuda", dtype, T=6, B=5, H=H, lengths=lengths, reverse=reverse)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("H", HIDDEN + [256])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("lengths", ["none", "unsorted"])
+def test_cuda_gru(no_tf32, dtype, H, reverse, lengths):
+    check_gru(cuda, "cuda", dtype, T=6, B=5, H=H, lengths=lengths, reverse=reverse)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("H,P", [(3, 2), (37, 5), (129, 64)])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_cuda_lstm_proj(no_tf32, dtype, H, P, reverse):
+    check_lstm(cuda, "cuda", dtype, T=5, B=4, H=H, P=P, reverse=reverse)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 4, 37), (7, 1, 37), (0, 3, 5), (300, 3, 64)],
+                         ids=["T1B1", "T1", "B1", "T0", "T300"])
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_cuda_edge_shapes(no_tf32, shape, mode):
+    T, B, H = shape
+    check = check_lstm if mode == "lstm" else check_gru
+    check(cuda, "cuda", torch.float32, T=T, B=B, H=H, lengths="unsorted" if T > 0 else "none")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_cuda_tf32(mode):
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        global TOL
+        saved = TOL[torch.float32]
+        TOL[torch.float32] = 2e-3  # TF32: 10-bit mantissa in the recurrent GEMM
+        check = check_lstm if mode == "lstm" else check_gru
+        check(cuda, "cuda", torch.float32, T=6, B=5, H=129)
+    finally:
+        TOL[torch.float32] = saved
+        torch.backends.cudnn.allow_tf32 = old
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("H", HIDDEN)
+def test_cuda_cells(dtype, H):
+    check_lstm_cell(cuda, "cuda", dtype, B=4, H=H)
+    check_gru_cell(cuda, "cuda", dtype, B=4, H=H, bias=(False, True))
+
+
+@gpu
+@needs_cuda
+def test_cuda_max_hidden_size():
+    from fusedrnn.backends import RecurrenceConfig
+
+    for mode in ("LSTM", "GRU"):
+        for dtype in (torch.float32, torch.bfloat16):
+            limit = cuda.max_hidden_size(mode, dtype, torch.cuda.current_device())
+            assert limit > 0
+            cfg = RecurrenceConfig(mode, "cuda", torch.cuda.current_device(), dtype, limit + 1)
+            assert "max_hidden_size" in cuda.unsupported(cfg)

@@ -1,0 +1,325 @@
+"""Kernel-level tests of the Triton LSTM kernels against ``backends/reference.py``.
+
+On CPU they run under the Triton interpreter (``TRITON_INTERPRET=1``, set here before triton is
+imported; the session conftest sets it too).  ``@pytest.mark.gpu`` tests run the compiled kernels
+(persistent grid barrier with many programs) on CUDA when present and not interpreting.
+Tolerances: relative norms from tests/tolerances.py (fp64 1e-10, fp32 1e-5, fp16 1e-2, bf16 2e-2).
+"""
+
+import os
+import sys
+
+if "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from fusedrnn.backends import RecurrenceConfig  # noqa: E402
+from fusedrnn.backends import reference as R  # noqa: E402
+from fusedrnn.backends import triton as TB  # noqa: E402
+from fusedrnn.backends.triton import _common as C  # noqa: E402
+from fusedrnn.backends.triton import lstm as L  # noqa: E402
+
+INTERPRET = C.interpret_mode()
+try:  # the suite's one tolerance table (tests/tolerances.py)
+    from tolerances import RTOL as TOL
+except ImportError:  # pragma: no cover
+    TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+
+cpu_only = pytest.mark.skipif(not INTERPRET, reason="CPU tests need TRITON_INTERPRET=1 (set before triton is imported)")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(
+    INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA device and TRITON_INTERPRET unset"
+)
+
+
+def rel(out, ref):
+    out, ref = out.double(), ref.double()
+    n = ref.norm()
+    return ((out - ref).norm() / (n if n > 0 else 1.0)).item()
+
+
+def make_inputs(T, B, H, P, dtype, device, bias=True, proj=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    G = 4 * H
+    rn = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)  # noqa: E731
+    P = P if proj else H
+    return dict(
+        xproj=rn(T, B, G),
+        w_hh=rn(G, P, scale=P**-0.5),
+        b_hh=rn(G) if bias else None,
+        h0=rn(B, P),
+        c0=rn(B, H),
+        w_hr=rn(P, H, scale=H**-0.5) if proj else None,
+        dy=rn(T, B, P),
+        dh_n=rn(B, P),
+        dc_n=rn(B, H),
+    )
+
+
+def check_lstm(T, B, H, dtype, device="cpu", P=None, proj=False, reverse=False, lengths=None, bias=True, seed=0):
+    a = make_inputs(T, B, H, P or H, dtype, device, bias=bias, proj=proj, seed=seed)
+    lens = None if lengths is None else torch.tensor(lengths, dtype=torch.int64, device=device)
+    args = (a["xproj"], a["w_hh"], a["b_hh"], a["h0"], a["c0"], a["w_hr"], lens, reverse)
+    out = L.lstm_fwd(*args)
+    ref = R.lstm_fwd(*args)
+    tol = TOL[dtype]
+    names = ("y", "h_n", "c_n", "gates", "cs")
+    for name, o, r in zip(names, out, ref):
+        assert o.shape == r.shape and o.dtype == r.dtype, (name, o.shape, r.shape, o.dtype, r.dtype)
+        assert torch.isfinite(o).all(), name
+        assert rel(o, r) <= tol, (name, rel(o, r))
+    # backward from the reference's saved tensors (kernel-level: same inputs for both)
+    bargs = (a["dy"], a["dh_n"], a["dc_n"], a["w_hh"], a["w_hr"], a["c0"], ref[3], ref[4], lens, reverse)
+    bout = L.lstm_bwd(*bargs)
+    bref = R.lstm_bwd(*bargs)
+    for name, o, r in zip(("dxproj", "dh0", "dc0", "dh_seq"), bout, bref):
+        assert o.shape == r.shape and o.dtype == r.dtype, (name, o.shape, r.shape)
+        assert torch.isfinite(o).all(), name
+        assert rel(o, r) <= tol, (name, rel(o, r))
+    if lens is not None:  # padded steps write exact zeros
+        pad = torch.arange(T, device=device)[:, None] >= lens[None, :]
+        assert (out[0][pad] == 0).all() and (out[3][pad] == 0).all() and (out[4][pad] == 0).all()
+        assert (bout[0][pad] == 0).all()
+
+
+# ------------------------------------------------------------------------------ CPU (interpreter)
+@cpu_only
+@pytest.mark.parametrize("H", [1, 3, 37, 129])
+def test_fp64_hostile_sizes(H):
+    check_lstm(T=3, B=2, H=H, dtype=torch.float64)
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_unsorted_lengths(dtype, reverse):
+    check_lstm(T=5, B=3, H=19, dtype=dtype, reverse=reverse, lengths=[3, 5, 1])
+
+
+@cpu_only
+def test_t1_b1_no_bias():
+    check_lstm(T=1, B=1, H=5, dtype=torch.float64, bias=False)
+
+
+@cpu_only
+@pytest.mark.parametrize("reverse", [False, True])
+def test_projection(reverse):
+    check_lstm(T=4, B=3, H=20, P=12, proj=True, dtype=torch.float64, reverse=reverse, lengths=[4, 2, 3])
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_low_precision(dtype):
+    check_lstm(T=4, B=3, H=37, dtype=dtype, lengths=[4, 1, 3], reverse=True)
+
+
+@cpu_only
+def test_bf16_projection_split():
+    with C.force_variant(mode="stepwise", block_u=16):
+        check_lstm(T=3, B=2, H=33, P=20, proj=True, dtype=torch.bfloat16, lengths=[3, 2])
+
+
+@cpu_only
+@pytest.mark.parametrize("proj", [False, True])
+def test_split_stepwise_many_programs(proj):
+    """Hidden units split over 3 programs (block_u=16, H=37): the multi-program slice logic."""
+    with C.force_variant(mode="stepwise", block_u=16):
+        v = C.select_variant(4, 37, 37, 3, torch.float64)
+        assert v.mode == "stepwise" and v.n_unit_progs == 3
+        check_lstm(T=4, B=3, H=37, P=24, proj=proj, dtype=torch.float64, reverse=True, lengths=[2, 4, 3])
+
+
+@cpu_only
+def test_interpreter_selects_stepwise_for_large_h():
+    assert C.select_variant(4, 129, 129, 2, torch.float32).mode == "stepwise"
+    assert C.select_variant(4, 37, 37, 2, torch.float32).mode == "single"
+
+
+@cpu_only
+@pytest.mark.parametrize("proj", [False, True])
+def test_persistent_one_program(proj):
+    """The persistent code path (whole sequence in one launch, SYNC barriers) with 1 program."""
+    with C.force_variant(mode="persistent", block_u=64):
+        v = C.select_variant(4, 37, 37, 2, torch.float64)
+        assert v.mode == "persistent" and v.n_unit_progs == 1
+        before = C.LAUNCHES["lstm_fwd"]
+        check_lstm(T=4, B=2, H=37, P=20, proj=proj, dtype=torch.float64, lengths=[4, 2], reverse=True)
+        assert C.LAUNCHES["lstm_fwd"] - before == 1
+
+
+@cpu_only
+def test_persistent_barrier_timeout_raises(monkeypatch):
+    """Programs that are not co-resident (the interpreter runs them one after another) must not
+    hang: the bounded spin sets the error flag and the launcher raises."""
+    monkeypatch.setattr(C, "MAX_SPIN", 8)
+    a = make_inputs(2, 1, 37, 37, torch.float32, "cpu")
+    with C.force_variant(mode="persistent", block_u=16):
+        with pytest.raises(RuntimeError, match="barrier timed out"):
+            L.lstm_fwd(a["xproj"], a["w_hh"], a["b_hh"], a["h0"], a["c0"], None, None, False)
+
+
+if C.triton is not None:
+
+    @C.triton.jit
+    def _barrier_probe(sync_ptr, err_ptr, target, N_PROGS, MAX_SPINS: C.tl.constexpr):
+        C.grid_barrier(sync_ptr, target, err_ptr, N_PROGS, MAX_SPINS)
+
+
+@cpu_only
+def test_grid_barrier_atomics():
+    # happy path: the other participant already arrived (counter at 1 of 2)
+    sync = torch.ones(1, dtype=torch.int32)
+    err = torch.zeros(1, dtype=torch.int32)
+    _barrier_probe[(1,)](sync, err, 2, 2, MAX_SPINS=8)
+    assert sync.item() == 2 and err.item() == 0
+    # nobody else arrives: bounded spin -> error flag, no hang
+    sync.zero_()
+    _barrier_probe[(1,)](sync, err, 2, 2, MAX_SPINS=8)
+    assert err.item() == C.ERR_BARRIER_TIMEOUT
+    with pytest.raises(RuntimeError):
+        C.check_error_flag(err, "probe")
+
+
+@cpu_only
+def test_kernels_really_run():
+    """No silent fallback: every call launches the Triton kernels (counted by the launchers)."""
+    before = dict(C.LAUNCHES)
+    check_lstm(T=3, B=2, H=8, dtype=torch.float64)
+    assert C.LAUNCHES["lstm_fwd"] - before.get("lstm_fwd", 0) == 1
+    assert C.LAUNCHES["lstm_bwd"] - before.get("lstm_bwd", 0) == 1
+    with C.force_variant(mode="stepwise", block_u=16):
+        before = dict(C.LAUNCHES)
+        check_lstm(T=3, B=2, H=20, dtype=torch.float64)
+        assert C.LAUNCHES["lstm_fwd"] - before.get("lstm_fwd", 0) == 3  # one per step
+        assert C.LAUNCHES["lstm_bwd"] - before.get("lstm_bwd", 0) == 6  # two phases per step
+
+
+@cpu_only
+def test_outputs_fully_written(monkeypatch):
+    """Outputs start as NaN: every element (padded steps included) must be written."""
+    real_empty = torch.empty
+
+    def nan_empty(*a, **k):
+        t = real_empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(L.torch, "empty", nan_empty)
+    check_lstm(T=4, B=3, H=21, dtype=torch.float64, lengths=[1, 4, 2], reverse=True)
+    with C.force_variant(mode="stepwise", block_u=16):
+        check_lstm(T=3, B=2, H=21, P=18, proj=True, dtype=torch.float64, lengths=[3, 1])
+
+
+@cpu_only
+def test_zero_length_sequence():
+    a = make_inputs(0, 2, 5, 5, torch.float64, "cpu")
+    y, h_n, c_n, gates, cs = L.lstm_fwd(a["xproj"], a["w_hh"], a["b_hh"], a["h0"], a["c0"], None, None, False)
+    assert y.shape == (0, 2, 5) and torch.equal(h_n, a["h0"]) and torch.equal(c_n, a["c0"])
+
+
+@cpu_only
+def test_unsupported_hidden_size_raises():
+    limit = C.max_hidden_size(4, torch.float64)
+    assert limit == 256
+    H = limit + 1
+    cfg = RecurrenceConfig("LSTM", "cpu", -1, torch.float64, H)
+    reason = TB.unsupported(cfg)
+    assert reason is not None and str(limit) in reason
+    assert TB.unsupported(RecurrenceConfig("LSTM", "cpu", -1, torch.float64, limit)) is None
+    assert "256" in TB.unsupported(RecurrenceConfig("LSTM", "cpu", -1, torch.float64, 64, proj_size=300))
+    x = torch.zeros(1, 1, 4 * H, dtype=torch.float64)
+    with pytest.raises(ValueError, match=str(limit)):
+        L.lstm_fwd(x, torch.zeros(4 * H, H, dtype=torch.float64), None, torch.zeros(1, H, dtype=torch.float64),
+                   torch.zeros(1, H, dtype=torch.float64), None, None, False)
+    with pytest.raises(ValueError, match=str(limit)):
+        TB.lstm_bwd(x[..., :H], torch.zeros(1, H, dtype=torch.float64), torch.zeros(1, H, dtype=torch.float64),
+                    torch.zeros(4 * H, H, dtype=torch.float64), None, torch.zeros(1, H, dtype=torch.float64),
+                    x, x[..., :H], None, False)
+
+
+@cpu_only
+def test_explicit_backend_never_falls_back():
+    from fusedrnn import backends
+
+    limit = C.max_hidden_size(4, torch.float32)
+    cfg = RecurrenceConfig("LSTM", "cpu", -1, torch.float32, limit + 1)
+    with pytest.raises(ValueError, match=f"largest supported hidden size {limit}"):
+        backends.resolve("triton", cfg)
+    assert backends.resolve("triton", RecurrenceConfig("LSTM", "cpu", -1, torch.float32, limit)) == "triton"
+
+
+@cpu_only
+def test_backend_module_contract():
+    assert TB.unavailable() is None
+    assert TB.unsupported(RecurrenceConfig("LSTM", "cpu", -1, torch.float32, 512)) is None
+    assert TB.unsupported(RecurrenceConfig("LSTMCell", "cpu", -1, torch.bfloat16, 4096)) is None
+    for name in ("lstm_fwd", "lstm_bwd", "gru_fwd", "gru_bwd", "lstm_cell_fwd", "lstm_cell_bwd", "gru_cell_fwd", "gru_cell_bwd"):
+        assert callable(getattr(TB, name))
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H", [1, 37])
+def test_lstm_cell(dtype, H):
+    g = torch.Generator().manual_seed(1)
+    B = 3
+    rn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    ig, hg, bih, bhh, c = rn(B, 4 * H), rn(B, 4 * H), rn(4 * H), rn(4 * H), rn(B, H)
+    for b1, b2 in ((bih, bhh), (None, bhh), (None, None)):
+        before = C.LAUNCHES["lstm_cell_fwd"]
+        out = TB.lstm_cell_fwd(ig, hg, b1, b2, c)
+        assert C.LAUNCHES["lstm_cell_fwd"] == before + 1
+        ref = R.lstm_cell_fwd(ig, hg, b1, b2, c)
+        for o, r in zip(out, ref):
+            assert o.dtype == r.dtype and rel(o, r) <= TOL[dtype]
+    dh, dc = rn(B, H), rn(B, H)
+    out = TB.lstm_cell_bwd(dh, dc, c, ref[1], ref[2])
+    ref_b = R.lstm_cell_bwd(dh, dc, c, ref[1], ref[2])
+    for o, r in zip(out, ref_b):
+        assert o.dtype == r.dtype and rel(o, r) <= TOL[dtype]
+
+
+# ------------------------------------------------------------------------------------------ GPU
+@gpu
+@needs_cuda
+@pytest.mark.parametrize(
+    "H,dtype",
+    [(37, torch.float64), (129, torch.float32), (256, torch.float64), (512, torch.float32), (768, torch.bfloat16),
+     (1024, torch.float16)],
+)
+def test_gpu_persistent(H, dtype):
+    torch.backends.cudnn.allow_tf32 = False
+    v = C.select_variant(4, H, H, 5, dtype, torch.device("cuda"))
+    assert v.mode == ("single" if v.n_unit_progs == 1 else "persistent")
+    check_lstm(T=7, B=5, H=H, dtype=dtype, device="cuda", lengths=[7, 3, 5, 1, 6], reverse=True)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_projection(dtype):
+    torch.backends.cudnn.allow_tf32 = False
+    check_lstm(T=6, B=20, H=200, P=100, proj=True, dtype=dtype, device="cuda", lengths=[(i % 6) + 1 for i in range(20)])
+
+
+@gpu
+@needs_cuda
+def test_gpu_large_batch_chunks():
+    # more batch tiles than fit one co-resident grid: several launches over batch chunks
+    check_lstm(T=3, B=300, H=512, dtype=torch.bfloat16, device="cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_cell(dtype):
+    B, H = 7, 300
+    ig, hg = torch.randn(B, 4 * H, device="cuda", dtype=dtype), torch.randn(B, 4 * H, device="cuda", dtype=dtype)
+    c = torch.randn(B, H, device="cuda", dtype=dtype)
+    out = TB.lstm_cell_fwd(ig, hg, None, None, c)
+    ref = R.lstm_cell_fwd(ig, hg, None, None, c)
+    for o, r in zip(out, ref):
+        assert rel(o, r) <= TOL[dtype]
