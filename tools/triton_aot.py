@@ -59,8 +59,10 @@ def _ptxas() -> str:
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     if os.path.exists(bundled):
         return bundled
-    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    return shutil.which("ptxas") or os.path.join(cuda_home, "bin", "ptxas")
+    cuda_home = os.environ.get("CUDA_HOME")
+    if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "ptxas")):
+        return os.path.join(cuda_home, "bin", "ptxas")
+    return shutil.which("ptxas") or "ptxas"
 
 
 def _ptxas_usage(ptx: str) -> dict:

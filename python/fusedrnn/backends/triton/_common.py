@@ -38,8 +38,9 @@ Selection rule (:func:`select_variant`)
    <= SINGLE_BUDGET`` (64 KiB, beyond that the single program spills) and its shared memory fits.
 3. Else split: ``block_u`` = smallest power of two >= 16 with ``cdiv(H, block_u) <= SMs``,
    doubled while the grid for all batch tiles exceeds the SMs and a bigger slice still fits.
-   ``persistent`` on a GPU, ``stepwise`` under the interpreter.  ``block_b`` doubles (to 64)
-   while the grid is too big and shared memory allows; rows beyond one co-resident grid run as
+   ``persistent`` on a GPU, ``stepwise`` under the interpreter.  ``block_b`` doubles (to 64, for
+   16-bit dtypes only: fp32-IEEE / fp64 GEMMs run on FMA units and spill with bigger tiles) while
+   the grid is too big and shared memory allows; rows beyond one co-resident grid run as
    further launches over batch chunks (batch rows never interact).
 4. ``num_warps`` keeps the weight slice at ~64 registers per thread (4..16); GEMMs with long K
    run split-K over warps (``ksplit``: a batched ``tl.dot`` + sum) so no thread holds all of K.
@@ -399,6 +400,7 @@ def select_variant(
     if mode == "persistent":
         while (
             forced_b is None and n_b_total * n_u > info.sms and block_b < MAX_BLOCK_B
+            and elt <= 2  # fp32 (non-TF32) / fp64 GEMMs run on FMA units: bigger tiles spill badly
             and onchip_bytes(gates_per_unit, block_b * 2, block_u, block_k, block_h, block_p, elt, proj) <= info.smem_bytes
         ):
             block_b *= 2

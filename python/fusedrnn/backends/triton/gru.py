@@ -40,7 +40,7 @@ h_{t-1} for backward comes from y / h0 exactly as ``reference.previous_states`` 
 sequence's own first step t = lengths-1).
 
 Per-step cost, GRU T=1024 B=16 H=768 bf16 (the performance target), 48 programs x BU=16, HP=1024,
-16 warps, KS=16 (AOT: 128 regs, no spills, 128 KiB shared memory):
+8 warps, KS=8 (AOT sm_90: fwd 216 regs, no spills; bwd 255 regs, 16 B spills; 128 KiB shared):
     FLOP   2*B*H*3H = 56.6 MFLOP/step useful (75.5 executed with the pow2 padding of K), 1.57 MFLOP
            per program: ~0.2-0.3 us of mma.sync on one SM (M = 16 rows, no wgmma).
     on-chip W_hh slice 3*HP*BU*2 = 96 KiB per program read from shared memory every step: ~0.4 us
@@ -103,29 +103,36 @@ def check_supported(H: int, dtype: torch.dtype, device) -> None:
         raise ValueError(f"fusedrnn triton GRU: {reason}")
 
 
-SINGLE_MAX_WARPS = 8  # more warps on a single-program tile [16, <=64] only cap registers (ptxas)
+MAX_WARPS = 8  # 16 warps cap ptxas at 128 registers/thread: the GRU kernels spill there, not at 8
 SMEM_MARGIN = 4 * 1024
 
 
-def _gru_variant(H: int, B: int, dtype: torch.dtype, device=None, info=None, interpret=None) -> "C.Variant":
+def _gru_variant(H: int, B: int, dtype: torch.dtype, device=None, info=None, interpret=None,
+                 backward: bool = False) -> "C.Variant":
     """``_common.select_variant`` (THE rule) with two GRU-kernel adjustments, both from the AOT
     report (tools/triton_aot.py):
 
-    * single-program variants run 8 warps (4 for tiles under 512 elements): their pointwise tiles
-      [block_b, pow2(H)] dominate registers; at 16 warps ptxas caps the registers and spills KiBs,
-      at 4 warps [16, 64] tiles spill ~380 B.
+    * at most 8 warps (the shared rule picks 16 for the largest W_hh slices, where 512 threads cap
+      ptxas at 128 registers: H=768 bf16 spilled 76-116 B/thread per step, 0-16 B at 8 warps,
+      KS = 8); single-program variants run 8 warps (4 for tiles under 512 elements): their
+      pointwise tiles [block_b, pow2(H)] dominate registers (4 warps: [16, 64] spilled ~380 B).
     * split variants shrink ``block_b`` until the W_hh slice + the exchanged [block_b, pow2(H)]
-      operand fit the device's shared memory (block_b = 64 at H = 768 bf16 needs 226 KiB)."""
+      operand fit the device's shared memory (block_b = 64 at H = 768 bf16 needs 226 KiB); the
+      backward keeps block_b = 16 when split (block_b = 32 spilled ~2 KiB/thread: its phase B
+      holds three [32, pow2(H)] operands), at the price of more launch groups for B > 32."""
     v = C.select_variant(GATES, H, H, B, dtype, device, info=info, interpret=interpret)
     info = info or C.device_info(device)
     if v.mode == "single":
         # 8 warps from pow2(H) = 32 on (fewer spills of the [block_b, pow2(H)] tiles than 4 warps)
-        w = SINGLE_MAX_WARPS if v.block_b * v.block_h >= 512 else 4
+        w = MAX_WARPS if v.block_b * v.block_h >= 512 else 4
+    else:
+        w = min(v.num_warps, MAX_WARPS)
+    if w != v.num_warps:
         v = dataclasses.replace(v, num_warps=w, ksplit_k=C.ksplit(v.block_k, w), ksplit_h=C.ksplit(v.block_h, w))
     if v.mode != "single":
         e = C.elt_size(dtype)
         w_bytes = C.weight_bytes_per_program(GATES, v.block_u, v.block_h, e)
-        bb = v.block_b
+        bb = C.MIN_TILE if backward else v.block_b
         while bb > C.MIN_TILE and w_bytes + bb * v.block_h * e > info.smem_bytes - SMEM_MARGIN:
             bb //= 2
         if bb != v.block_b:
@@ -136,12 +143,12 @@ def _gru_variant(H: int, B: int, dtype: torch.dtype, device=None, info=None, int
     return v
 
 
-def _variant(H: int, B: int, dtype: torch.dtype, device) -> "C.Variant":
+def _variant(H: int, B: int, dtype: torch.dtype, device, backward: bool = False) -> "C.Variant":
     check_supported(H, dtype, device)
     if B * 4 * H >= 2**31:
         raise ValueError(f"fusedrnn triton GRU: batch * 4 * hidden_size = {B * 4 * H} must be < 2**31 "
                          "(per-step offsets are int32; the time offset is int64)")
-    return _gru_variant(H, B, dtype, device)
+    return _gru_variant(H, B, dtype, device, backward=backward)
 
 
 def _max_spins() -> int:
@@ -584,7 +591,7 @@ def gru_bwd(dy: Tensor, dh_n: Tensor, w_hh: Tensor, h0: Tensor, y: Tensor, gates
     T, B, G4 = gates.shape
     H = G4 // 4
     dt, dev = dy.dtype, dy.device
-    v = _variant(H, B, dt, dev)
+    v = _variant(H, B, dt, dev, backward=True)
     dx = torch.empty(T, B, 3 * H, dtype=dt, device=dev)
     dhseq = torch.empty(T, B, H, dtype=dt, device=dev)
     dh0 = torch.empty(B, H, dtype=dt, device=dev)
@@ -692,16 +699,16 @@ def aot_variants(capability: int = 90) -> list:
         mid = min(768, limit)
         for H in sorted({37, single_max, single_max + 1, mid, limit}):
             for B in (16, 256):
-                v = sel(H, B, dt)
-                if B != 16 and (v.block_b == 16 or H != mid):
-                    continue  # same kernel as B = 16; larger batch tiles only at one size
-                modes = [v.mode] + (["stepwise"] if H == single_max + 1 and B == 16 else [])
-                for mode in modes:
-                    vv = dataclasses.replace(v, mode=mode)
-                    for precision in ("ieee", "tf32") if dt == torch.float32 else ("ieee",):
-                        tag = f"{ty} H={H} B={B} {mode} u={vv.block_u} b={vv.block_b} ks={vv.ksplit_h}" + (
-                            " tf32" if precision == "tf32" else "")
-                        for kind in ("fwd", "bwd"):
+                for kind in ("fwd", "bwd"):
+                    v = _gru_variant(H, B, dt, info=info, interpret=False, backward=kind == "bwd")
+                    if B != 16 and (v.block_b == 16 or H != mid):
+                        continue  # same kernel as B = 16; larger batch tiles only at one size
+                    modes = [v.mode] + (["stepwise"] if H == single_max + 1 and B == 16 else [])
+                    for mode in modes:
+                        vv = dataclasses.replace(v, mode=mode)
+                        for precision in ("ieee", "tf32") if dt == torch.float32 else ("ieee",):
+                            tag = f"{ty} H={H} B={B} {mode} u={vv.block_u} b={vv.block_b} ks={vv.ksplit_h}" + (
+                                " tf32" if precision == "tf32" else "")
                             specs.append(_aot_recurrence(kind, vv, H, dt, precision, tag))
         cell_ptrs_f = {n: ty for n in ("ig_ptr", "hg_ptr", "bih_ptr", "bhh_ptr", "h_ptr", "hnew_ptr", "gates_ptr")}
         specs.append(C.aot_spec(f"gru_cell_fwd {ty}", _gru_cell_fwd_kernel, cell_ptrs_f,
