@@ -281,7 +281,7 @@ def test_gradcheck(backend, mode):
         hidden = hidden if isinstance(hidden, tuple) else (hidden,)
         return (out.data,) + hidden
 
-    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, fast_mode=True)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -299,4 +299,4 @@ def test_gradcheck_cells(backend, mode):
         out = torch.func.functional_call(ours, dict(zip(names, ps)), (x, hx))
         return out if isinstance(out, tuple) else (out,)
 
-    assert torch.autograd.gradcheck(f, (x, h, c, *ours.parameters()), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(f, (x, h, c, *ours.parameters()), eps=1e-6, atol=1e-7, fast_mode=True)
