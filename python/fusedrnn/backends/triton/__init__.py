@@ -8,31 +8,21 @@ An explicit ``backend="triton"`` never falls back: unsupported shapes raise Valu
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 from . import _common
 
-_GRU_NAMES = ("gru_fwd", "gru_bwd", "gru_cell_fwd", "gru_cell_bwd")
-
 
 def _lstm():
-    from . import lstm
+    from . import lstm  # imported on first use: triton is optional for the package
 
     return lstm
 
 
 def _gru():
-    """The GRU module, or None while it does not exist / does not import."""
-    try:
-        mod = importlib.import_module(__name__ + ".gru")
-    except ModuleNotFoundError as e:
-        if e.name != __name__ + ".gru":
-            raise
-        return None
-    if not all(hasattr(mod, n) for n in _GRU_NAMES):
-        return None
-    return mod
+    from . import gru
+
+    return gru
 
 
 def unavailable() -> Optional[str]:
@@ -41,15 +31,7 @@ def unavailable() -> Optional[str]:
 
 def unsupported(cfg) -> Optional[str]:
     """None when the Triton kernels run ``cfg`` (a ``RecurrenceConfig``), else the reason."""
-    if cfg.mode in ("GRU", "GRUCell"):
-        mod = _gru()
-        if mod is None:
-            return "the Triton GRU kernels are not implemented yet (backends/triton/gru.py)"
-        if hasattr(mod, "unsupported"):
-            return mod.unsupported(cfg)
-        gates = 3
-    else:
-        gates = 4
+    gates = 3 if cfg.mode in ("GRU", "GRUCell") else 4
     if cfg.mode in ("LSTMCell", "GRUCell"):
         r = _common.device_unsupported_reason(cfg.device_type)
         if r is None and cfg.dtype not in _common.SUPPORTED_DTYPES:
@@ -85,26 +67,17 @@ def lstm_cell_bwd(dh_new, dc_new, c, c_new, gates):
     return _lstm().lstm_cell_bwd(dh_new, dc_new, c, c_new, gates)
 
 
-def _gru_call(name, *args):
-    mod = _gru()
-    if mod is None:
-        raise NotImplementedError(
-            f"fusedrnn triton: {name} is not implemented yet (backends/triton/gru.py is missing)"
-        )
-    return getattr(mod, name)(*args)
-
-
 def gru_fwd(xproj, w_hh, b_hh, h0, lengths, reverse):
-    return _gru_call("gru_fwd", xproj, w_hh, b_hh, h0, lengths, reverse)
+    return _gru().gru_fwd(xproj, w_hh, b_hh, h0, lengths, reverse)
 
 
 def gru_bwd(dy, dh_n, w_hh, h0, y, gates, lengths, reverse):
-    return _gru_call("gru_bwd", dy, dh_n, w_hh, h0, y, gates, lengths, reverse)
+    return _gru().gru_bwd(dy, dh_n, w_hh, h0, y, gates, lengths, reverse)
 
 
 def gru_cell_fwd(igates, hgates, b_ih, b_hh, h):
-    return _gru_call("gru_cell_fwd", igates, hgates, b_ih, b_hh, h)
+    return _gru().gru_cell_fwd(igates, hgates, b_ih, b_hh, h)
 
 
 def gru_cell_bwd(dh_new, h, gates):
-    return _gru_call("gru_cell_bwd", dh_new, h, gates)
+    return _gru().gru_cell_bwd(dh_new, h, gates)
