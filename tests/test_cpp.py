@@ -215,8 +215,8 @@ def test_lstm_proj(dtype, H, P, reverse):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 4, 37), (7, 1, 37), (0, 3, 5), (3, 0, 5), (200, 2, 16)],
-                         ids=["T1B1", "T1", "B1", "T0", "B0", "T200"])
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 4, 37), (7, 1, 37), (0, 3, 5), (3, 0, 5), (40, 2, 16)],
+                         ids=["T1B1", "T1", "B1", "T0", "B0", "T40"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("mode", ["lstm", "lstm_proj", "gru"])
 def test_edge_shapes(dtype, shape, reverse, mode):

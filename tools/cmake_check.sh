@@ -5,9 +5,9 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD="${1:-$ROOT/build/cmake}"
-PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
-if [[ -x "$ROOT/.venv/bin/python" && -z "${PYTHON_SET:-}" && "${PYTHON}" != "$ROOT/.venv/bin/python" ]]; then
-  PYTHON="$ROOT/.venv/bin/python"
+# PYTHON: the interpreter whose torch/pybind11 to build against (default: .venv, else python3)
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON="$(command -v python3)"; fi
 fi
 WITH_CUDA="${FUSEDRNN_WITH_CUDA:-OFF}"
 JOBS="${JOBS:-${MAX_JOBS:-2}}"
