@@ -119,24 +119,26 @@ def unsupported(cfg) -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------ op contract
+# The fusedrnn_ext ops dispatch on the tensors' device, so the cuda backend reuses these with
+# its TF32 flag (CPU kernels ignore allow_tf32).
 def lstm_fwd(xproj: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, c0: Tensor,
-             w_hr: Optional[Tensor], lengths: Optional[Tensor], reverse: bool):
-    return _ops().lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, False)
+             w_hr: Optional[Tensor], lengths: Optional[Tensor], reverse: bool, allow_tf32: bool = False):
+    return _ops().lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, allow_tf32)
 
 
 def lstm_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], c0: Tensor,
-             gates: Tensor, cs: Tensor, lengths: Optional[Tensor], reverse: bool):
-    return _ops().lstm_bwd(dy, dh_n, dc_n, w_hh, w_hr, c0, gates, cs, lengths, reverse, False)
+             gates: Tensor, cs: Tensor, lengths: Optional[Tensor], reverse: bool, allow_tf32: bool = False):
+    return _ops().lstm_bwd(dy, dh_n, dc_n, w_hh, w_hr, c0, gates, cs, lengths, reverse, allow_tf32)
 
 
 def gru_fwd(xproj: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, lengths: Optional[Tensor],
-            reverse: bool):
-    return _ops().gru_fwd(xproj, w_hh, b_hh, h0, lengths, reverse, False)
+            reverse: bool, allow_tf32: bool = False):
+    return _ops().gru_fwd(xproj, w_hh, b_hh, h0, lengths, reverse, allow_tf32)
 
 
 def gru_bwd(dy: Tensor, dh_n: Tensor, w_hh: Tensor, h0: Tensor, y: Tensor, gates: Tensor,
-            lengths: Optional[Tensor], reverse: bool):
-    return _ops().gru_bwd(dy, dh_n, w_hh, h0, y, gates, lengths, reverse, False)
+            lengths: Optional[Tensor], reverse: bool, allow_tf32: bool = False):
+    return _ops().gru_bwd(dy, dh_n, w_hh, h0, y, gates, lengths, reverse, allow_tf32)
 
 
 def lstm_cell_fwd(igates: Tensor, hgates: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], c: Tensor):

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor
 
 from . import cpp as _cpp  # loads fusedrnn._C and registers the fusedrnn_ext fakes
 
@@ -18,10 +17,6 @@ _MODE_LIMIT = {"LSTM": "LSTM", "LSTMCell": "LSTM", "GRU": "GRU", "GRUCell": "GRU
 
 def _tf32() -> bool:
     return bool(torch.backends.cudnn.allow_tf32)
-
-
-def _ops():
-    return torch.ops.fusedrnn_ext
 
 
 # ------------------------------------------------------------------------------ availability
@@ -60,37 +55,21 @@ def unsupported(cfg) -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------ op contract
-def lstm_fwd(xproj: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, c0: Tensor,
-             w_hr: Optional[Tensor], lengths: Optional[Tensor], reverse: bool):
-    return _ops().lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, _tf32())
+# Same dispatcher ops as the cpp backend (they dispatch on device); only the TF32 flag differs.
+from .cpp import gru_cell_bwd, gru_cell_fwd, lstm_cell_bwd, lstm_cell_fwd  # noqa: E402,F401
 
 
-def lstm_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], c0: Tensor,
-             gates: Tensor, cs: Tensor, lengths: Optional[Tensor], reverse: bool):
-    return _ops().lstm_bwd(dy, dh_n, dc_n, w_hh, w_hr, c0, gates, cs, lengths, reverse, _tf32())
+def lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse):
+    return _cpp.lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, _tf32())
 
 
-def gru_fwd(xproj: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, lengths: Optional[Tensor],
-            reverse: bool):
-    return _ops().gru_fwd(xproj, w_hh, b_hh, h0, lengths, reverse, _tf32())
+def lstm_bwd(dy, dh_n, dc_n, w_hh, w_hr, c0, gates, cs, lengths, reverse):
+    return _cpp.lstm_bwd(dy, dh_n, dc_n, w_hh, w_hr, c0, gates, cs, lengths, reverse, _tf32())
 
 
-def gru_bwd(dy: Tensor, dh_n: Tensor, w_hh: Tensor, h0: Tensor, y: Tensor, gates: Tensor,
-            lengths: Optional[Tensor], reverse: bool):
-    return _ops().gru_bwd(dy, dh_n, w_hh, h0, y, gates, lengths, reverse, _tf32())
+def gru_fwd(xproj, w_hh, b_hh, h0, lengths, reverse):
+    return _cpp.gru_fwd(xproj, w_hh, b_hh, h0, lengths, reverse, _tf32())
 
 
-def lstm_cell_fwd(igates: Tensor, hgates: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], c: Tensor):
-    return _ops().lstm_cell_fwd(igates, hgates, b_ih, b_hh, c)
-
-
-def lstm_cell_bwd(dh_new: Tensor, dc_new: Tensor, c: Tensor, c_new: Tensor, gates: Tensor):
-    return _ops().lstm_cell_bwd(dh_new, dc_new, c, c_new, gates)
-
-
-def gru_cell_fwd(igates: Tensor, hgates: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], h: Tensor):
-    return _ops().gru_cell_fwd(igates, hgates, b_ih, b_hh, h)
-
-
-def gru_cell_bwd(dh_new: Tensor, h: Tensor, gates: Tensor):
-    return _ops().gru_cell_bwd(dh_new, h, gates)
+def gru_bwd(dy, dh_n, w_hh, h0, y, gates, lengths, reverse):
+    return _cpp.gru_bwd(dy, dh_n, w_hh, h0, y, gates, lengths, reverse, _tf32())
