@@ -17,6 +17,13 @@ inline unsigned int cell_blocks(int64_t n) {
   return static_cast<unsigned int>(std::max<int64_t>(1, ceil_div(n, kCellThreads)));
 }
 
+// One thread per (batch, unit) pair, n = B * H of them, on the current stream.
+template <typename... KArgs, typename... Args>
+void launch_cells(void (*kernel)(KArgs...), int64_t n, Args... args) {
+  kernel<<<cell_blocks(n), kCellThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T>
 __global__ void lstm_cell_fwd_kernel(const T* __restrict__ ig, const T* __restrict__ hg,
                                      const T* __restrict__ b_ih, const T* __restrict__ b_hh,
@@ -151,10 +158,9 @@ Tensor3 lstm_cell_fwd_cuda(const Tensor& igates, const Tensor& hgates, const Opt
   if (B * H == 0) return {h_new, c_new, gates};
   dispatch_storage(dt, [&](auto tag) {
     using T = decltype(tag);
-    lstm_cell_fwd_kernel<T><<<cell_blocks(B * H), kCellThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        ptr<T>(ig), ptr<T>(hg), bi.defined() ? ptr<T>(bi) : nullptr, bh.defined() ? ptr<T>(bh) : nullptr,
-        ptr<T>(cc), ptr<T>(h_new), ptr<T>(c_new), ptr<T>(gates), B, H);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_cells(lstm_cell_fwd_kernel<T>, B * H,
+                 ptr<T>(ig), ptr<T>(hg), ptr<T>(bi), ptr<T>(bh),
+                 ptr<T>(cc), ptr<T>(h_new), ptr<T>(c_new), ptr<T>(gates), B, H);
   });
   return {h_new, c_new, gates};
 }
@@ -175,9 +181,8 @@ Tensor2 lstm_cell_bwd_cuda(const Tensor& dh_new, const Tensor& dc_new, const Ten
   if (B * H == 0) return {dgates, dc};
   dispatch_storage(dt, [&](auto tag) {
     using T = decltype(tag);
-    lstm_cell_bwd_kernel<T><<<cell_blocks(B * H), kCellThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        ptr<T>(dh), ptr<T>(dcn), ptr<T>(cc), ptr<T>(cn), ptr<T>(g), ptr<T>(dgates), ptr<T>(dc), B, H);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_cells(lstm_cell_bwd_kernel<T>, B * H,
+                 ptr<T>(dh), ptr<T>(dcn), ptr<T>(cc), ptr<T>(cn), ptr<T>(g), ptr<T>(dgates), ptr<T>(dc), B, H);
   });
   return {dgates, dc};
 }
@@ -197,10 +202,9 @@ Tensor2 gru_cell_fwd_cuda(const Tensor& igates, const Tensor& hgates, const OptT
   if (B * H == 0) return {h_new, gates};
   dispatch_storage(dt, [&](auto tag) {
     using T = decltype(tag);
-    gru_cell_fwd_kernel<T><<<cell_blocks(B * H), kCellThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        ptr<T>(ig), ptr<T>(hg), bi.defined() ? ptr<T>(bi) : nullptr, bh.defined() ? ptr<T>(bh) : nullptr,
-        ptr<T>(hh), ptr<T>(h_new), ptr<T>(gates), B, H);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_cells(gru_cell_fwd_kernel<T>, B * H,
+                 ptr<T>(ig), ptr<T>(hg), ptr<T>(bi), ptr<T>(bh),
+                 ptr<T>(hh), ptr<T>(h_new), ptr<T>(gates), B, H);
   });
   return {h_new, gates};
 }
@@ -219,9 +223,8 @@ Tensor3 gru_cell_bwd_cuda(const Tensor& dh_new, const Tensor& h, const Tensor& g
   if (B * H == 0) return {d_i, d_h, dh_prev};
   dispatch_storage(dt, [&](auto tag) {
     using T = decltype(tag);
-    gru_cell_bwd_kernel<T><<<cell_blocks(B * H), kCellThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        ptr<T>(dh), ptr<T>(hh), ptr<T>(g), ptr<T>(d_i), ptr<T>(d_h), ptr<T>(dh_prev), B, H);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_cells(gru_cell_bwd_kernel<T>, B * H,
+                 ptr<T>(dh), ptr<T>(hh), ptr<T>(g), ptr<T>(d_i), ptr<T>(d_h), ptr<T>(dh_prev), B, H);
   });
   return {d_i, d_h, dh_prev};
 }

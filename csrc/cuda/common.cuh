@@ -139,6 +139,39 @@ __device__ __forceinline__ A red_sum(const A* red, int rows, int bn, int row, in
   return s;
 }
 
+// Epilogue: dst[b*ld + c0 + j] = round(src[b*ld + c0 + j]) for the CTA's own columns
+// c0 <= c0 + j < c0 + n of all B rows (fp32/fp64 state workspace -> storage-type output).
+template <typename T, typename A>
+__device__ __forceinline__ void store_own_cols(T* dst, const A* src, int64_t ld, int64_t c0, int n, int64_t B) {
+  for (int64_t idx = threadIdx.x; idx < int64_t(n) * B; idx += kThreads) {
+    const int j = static_cast<int>(idx % n);
+    const int64_t b = idx / n;
+    dst[b * ld + c0 + j] = from_acc<T>(src[b * ld + c0 + j]);
+  }
+}
+
+// Latency hiding of the forward kernels: the gate inputs of the item (hidden unit u, batch b) a
+// thread handles first in the first batch pass (the same every step): b_hh of its NG gates
+// (constant) and, for step t, xproj_t (xproj is (T, B, NG*H)) and whether t is valid for b, loaded
+// for the next step before the grid barrier (off the critical path).
+template <int NG, typename T, typename A>
+struct FixedGateInputs {
+  A bias[NG], x[NG];
+  bool valid = false;
+  __device__ __forceinline__ void load_bias(bool has, const T* b_hh, int64_t H, int64_t u) {
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) bias[gi] = (has && b_hh) ? A(to_acc(b_hh[gi * H + u])) : A(0);
+  }
+  __device__ __forceinline__ void load_step(bool has, const T* xproj, const int64_t* lengths, int64_t t,
+                                            int64_t B, int64_t H, int64_t b, int64_t u) {
+    if (!has) return;
+    const T* xp = xproj + (t * B + b) * (NG * H) + u;
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) x[gi] = to_acc(xp[gi * H]);
+    valid = lengths == nullptr || t < __ldg(lengths + b);
+  }
+};
+
 // ================================================================ engine: bf16 / fp16 tensor cores
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint4& a, uint32_t b0, uint32_t b1);
@@ -566,6 +599,60 @@ inline int64_t largest_fitting(int64_t hi, Fits fits) {
   for (int64_t h = hi; h >= 1; --h)
     if (fits(h)) return h;
   return 0;
+}
+
+// ------------------------------------------------------------------ launch-plan helpers (host)
+// A plan (p.ok, p.grid, p.smem) that fits the device: its smem fits and all CTAs are co-resident.
+template <class Kernel, class Plan>
+inline bool plan_fits(Kernel kernel, const Plan& p, const DeviceLimits& dev) {
+  return p.ok && co_resident_ctas(kernel, p.smem, dev.sms) >= p.grid;
+}
+
+// Limit query of one recurrence pass: the smallest over the engines `dtype` may use (fp32: with and
+// without TF32; nt = 1) of query(EngineTag<T, Eng>{}) -> largest fitting H.
+template <class Query>
+inline int64_t max_hidden_over_engines(at::ScalarType dtype, Query query) {
+  auto one = [&](bool tf32) {
+    int64_t found = 0;
+    dispatch_engine(dtype, tf32, 1, [&](auto tag) { found = query(tag); });
+    return found;
+  };
+  int64_t best = one(false);
+  if (dtype == at::kFloat) best = std::min(best, one(true));
+  return best;
+}
+
+// Tries n-tile counts preferred_nt(B), /2, ..., 1: try_launch(EngineTag<T, Eng>{}) plans and
+// launches, returning false when the plan does not fit.  Returns whether a launch happened.
+template <class TryLaunch>
+inline bool launch_first_fitting(at::ScalarType dt, bool allow_tf32, int64_t B, TryLaunch try_launch) {
+  bool launched = false;
+  for (int nt = preferred_nt(B); nt >= 1 && !launched; nt /= 2) {
+    dispatch_engine(dt, allow_tf32, nt, [&](auto tag) {
+      if (launched) return;
+      launched = try_launch(tag);
+    });
+  }
+  return launched;
+}
+
+// Zeroed grid-barrier counter (one per launch) and its kernel pointer.
+inline at::Tensor new_barrier(const at::TensorOptions& opts) { return at::zeros({1}, opts.dtype(at::kInt)); }
+inline unsigned int* barrier_ptr(const at::Tensor& barrier) {
+  return reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
+}
+
+// ------------------------------------------------------------------ argument checks (host)
+inline bool has_tensor(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Optional per-sequence lengths: CUDA, on `like`'s device, contiguous, int64 (B,).
+inline void check_lengths(const c10::optional<at::Tensor>& lengths, int64_t B, const at::Tensor& like) {
+  if (!has_tensor(lengths)) return;
+  check_cuda_tensor(*lengths, "lengths", like);
+  TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->numel() == B, "fusedrnn CUDA: lengths must be int64 (B,)");
+}
+inline const int64_t* lengths_ptr(const c10::optional<at::Tensor>& lengths) {
+  return has_tensor(lengths) ? lengths->data_ptr<int64_t>() : nullptr;
 }
 
 }  // namespace cuda_detail

@@ -140,11 +140,7 @@ __global__ void __launch_bounds__(kThreads, 1) gru_bwd_kernel(const GruBwdArgs<T
   }
   if (has_fixed) a.dh_state[fb * H + u0 + fj] = f_dh;
   __syncthreads();
-  for (int64_t idx = threadIdx.x; idx < int64_t(nu) * B; idx += kThreads) {
-    const int j = static_cast<int>(idx % nu);
-    const int64_t b = idx / nu;
-    a.dh0[b * H + u0 + j] = from_acc<T>(a.dh_state[b * H + u0 + j]);
-  }
+  store_own_cols(a.dh0, a.dh_state, H, u0, nu, B);
 }
 
 struct GruBwdPlan {
@@ -171,21 +167,13 @@ GruBwdPlan plan_gru_bwd(int64_t H, const DeviceLimits& dev) {
 
 int64_t gru_bwd_max_hidden(at::ScalarType dtype, int device) {
   const DeviceLimits dev = device_limits(device);
-  auto one = [&](bool tf32) {
-    int64_t found = 0;
-    dispatch_engine(dtype, tf32, 1, [&](auto tag) {
-      using T = typename decltype(tag)::T;
-      using Eng = typename decltype(tag)::Eng;
-      found = largest_fitting(int64_t(kMaxMT) * 16 * dev.sms, [&](int64_t H) {
-        const GruBwdPlan p = plan_gru_bwd<Eng>(H, dev);
-        return p.ok && co_resident_ctas(gru_bwd_kernel<T, Eng>, p.smem, dev.sms) >= p.grid;
-      });
+  return max_hidden_over_engines(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::T;
+    using Eng = typename decltype(tag)::Eng;
+    return largest_fitting(int64_t(kMaxMT) * 16 * dev.sms, [&](int64_t H) {
+      return plan_fits(gru_bwd_kernel<T, Eng>, plan_gru_bwd<Eng>(H, dev), dev);
     });
-    return found;
-  };
-  int64_t best = one(false);
-  if (dtype == at::kFloat) best = std::min(best, one(true));
-  return best;
+  });
 }
 
 }  // namespace cuda_detail
@@ -203,10 +191,7 @@ Tensor3 gru_bwd_cuda(const Tensor& dy, const Tensor& dh_n, const Tensor& w_hh, c
   TORCH_CHECK(dy.numel() == T * B * H && dh_n.numel() == B * H && h0.numel() == B * H &&
                   y.numel() == T * B * H && w_hh.size(0) == G && w_hh.size(1) == H,
               "fusedrnn CUDA gru_bwd: shape mismatch");
-  if (lengths.has_value() && lengths->defined()) {
-    check_cuda_tensor(*lengths, "lengths", dy);
-    TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->numel() == B, "fusedrnn CUDA: lengths must be int64 (B,)");
-  }
+  check_lengths(lengths, B, dy);
   auto same = [&](const Tensor& t) { return t.scalar_type() == dt ? t : t.to(dt).contiguous(); };
   const Tensor w = same(w_hh), h0c = same(h0), yc = same(y), gatesc = same(gates);
 
@@ -220,39 +205,35 @@ Tensor3 gru_bwd_cuda(const Tensor& dy, const Tensor& dh_n, const Tensor& w_hh, c
   }
   const int device = dy.get_device();
   const DeviceLimits dev = device_limits(device);
-  bool launched = false;
-  for (int nt = preferred_nt(B); nt >= 1 && !launched; nt /= 2) {
-    dispatch_engine(dt, allow_tf32, nt, [&](auto tag) {
-      using Tt = typename decltype(tag)::T;
-      using Eng = typename decltype(tag)::Eng;
-      if (launched) return;
-      const GruBwdPlan p = plan_gru_bwd<Eng>(H, dev);
-      if (!p.ok) return;
-      const int64_t Bpad = round_up(B, Eng::BN), ldp = round_up(G, kChunk);
-      Tensor dpbuf = at::zeros({2, Bpad, ldp}, opts);
-      Tensor dh_state = dh_n.reshape({B, H}).to(acc, false, /*copy=*/true).contiguous();
-      Tensor barrier = at::zeros({1}, opts.dtype(at::kInt));
-      GruBwdArgs<Tt> a;
-      a.dy = ptr<Tt>(dy);
-      a.w_hh = ptr<Tt>(w);
-      a.h0 = ptr<Tt>(h0c);
-      a.y = ptr<Tt>(yc);
-      a.gates = ptr<Tt>(gatesc);
-      a.lengths = (lengths.has_value() && lengths->defined()) ? lengths->data_ptr<int64_t>() : nullptr;
-      a.dxproj = ptr<Tt>(dxproj);
-      a.dh0 = ptr<Tt>(dh0);
-      a.dhn = ptr<Tt>(dhn);
-      a.dh_state = ptr<acc_t<Tt>>(dh_state);
-      a.dpbuf = ptr<Tt>(dpbuf);
-      a.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
-      a.T_ = T; a.B = B; a.H = H;
-      a.ldp = ldp; a.dpbuf_stride = Bpad * ldp;
-      a.U = p.U; a.g_b = p.g_b;
-      a.reverse = reverse ? 1 : 0;
-      launch_cooperative(gru_bwd_kernel<Tt, Eng>, p.grid, p.smem, a, dev.sms, "gru_bwd");
-      launched = true;
-    });
-  }
+  const bool launched = launch_first_fitting(dt, allow_tf32, B, [&](auto tag) {
+    using Tt = typename decltype(tag)::T;
+    using Eng = typename decltype(tag)::Eng;
+    const GruBwdPlan p = plan_gru_bwd<Eng>(H, dev);
+    if (!p.ok) return false;
+    const int64_t Bpad = round_up(B, Eng::BN), ldp = round_up(G, kChunk);
+    Tensor dpbuf = at::zeros({2, Bpad, ldp}, opts);
+    Tensor dh_state = dh_n.reshape({B, H}).to(acc, false, /*copy=*/true).contiguous();
+    Tensor barrier = new_barrier(opts);
+    GruBwdArgs<Tt> a;
+    a.dy = ptr<Tt>(dy);
+    a.w_hh = ptr<Tt>(w);
+    a.h0 = ptr<Tt>(h0c);
+    a.y = ptr<Tt>(yc);
+    a.gates = ptr<Tt>(gatesc);
+    a.lengths = lengths_ptr(lengths);
+    a.dxproj = ptr<Tt>(dxproj);
+    a.dh0 = ptr<Tt>(dh0);
+    a.dhn = ptr<Tt>(dhn);
+    a.dh_state = ptr<acc_t<Tt>>(dh_state);
+    a.dpbuf = ptr<Tt>(dpbuf);
+    a.barrier = barrier_ptr(barrier);
+    a.T_ = T; a.B = B; a.H = H;
+    a.ldp = ldp; a.dpbuf_stride = Bpad * ldp;
+    a.U = p.U; a.g_b = p.g_b;
+    a.reverse = reverse ? 1 : 0;
+    launch_cooperative(gru_bwd_kernel<Tt, Eng>, p.grid, p.smem, a, dev.sms, "gru_bwd");
+    return true;
+  });
   TORCH_CHECK(launched, "fusedrnn CUDA gru_bwd: hidden size H=", H, " (dtype ", dt,
               ") does not fit on chip; the limit on this device is H <= ",
               max_hidden_size_cuda("GRU", dt, device), " (max_hidden_size_cuda)");

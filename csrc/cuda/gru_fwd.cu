@@ -62,17 +62,9 @@ __global__ void __launch_bounds__(kThreads, 1) gru_fwd_kernel(const GruFwdArgs<T
   const int fj = has_fixed ? static_cast<int>(threadIdx.x) % nu : 0;
   const int64_t fb = has_fixed ? static_cast<int>(threadIdx.x) / nu : 0;
   A f_h = has_fixed ? a.h_state[fb * H + u0 + fj] : A(0);
-  A f_bias[3], f_x[3];
-  bool f_valid = false;
-#pragma unroll
-  for (int gi = 0; gi < 3; ++gi) f_bias[gi] = (has_fixed && a.b_hh) ? A(to_acc(a.b_hh[gi * H + u0 + fj])) : A(0);
-  auto prefetch = [&](int64_t t) {
-    if (!has_fixed) return;
-    const T* xp = a.xproj + (t * B + fb) * G + u0 + fj;
-#pragma unroll
-    for (int gi = 0; gi < 3; ++gi) f_x[gi] = to_acc(xp[gi * H]);
-    f_valid = a.lengths == nullptr || t < __ldg(a.lengths + fb);
-  };
+  FixedGateInputs<3, T, A> fx;
+  fx.load_bias(has_fixed, a.b_hh, H, u0 + fj);
+  auto prefetch = [&](int64_t t) { fx.load_step(has_fixed, a.xproj, a.lengths, t, B, H, fb, u0 + fj); };
   prefetch(a.reverse ? a.T_ - 1 : 0);
 
   unsigned int target = 0;
@@ -88,15 +80,15 @@ __global__ void __launch_bounds__(kThreads, 1) gru_fwd_kernel(const GruFwdArgs<T
         const bool fixed = n0 == 0 && idx == static_cast<int>(threadIdx.x);
         const int j = idx % nu, n = idx / nu;
         const int64_t b = n0 + n, u = u0 + j, row = t * B + b;
-        const bool valid = fixed ? f_valid : (a.lengths == nullptr || t < __ldg(a.lengths + b));
+        const bool valid = fixed ? fx.valid : (a.lengths == nullptr || t < __ldg(a.lengths + b));
         T* gp = a.gates + row * G4 + u;
         if (valid) {
           A hid[3], x[3];
           if (fixed) {
 #pragma unroll
             for (int gi = 0; gi < 3; ++gi) {
-              hid[gi] = red_sum(red, rows, BN, gi * U + j, n) + f_bias[gi];
-              x[gi] = f_x[gi];
+              hid[gi] = red_sum(red, rows, BN, gi * U + j, n) + fx.bias[gi];
+              x[gi] = fx.x[gi];
             }
           } else {
             const T* xp = a.xproj + row * G + u;
@@ -134,11 +126,7 @@ __global__ void __launch_bounds__(kThreads, 1) gru_fwd_kernel(const GruFwdArgs<T
   }
   if (has_fixed) a.h_state[fb * H + u0 + fj] = f_h;
   __syncthreads();
-  for (int64_t idx = threadIdx.x; idx < int64_t(nu) * B; idx += kThreads) {
-    const int j = static_cast<int>(idx % nu);
-    const int64_t b = idx / nu;
-    a.h_n[b * H + u0 + j] = from_acc<T>(a.h_state[b * H + u0 + j]);
-  }
+  store_own_cols(a.h_n, a.h_state, H, u0, nu, B);
 }
 
 struct GruFwdPlan {
@@ -165,21 +153,13 @@ GruFwdPlan plan_gru_fwd(int64_t H, const DeviceLimits& dev) {
 
 int64_t gru_fwd_max_hidden(at::ScalarType dtype, int device) {
   const DeviceLimits dev = device_limits(device);
-  auto one = [&](bool tf32) {
-    int64_t found = 0;
-    dispatch_engine(dtype, tf32, 1, [&](auto tag) {
-      using T = typename decltype(tag)::T;
-      using Eng = typename decltype(tag)::Eng;
-      found = largest_fitting(int64_t(kMaxMT) * 16 / 3 * dev.sms, [&](int64_t H) {
-        const GruFwdPlan p = plan_gru_fwd<Eng>(H, dev);
-        return p.ok && co_resident_ctas(gru_fwd_kernel<T, Eng>, p.smem, dev.sms) >= p.grid;
-      });
+  return max_hidden_over_engines(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::T;
+    using Eng = typename decltype(tag)::Eng;
+    return largest_fitting(int64_t(kMaxMT) * 16 / 3 * dev.sms, [&](int64_t H) {
+      return plan_fits(gru_fwd_kernel<T, Eng>, plan_gru_fwd<Eng>(H, dev), dev);
     });
-    return found;
-  };
-  int64_t best = one(false);
-  if (dtype == at::kFloat) best = std::min(best, one(true));
-  return best;
+  });
 }
 
 }  // namespace cuda_detail
@@ -198,10 +178,7 @@ Tensor3 gru_fwd_cuda(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b
   TORCH_CHECK(w_hh.size(0) == G && w_hh.size(1) == H && h0.numel() == B * H,
               "fusedrnn CUDA gru_fwd: shape mismatch");
   if (b_hh.has_value() && b_hh->defined()) check_cuda_tensor(*b_hh, "b_hh", xproj);
-  if (lengths.has_value() && lengths->defined()) {
-    check_cuda_tensor(*lengths, "lengths", xproj);
-    TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->numel() == B, "fusedrnn CUDA: lengths must be int64 (B,)");
-  }
+  check_lengths(lengths, B, xproj);
   auto same = [&](const Tensor& t) { return t.scalar_type() == dt ? t : t.to(dt).contiguous(); };
   const Tensor w = same(w_hh);
   const Tensor bh = (b_hh.has_value() && b_hh->defined()) ? same(*b_hh) : Tensor();
@@ -216,38 +193,34 @@ Tensor3 gru_fwd_cuda(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b
   }
   const int device = xproj.get_device();
   const DeviceLimits dev = device_limits(device);
-  bool launched = false;
-  for (int nt = preferred_nt(B); nt >= 1 && !launched; nt /= 2) {
-    dispatch_engine(dt, allow_tf32, nt, [&](auto tag) {
-      using Tt = typename decltype(tag)::T;
-      using Eng = typename decltype(tag)::Eng;
-      if (launched) return;
-      const GruFwdPlan p = plan_gru_fwd<Eng>(H, dev);
-      if (!p.ok) return;
-      const int64_t Bpad = round_up(B, Eng::BN), ldh = round_up(H, kChunk);
-      Tensor hbuf = at::zeros({2, Bpad, ldh}, opts);
-      hbuf.select(0, 0).narrow(0, 0, B).narrow(1, 0, H).copy_(h0.reshape({B, H}));
-      Tensor h_state = h0.reshape({B, H}).to(acc, false, /*copy=*/true).contiguous();
-      Tensor barrier = at::zeros({1}, opts.dtype(at::kInt));
-      GruFwdArgs<Tt> a;
-      a.xproj = ptr<Tt>(xproj);
-      a.w_hh = ptr<Tt>(w);
-      a.b_hh = bh.defined() ? ptr<Tt>(bh) : nullptr;
-      a.lengths = (lengths.has_value() && lengths->defined()) ? lengths->data_ptr<int64_t>() : nullptr;
-      a.y = ptr<Tt>(y);
-      a.h_n = ptr<Tt>(h_n);
-      a.gates = ptr<Tt>(gates);
-      a.h_state = ptr<acc_t<Tt>>(h_state);
-      a.hbuf = ptr<Tt>(hbuf);
-      a.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
-      a.T_ = T; a.B = B; a.H = H;
-      a.ldh = ldh; a.hbuf_stride = Bpad * ldh;
-      a.U = p.U; a.g_hh = p.g_hh;
-      a.reverse = reverse ? 1 : 0;
-      launch_cooperative(gru_fwd_kernel<Tt, Eng>, p.grid, p.smem, a, dev.sms, "gru_fwd");
-      launched = true;
-    });
-  }
+  const bool launched = launch_first_fitting(dt, allow_tf32, B, [&](auto tag) {
+    using Tt = typename decltype(tag)::T;
+    using Eng = typename decltype(tag)::Eng;
+    const GruFwdPlan p = plan_gru_fwd<Eng>(H, dev);
+    if (!p.ok) return false;
+    const int64_t Bpad = round_up(B, Eng::BN), ldh = round_up(H, kChunk);
+    Tensor hbuf = at::zeros({2, Bpad, ldh}, opts);
+    hbuf.select(0, 0).narrow(0, 0, B).narrow(1, 0, H).copy_(h0.reshape({B, H}));
+    Tensor h_state = h0.reshape({B, H}).to(acc, false, /*copy=*/true).contiguous();
+    Tensor barrier = new_barrier(opts);
+    GruFwdArgs<Tt> a;
+    a.xproj = ptr<Tt>(xproj);
+    a.w_hh = ptr<Tt>(w);
+    a.b_hh = bh.defined() ? ptr<Tt>(bh) : nullptr;
+    a.lengths = lengths_ptr(lengths);
+    a.y = ptr<Tt>(y);
+    a.h_n = ptr<Tt>(h_n);
+    a.gates = ptr<Tt>(gates);
+    a.h_state = ptr<acc_t<Tt>>(h_state);
+    a.hbuf = ptr<Tt>(hbuf);
+    a.barrier = barrier_ptr(barrier);
+    a.T_ = T; a.B = B; a.H = H;
+    a.ldh = ldh; a.hbuf_stride = Bpad * ldh;
+    a.U = p.U; a.g_hh = p.g_hh;
+    a.reverse = reverse ? 1 : 0;
+    launch_cooperative(gru_fwd_kernel<Tt, Eng>, p.grid, p.smem, a, dev.sms, "gru_fwd");
+    return true;
+  });
   TORCH_CHECK(launched, "fusedrnn CUDA gru_fwd: hidden size H=", H, " (dtype ", dt,
               ") does not fit on chip; the limit on this device is H <= ",
               max_hidden_size_cuda("GRU", dt, device), " (max_hidden_size_cuda)");

@@ -225,16 +225,8 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdArgs
   }
   __syncthreads();
 
-  for (int64_t idx = threadIdx.x; idx < int64_t(np) * B; idx += kThreads) {
-    const int j = static_cast<int>(idx % np);
-    const int64_t b = idx / np;
-    a.dh0[b * P + p0 + j] = from_acc<T>(a.dh_state[b * P + p0 + j]);
-  }
-  for (int64_t idx = threadIdx.x; idx < int64_t(nu) * B; idx += kThreads) {
-    const int j = static_cast<int>(idx % nu);
-    const int64_t b = idx / nu;
-    a.dc0[b * H + u0 + j] = from_acc<T>(a.dc_state[b * H + u0 + j]);
-  }
+  store_own_cols(a.dh0, a.dh_state, P, p0, np, B);
+  store_own_cols(a.dc0, a.dc_state, H, u0, nu, B);
 }
 
 struct BwdPlan {
@@ -272,21 +264,13 @@ BwdPlan plan_lstm_bwd(int64_t H, int64_t P, bool proj, const DeviceLimits& dev) 
 
 int64_t lstm_bwd_max_hidden(at::ScalarType dtype, int device) {
   const DeviceLimits dev = device_limits(device);
-  auto one = [&](bool tf32) {
-    int64_t found = 0;
-    dispatch_engine(dtype, tf32, 1, [&](auto tag) {
-      using T = typename decltype(tag)::T;
-      using Eng = typename decltype(tag)::Eng;
-      found = largest_fitting(int64_t(kMaxMT) * 16 * dev.sms, [&](int64_t H) {
-        const BwdPlan p = plan_lstm_bwd<Eng>(H, H, false, dev);
-        return p.ok && co_resident_ctas(lstm_bwd_kernel<T, Eng>, p.smem, dev.sms) >= p.grid;
-      });
+  return max_hidden_over_engines(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::T;
+    using Eng = typename decltype(tag)::Eng;
+    return largest_fitting(int64_t(kMaxMT) * 16 * dev.sms, [&](int64_t H) {
+      return plan_fits(lstm_bwd_kernel<T, Eng>, plan_lstm_bwd<Eng>(H, H, false, dev), dev);
     });
-    return found;
-  };
-  int64_t best = one(false);
-  if (dtype == at::kFloat) best = std::min(best, one(true));
-  return best;
+  });
 }
 
 }  // namespace cuda_detail
@@ -310,10 +294,7 @@ Tensor4 lstm_bwd_cuda(const Tensor& dy, const Tensor& dh_n, const Tensor& dc_n, 
     check_cuda_tensor(*w_hr, "w_hr", dy);
     TORCH_CHECK(w_hr->size(0) == P && w_hr->size(1) == H, "fusedrnn CUDA lstm_bwd: w_hr must be (P, H)");
   }
-  if (lengths.has_value() && lengths->defined()) {
-    check_cuda_tensor(*lengths, "lengths", dy);
-    TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->numel() == B, "fusedrnn CUDA: lengths must be int64 (B,)");
-  }
+  check_lengths(lengths, B, dy);
   auto same = [&](const Tensor& t) { return t.scalar_type() == dt ? t : t.to(dt).contiguous(); };
   const Tensor w = same(w_hh), wr = proj ? same(*w_hr) : Tensor();
   const Tensor c0c = same(c0), gatesc = same(gates);
@@ -332,46 +313,42 @@ Tensor4 lstm_bwd_cuda(const Tensor& dy, const Tensor& dh_n, const Tensor& dc_n, 
 
   const int device = dy.get_device();
   const DeviceLimits dev = device_limits(device);
-  bool launched = false;
-  for (int nt = preferred_nt(B); nt >= 1 && !launched; nt /= 2) {
-    dispatch_engine(dt, allow_tf32, nt, [&](auto tag) {
-      using Tt = typename decltype(tag)::T;
-      using Eng = typename decltype(tag)::Eng;
-      if (launched) return;
-      const BwdPlan p = plan_lstm_bwd<Eng>(H, P, proj, dev);
-      if (!p.ok) return;
-      const int64_t Bpad = round_up(B, Eng::BN);
-      const int64_t ldp = round_up(G, kChunk), ldq = round_up(P, kChunk);
-      Tensor dpbuf = at::zeros({proj ? 1 : 2, Bpad, ldp}, opts);
-      Tensor dtbuf = proj ? at::zeros({Bpad, ldq}, opts) : Tensor();
-      Tensor dh_state = dh_n.reshape({B, P}).to(acc, false, /*copy=*/true).contiguous();
-      Tensor dc_state = dc_n.reshape({B, H}).to(acc, false, /*copy=*/true).contiguous();
-      Tensor barrier = at::zeros({1}, opts.dtype(at::kInt));
-      LstmBwdArgs<Tt> a;
-      a.dy = ptr<Tt>(dy);
-      a.w_hh = ptr<Tt>(w);
-      a.w_hr = proj ? ptr<Tt>(wr) : nullptr;
-      a.c0 = ptr<Tt>(c0c);
-      a.gates = ptr<Tt>(gatesc);
-      a.cs = ptr<acc_t<Tt>>(csc);
-      a.lengths = (lengths.has_value() && lengths->defined()) ? lengths->data_ptr<int64_t>() : nullptr;
-      a.dxproj = ptr<Tt>(dxproj);
-      a.dh0 = ptr<Tt>(dh0);
-      a.dc0 = ptr<Tt>(dc0);
-      a.dh_seq = proj ? ptr<Tt>(dh_seq) : nullptr;
-      a.dh_state = ptr<acc_t<Tt>>(dh_state);
-      a.dc_state = ptr<acc_t<Tt>>(dc_state);
-      a.dpbuf = ptr<Tt>(dpbuf);
-      a.dtbuf = proj ? ptr<Tt>(dtbuf) : nullptr;
-      a.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
-      a.T_ = T; a.B = B; a.H = H; a.P = P;
-      a.ldp = ldp; a.ldq = ldq; a.dpbuf_stride = Bpad * ldp;
-      a.U = p.U; a.Up = p.Up; a.g_b = p.g_b; a.g_a = p.g_a;
-      a.reverse = reverse ? 1 : 0;
-      launch_cooperative(lstm_bwd_kernel<Tt, Eng>, p.grid, p.smem, a, dev.sms, "lstm_bwd");
-      launched = true;
-    });
-  }
+  const bool launched = launch_first_fitting(dt, allow_tf32, B, [&](auto tag) {
+    using Tt = typename decltype(tag)::T;
+    using Eng = typename decltype(tag)::Eng;
+    const BwdPlan p = plan_lstm_bwd<Eng>(H, P, proj, dev);
+    if (!p.ok) return false;
+    const int64_t Bpad = round_up(B, Eng::BN);
+    const int64_t ldp = round_up(G, kChunk), ldq = round_up(P, kChunk);
+    Tensor dpbuf = at::zeros({proj ? 1 : 2, Bpad, ldp}, opts);
+    Tensor dtbuf = proj ? at::zeros({Bpad, ldq}, opts) : Tensor();
+    Tensor dh_state = dh_n.reshape({B, P}).to(acc, false, /*copy=*/true).contiguous();
+    Tensor dc_state = dc_n.reshape({B, H}).to(acc, false, /*copy=*/true).contiguous();
+    Tensor barrier = new_barrier(opts);
+    LstmBwdArgs<Tt> a;
+    a.dy = ptr<Tt>(dy);
+    a.w_hh = ptr<Tt>(w);
+    a.w_hr = proj ? ptr<Tt>(wr) : nullptr;
+    a.c0 = ptr<Tt>(c0c);
+    a.gates = ptr<Tt>(gatesc);
+    a.cs = ptr<acc_t<Tt>>(csc);
+    a.lengths = lengths_ptr(lengths);
+    a.dxproj = ptr<Tt>(dxproj);
+    a.dh0 = ptr<Tt>(dh0);
+    a.dc0 = ptr<Tt>(dc0);
+    a.dh_seq = proj ? ptr<Tt>(dh_seq) : nullptr;
+    a.dh_state = ptr<acc_t<Tt>>(dh_state);
+    a.dc_state = ptr<acc_t<Tt>>(dc_state);
+    a.dpbuf = ptr<Tt>(dpbuf);
+    a.dtbuf = proj ? ptr<Tt>(dtbuf) : nullptr;
+    a.barrier = barrier_ptr(barrier);
+    a.T_ = T; a.B = B; a.H = H; a.P = P;
+    a.ldp = ldp; a.ldq = ldq; a.dpbuf_stride = Bpad * ldp;
+    a.U = p.U; a.Up = p.Up; a.g_b = p.g_b; a.g_a = p.g_a;
+    a.reverse = reverse ? 1 : 0;
+    launch_cooperative(lstm_bwd_kernel<Tt, Eng>, p.grid, p.smem, a, dev.sms, "lstm_bwd");
+    return true;
+  });
   TORCH_CHECK(launched, "fusedrnn CUDA lstm_bwd: hidden size H=", H, " (P=", P, ", dtype ", dt,
               ") does not fit on chip; the limit on this device is H <= ",
               max_hidden_size_cuda("LSTM", dt, device), " (max_hidden_size_cuda)");

@@ -92,17 +92,9 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdArgs
   const int fj = has_fixed ? static_cast<int>(threadIdx.x) % nu : 0;
   const int64_t fb = has_fixed ? static_cast<int>(threadIdx.x) / nu : 0;
   A f_c = has_fixed ? a.c_state[fb * H + u0 + fj] : A(0);
-  A f_bias[4], f_x[4];
-  bool f_valid = false;
-#pragma unroll
-  for (int gi = 0; gi < 4; ++gi) f_bias[gi] = (has_fixed && a.b_hh) ? A(to_acc(a.b_hh[gi * H + u0 + fj])) : A(0);
-  auto prefetch = [&](int64_t t) {
-    if (!has_fixed) return;
-    const T* xp = a.xproj + (t * B + fb) * G + u0 + fj;
-#pragma unroll
-    for (int gi = 0; gi < 4; ++gi) f_x[gi] = to_acc(xp[gi * H]);
-    f_valid = a.lengths == nullptr || t < __ldg(a.lengths + fb);
-  };
+  FixedGateInputs<4, T, A> fx;
+  fx.load_bias(has_fixed, a.b_hh, H, u0 + fj);
+  auto prefetch = [&](int64_t t) { fx.load_step(has_fixed, a.xproj, a.lengths, t, B, H, fb, u0 + fj); };
   prefetch(a.reverse ? a.T_ - 1 : 0);
 
   unsigned int target = 0;
@@ -120,14 +112,14 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdArgs
         const bool fixed = n0 == 0 && idx == static_cast<int>(threadIdx.x);
         const int j = idx % nu, n = idx / nu;
         const int64_t b = n0 + n, u = u0 + j;
-        const bool valid = fixed ? f_valid : (a.lengths == nullptr || t < __ldg(a.lengths + b));
+        const bool valid = fixed ? fx.valid : (a.lengths == nullptr || t < __ldg(a.lengths + b));
         const int64_t row = t * B + b;
         T* gp = a.gates + row * G + u;
         if (valid) {
           A pre[4];
           if (fixed) {
 #pragma unroll
-            for (int gi = 0; gi < 4; ++gi) pre[gi] = red_sum(red, rows_hh, BN, gi * U + j, n) + f_x[gi] + f_bias[gi];
+            for (int gi = 0; gi < 4; ++gi) pre[gi] = red_sum(red, rows_hh, BN, gi * U + j, n) + fx.x[gi] + fx.bias[gi];
           } else {
             const T* xp = a.xproj + row * G + u;
 #pragma unroll
@@ -205,11 +197,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdArgs
     const int64_t b = idx / own_p;
     a.h_n[b * P + own_p0 + j] = ldcg(hfin + b * a.ldh + own_p0 + j);
   }
-  for (int64_t idx = threadIdx.x; idx < int64_t(nu) * B; idx += kThreads) {
-    const int j = static_cast<int>(idx % nu);
-    const int64_t b = idx / nu;
-    a.c_n[b * H + u0 + j] = from_acc<T>(a.c_state[b * H + u0 + j]);
-  }
+  store_own_cols(a.c_n, a.c_state, H, u0, nu, B);
 }
 
 // Launch geometry of one call (or of the limit query: B = 1).
@@ -250,22 +238,13 @@ FwdPlan plan_lstm_fwd(int64_t H, int64_t P, bool proj, const DeviceLimits& dev) 
 
 int64_t lstm_fwd_max_hidden(at::ScalarType dtype, int device) {
   const DeviceLimits dev = device_limits(device);
-  int64_t best = 0;
-  auto one = [&](bool tf32) {
-    int64_t found = 0;
-    dispatch_engine(dtype, tf32, 1, [&](auto tag) {
-      using T = typename decltype(tag)::T;
-      using Eng = typename decltype(tag)::Eng;
-      found = largest_fitting(int64_t(kMaxMT) * 4 * dev.sms, [&](int64_t H) {
-        const FwdPlan p = plan_lstm_fwd<Eng>(H, H, false, dev);
-        return p.ok && co_resident_ctas(lstm_fwd_kernel<T, Eng>, p.smem, dev.sms) >= p.grid;
-      });
+  return max_hidden_over_engines(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::T;
+    using Eng = typename decltype(tag)::Eng;
+    return largest_fitting(int64_t(kMaxMT) * 4 * dev.sms, [&](int64_t H) {
+      return plan_fits(lstm_fwd_kernel<T, Eng>, plan_lstm_fwd<Eng>(H, H, false, dev), dev);
     });
-    return found;
-  };
-  best = one(false);
-  if (dtype == at::kFloat) best = std::min(best, one(true));
-  return best;
+  });
 }
 
 }  // namespace cuda_detail
@@ -292,10 +271,7 @@ Tensor5 lstm_fwd_cuda(const Tensor& xproj, const Tensor& w_hh, const OptTensor& 
     check_cuda_tensor(*w_hr, "w_hr", xproj);
     TORCH_CHECK(w_hr->size(0) == P && w_hr->size(1) == H, "fusedrnn CUDA lstm_fwd: w_hr must be (P, H)");
   }
-  if (lengths.has_value() && lengths->defined()) {
-    check_cuda_tensor(*lengths, "lengths", xproj);
-    TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->numel() == B, "fusedrnn CUDA: lengths must be int64 (B,)");
-  }
+  check_lengths(lengths, B, xproj);
   auto same = [&](const Tensor& t) { return t.scalar_type() == dt ? t : t.to(dt); };
   const Tensor w = same(w_hh);
   const Tensor bh = (b_hh.has_value() && b_hh->defined()) ? same(*b_hh) : Tensor();
@@ -315,44 +291,40 @@ Tensor5 lstm_fwd_cuda(const Tensor& xproj, const Tensor& w_hh, const OptTensor& 
 
   const int device = xproj.get_device();
   const DeviceLimits dev = device_limits(device);
-  bool launched = false;
-  for (int nt = preferred_nt(B); nt >= 1 && !launched; nt /= 2) {
-    dispatch_engine(dt, allow_tf32, nt, [&](auto tag) {
-      using Tt = typename decltype(tag)::T;
-      using Eng = typename decltype(tag)::Eng;
-      if (launched) return;
-      const FwdPlan p = plan_lstm_fwd<Eng>(H, P, proj, dev);
-      if (!p.ok) return;
-      const int64_t Bpad = round_up(B, Eng::BN);
-      const int64_t ldh = round_up(P, kChunk), ldm = round_up(H, kChunk);
-      Tensor hbuf = at::zeros({2, Bpad, ldh}, opts);
-      hbuf.select(0, 0).narrow(0, 0, B).narrow(1, 0, P).copy_(h0.reshape({B, P}));
-      Tensor mbuf = proj ? at::zeros({Bpad, ldm}, opts) : Tensor();
-      Tensor c_state = c0.reshape({B, H}).to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
-      Tensor barrier = at::zeros({1}, opts.dtype(at::kInt));
-      LstmFwdArgs<Tt> a;
-      a.xproj = ptr<Tt>(xproj);
-      a.w_hh = ptr<Tt>(w);
-      a.b_hh = bh.defined() ? ptr<Tt>(bh) : nullptr;
-      a.w_hr = proj ? ptr<Tt>(wr) : nullptr;
-      a.lengths = (lengths.has_value() && lengths->defined()) ? lengths->data_ptr<int64_t>() : nullptr;
-      a.y = ptr<Tt>(y);
-      a.h_n = ptr<Tt>(h_n);
-      a.c_n = ptr<Tt>(c_n);
-      a.gates = ptr<Tt>(gates);
-      a.cs = ptr<acc_t<Tt>>(cs);
-      a.c_state = ptr<acc_t<Tt>>(c_state);
-      a.hbuf = ptr<Tt>(hbuf);
-      a.mbuf = proj ? ptr<Tt>(mbuf) : nullptr;
-      a.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
-      a.T_ = T; a.B = B; a.H = H; a.P = P;
-      a.ldh = ldh; a.ldm = ldm; a.hbuf_stride = Bpad * ldh;
-      a.U = p.U; a.Up = p.Up; a.g_hh = p.g_hh; a.g_hr = p.g_hr;
-      a.reverse = reverse ? 1 : 0;
-      launch_cooperative(lstm_fwd_kernel<Tt, Eng>, p.grid, p.smem, a, dev.sms, "lstm_fwd");
-      launched = true;
-    });
-  }
+  const bool launched = launch_first_fitting(dt, allow_tf32, B, [&](auto tag) {
+    using Tt = typename decltype(tag)::T;
+    using Eng = typename decltype(tag)::Eng;
+    const FwdPlan p = plan_lstm_fwd<Eng>(H, P, proj, dev);
+    if (!p.ok) return false;
+    const int64_t Bpad = round_up(B, Eng::BN);
+    const int64_t ldh = round_up(P, kChunk), ldm = round_up(H, kChunk);
+    Tensor hbuf = at::zeros({2, Bpad, ldh}, opts);
+    hbuf.select(0, 0).narrow(0, 0, B).narrow(1, 0, P).copy_(h0.reshape({B, P}));
+    Tensor mbuf = proj ? at::zeros({Bpad, ldm}, opts) : Tensor();
+    Tensor c_state = c0.reshape({B, H}).to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    Tensor barrier = new_barrier(opts);
+    LstmFwdArgs<Tt> a;
+    a.xproj = ptr<Tt>(xproj);
+    a.w_hh = ptr<Tt>(w);
+    a.b_hh = bh.defined() ? ptr<Tt>(bh) : nullptr;
+    a.w_hr = proj ? ptr<Tt>(wr) : nullptr;
+    a.lengths = lengths_ptr(lengths);
+    a.y = ptr<Tt>(y);
+    a.h_n = ptr<Tt>(h_n);
+    a.c_n = ptr<Tt>(c_n);
+    a.gates = ptr<Tt>(gates);
+    a.cs = ptr<acc_t<Tt>>(cs);
+    a.c_state = ptr<acc_t<Tt>>(c_state);
+    a.hbuf = ptr<Tt>(hbuf);
+    a.mbuf = proj ? ptr<Tt>(mbuf) : nullptr;
+    a.barrier = barrier_ptr(barrier);
+    a.T_ = T; a.B = B; a.H = H; a.P = P;
+    a.ldh = ldh; a.ldm = ldm; a.hbuf_stride = Bpad * ldh;
+    a.U = p.U; a.Up = p.Up; a.g_hh = p.g_hh; a.g_hr = p.g_hr;
+    a.reverse = reverse ? 1 : 0;
+    launch_cooperative(lstm_fwd_kernel<Tt, Eng>, p.grid, p.smem, a, dev.sms, "lstm_fwd");
+    return true;
+  });
   TORCH_CHECK(launched, "fusedrnn CUDA lstm_fwd: hidden size H=", H, " (P=", P, ", dtype ", dt,
               ") does not fit on chip; the limit on this device is H <= ",
               max_hidden_size_cuda("LSTM", dt, device), " (max_hidden_size_cuda)");

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Compile smoke test of the CUDA kernels (no GPU needed): compiles each csrc/cuda/*.cu for sm_80 and
 # sm_90a with ptxas -v and prints registers / spills per kernel.  Fails on a compile error or on
-# any spill in a kernel.  Usage: tests/test_cuda_compile.sh [file.cu ...]   (default: all)
-# Env: CUDA_HOME (default /usr/local/cuda), PYTHON (default python3), NVCC_STD (default c++20,
+# any spill in a kernel.  Usage: tools/cuda_compile_check.sh [file.cu ...]   (default: all)
+# Env: CUDA_HOME (default /usr/local/cuda), PYTHON (default ./.venv/bin/python, else python3), NVCC_STD (default c++20,
 # torch >= 2.13 headers need C++20), OUT (object/log folder, default a temp dir).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -z "${PYTHON:-}" ] && [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; fi
 PYTHON=${PYTHON:-python3}
 NVCC_STD=${NVCC_STD:-c++20}
 OUT=${OUT:-$(mktemp -d)}
