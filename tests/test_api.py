@@ -224,6 +224,19 @@ def test_torch_backend_is_torch_nn_exactly():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1][0], b[1][0])
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_torch_backend_packed_and_unbatched_with_hx(mode):
+    ref, ours = pair(mode, backend="torch", bidirectional=True)
+    h = lambda *s: r(*s)  # noqa: E731
+    hx = (h(2, 3, 5), h(2, 3, 5)) if mode == "LSTM" else h(2, 3, 5)
+    packed = pack_padded_sequence(r(4, 3, 4), [2, 4, 3], enforce_sorted=False)
+    a, b = ref(packed, hx), ours(packed, hx)
+    assert torch.equal(a[0].data, b[0].data)
+    hx1 = (h(2, 5), h(2, 5)) if mode == "LSTM" else h(2, 5)
+    x1 = r(4, 4)
+    torch.testing.assert_close(ours(x1, hx1), ref(x1, hx1), rtol=0, atol=0)
+
+
 def test_auto_warns_once_when_falling_back(monkeypatch):
     monkeypatch.setattr(backends, "_auto_candidates", lambda cfg: ("cuda",))
     monkeypatch.setattr(backends, "_warned", set())

@@ -165,8 +165,7 @@ class _FusedRNNBase(_BackendMixin):
         dtype, autocast = _compute_dtype(input, self._flat_weights[0])
         backend = self._choose_backend(self.mode, input, dtype, self.proj_size)
         if backend == "torch":
-            if isinstance(orig_input, PackedSequence):
-                return super().forward(orig_input, self._unpermute_for_torch(hx, orig_input))
+            # torch.nn takes hx in the caller's batch order and rank, as the user gave it
             return super().forward(orig_input, self._restore_hx_rank(hx, is_batched))
 
         if batch_sizes is not None:
@@ -241,11 +240,6 @@ class _FusedRNNBase(_BackendMixin):
         if isinstance(hx, tuple):
             return (hx[0].squeeze(1), hx[1].squeeze(1))
         return hx.squeeze(1)
-
-    @staticmethod
-    def _unpermute_for_torch(hx, packed: PackedSequence):
-        # hx here is in the caller's order; torch.nn's forward expects the caller's order too.
-        return hx
 
 
 def _to_layer_weights(w, is_lstm: bool, bias: bool, proj_size: int):
