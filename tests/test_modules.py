@@ -12,15 +12,19 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fusedrnn
 from fusedrnn import backends
-from tolerances import RTOL, assert_close
+from tolerances import RTOL, TF32_RTOL, assert_close
 
-KERNEL_BACKENDS = ["reference", "triton", "cpp"]
+KERNEL_BACKENDS = ["reference", "triton", "cpp", "cuda"]
 
 
 def _usable(backend, device="cpu"):
+    """Skip unless ``backend`` runs here on ``device`` (e.g. triton on CPU needs the interpreter)."""
     reason = backends.unavailable_reason(backend)
+    if reason is None:
+        probe = backends.RecurrenceConfig("LSTM", device, 0 if device == "cuda" else -1, torch.float32, 5)
+        reason = backends.get(backend).unsupported(probe)
     if reason is not None:
-        pytest.skip(f"backend {backend} unavailable: {reason}")
+        pytest.skip(f"backend {backend} does not run on {device} here: {reason}")
 
 
 def _devices():
@@ -148,20 +152,22 @@ def _cases():
             yield pytest.param(mode, *case[1:], id=f"{mode}-{case[0]}")
 
 
+@pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("mode,extra,kind,hx_given", list(_cases()))
-def test_matches_torch_float64(backend, mode, extra, kind, hx_given):
+def test_matches_torch_float64(backend, mode, extra, kind, hx_given, device):
     """Every output and gradient equals torch.nn's in float64."""
-    _usable(backend)
+    _usable(backend, device)
     kwargs = dict(SIZES, **extra)
-    ref, ours = make_pair(mode, kwargs, backend)
+    ref, ours = make_pair(mode, kwargs, backend, device=device)
     T, B = 4, 3
-    leaves, args = make_inputs(mode, kwargs, T, B, kind, hx_given, torch.float64, "cpu")
+    leaves, args = make_inputs(mode, kwargs, T, B, kind, hx_given, torch.float64, device)
     expected, names = run_with_grads(ref, leaves, args)
     got, _ = run_with_grads(ours, leaves, args)
     assert_close(got, expected, torch.float64, names)
 
 
+@pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -169,17 +175,17 @@ def test_matches_torch_float64(backend, mode, extra, kind, hx_given):
     ("padded", {}),
     ("packed_unsorted", {"bidirectional": True, "num_layers": 2}),
 ])
-def test_low_precision_vs_fp64_reference(backend, mode, dtype, kind, extra):
+def test_low_precision_vs_fp64_reference(backend, mode, dtype, kind, extra, device):
     """fp32 / bf16 / fp16 modules against the fp64 reference on the same (rounded) inputs."""
-    _usable(backend)
+    _usable(backend, device)
     kwargs = dict(SIZES, **extra)
-    _, ours = make_pair(mode, kwargs, backend, dtype=dtype)
-    _, truth = make_pair(mode, kwargs, "reference", dtype=torch.float64)
+    _, ours = make_pair(mode, kwargs, backend, dtype=dtype, device=device)
+    _, truth = make_pair(mode, kwargs, "reference", dtype=torch.float64, device=device)
     truth.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
     T, B = 5, 3
-    leaves, args = make_inputs(mode, kwargs, T, B, kind, True, dtype, "cpu")
+    leaves, args = make_inputs(mode, kwargs, T, B, kind, True, dtype, device)
     # the fp64 run sees the very same (rounded) input values
-    leaves64_ref, args64 = make_inputs(mode, kwargs, T, B, kind, True, torch.float64, "cpu")
+    leaves64_ref, args64 = make_inputs(mode, kwargs, T, B, kind, True, torch.float64, device)
     with torch.no_grad():
         for k in leaves64_ref:
             leaves64_ref[k].copy_(leaves[k].double())
@@ -187,7 +193,8 @@ def test_low_precision_vs_fp64_reference(backend, mode, dtype, kind, extra):
     expected, _ = run_with_grads(truth, leaves64_ref, args64)
     for g in got:
         assert g.dtype == dtype
-    assert_close(got, expected, dtype, names)
+    tf32 = device == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    assert_close(got, expected, dtype, names, rtol=TF32_RTOL if tf32 else None)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
