@@ -3,19 +3,23 @@
 #
 #   scripts/gpu_check.sh OUTDIR
 #
-# Steps (each under `timeout`, logged to OUTDIR/<step>.log, the run continues past failures):
-#   info       nvidia-smi, compiler / torch / triton versions, commit            (budget  20 s)
-#   build      setup.py build_ext --inplace, MAX_JOBS=16, SASS for this GPU only (budget 200 s)
-#   import     fusedrnn.available_backends()                                     (budget  30 s)
-#   pytest     pytest -m gpu tests/  (GPU tests of every backend)                (budget 150 s)
+# Steps (each under `timeout`, logged to OUTDIR/<step>.log, the run continues past failures; the
+# budget/minimum table is STEPS below):
+#   info       nvidia-smi, compiler / torch / triton versions, commit
+#   build      the carried pre-built extension (.prebuilt/, scripts/prebuild_gpu_ext.sh) when its
+#              source hash matches, else setup.py build_ext --inplace, MAX_JOBS=16, SASS for this GPU
+#   import     fusedrnn.available_backends()
+#   extra      scripts/gpu_extra_checks.py: graph capture, sync-debug, TF32 new API, proj fit,
+#              large batch, int64 offsets, barrier stress (JSON in OUTDIR/extra.json)
+#   pytest     pytest -m gpu tests/  (GPU tests of every backend)
 #   smoke      scripts/sanitizer_smoke.py --quick without sanitizer (fills the
-#              Triton cache so the sanitizer runs do not compile)                (budget  60 s)
-#   memcheck   compute-sanitizer --tool memcheck over the smoke script           (budget  90 s)
-#   racecheck  compute-sanitizer --tool racecheck over the smoke script          (budget  90 s)
-#   bench      python -m fusedrnn.bench --suite standard (JSON, PNG, markdown)   (the rest, >= 120 s)
-# A step's timeout is its budget, cut so that the steps after it keep their minimum (import 15,
-# pytest 60, smoke 30, memcheck 40, racecheck 40, bench 120 s) within GPU_CHECK_BUDGET_S (default 510 s),
-# so the whole script ends in under 9 minutes; time a step does not use goes to the later ones.
+#              Triton cache so the sanitizer runs do not compile)
+#   memcheck   compute-sanitizer --tool memcheck over the smoke script
+#   racecheck  compute-sanitizer --tool racecheck over the smoke script
+#   bench      python -m fusedrnn.bench --suite standard (JSON, PNG, markdown), the time left
+# A step's timeout is its budget, cut so that the steps after it keep their minimums within
+# GPU_CHECK_BUDGET_S (default 510 s), so the whole script ends in under 9 minutes; time a step
+# does not use goes to the later ones.
 # The benchmark stops starting rows 30 s before its timeout and writes its JSON after every config.
 #
 # It never changes clocks, power limits, MIG or any other setting of the card (read-only queries).
@@ -134,12 +138,28 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("device:", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs",
           round(p.total_memory / 2**30, 1), "GiB")
-print("cudnn.allow_tf32", torch.backends.cudnn.allow_tf32, "matmul.allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+print("cudnn.rnn.fp32_precision", getattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision", None), "matmul precision", torch.get_float32_matmul_precision())
 EOF
   "$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|triton|numpy|pytest|pytest-benchmark|matplotlib|tqdm|pybind11|ninja|setuptools) " || true
 }
 
 build() {
+  # A pre-built extension (scripts/prebuild_gpu_ext.sh, carried as .prebuilt/) is used when it was
+  # built from exactly these sources and imports here; else build (about 200 s with MAX_JOBS=16).
+  local want have
+  want=$(bash scripts/source_hash.sh)
+  have=$(cat .prebuilt/source.sha256 2>/dev/null || true)
+  if [ -n "$have" ] && [ "$have" = "$want" ] && ls .prebuilt/_C*.so >/dev/null 2>&1; then
+    cp .prebuilt/_C*.so python/fusedrnn/
+    cat .prebuilt/built_with.txt 2>/dev/null
+    if "$PY" -c "import fusedrnn._C as c; print('pre-built', c.__file__, c.build_info())"; then
+      return 0
+    fi
+    echo "pre-built extension does not import here: building"
+    rm -f python/fusedrnn/_C*.so
+  else
+    echo "no matching pre-built extension (want $want, have ${have:-none}): building"
+  fi
   "$PY" setup.py build_ext --inplace && "$PY" -c "import fusedrnn._C as c; print('built', c.__file__)"
 }
 
@@ -182,14 +202,44 @@ export -f info build import_check sanitize bench
 export PY OUT SANITIZER
 
 echo "fusedrnn GPU check -> $OUT (budget ${BUDGET}s)"
-step info      20 395 info
-step build    200 305 build
-step import    30 290 import_check
-step pytest   150 230 "$PY" -m pytest -m gpu tests/ -q -rfEs -p no:cacheprovider --durations=15 \
-                          --junitxml="$OUT/pytest_gpu.xml"
-step smoke     60 200 "$PY" scripts/sanitizer_smoke.py --quick
-step memcheck  90 160 sanitize memcheck
-step racecheck 90 120 sanitize racecheck
+# name budget minimum: a step gets at most its budget, and leaves the later steps their minimums
+STEPS=(
+  "info 20 5"
+  "build 200 15"
+  "import 30 10"
+  "extra 90 30"
+  "pytest 150 60"
+  "smoke 60 20"
+  "memcheck 90 30"
+  "racecheck 60 20"
+  "bench 0 90"
+)
+reserve_after() {  # sum of the minimums of the steps after $1
+  local seen=0 sum=0 n b m
+  for entry in "${STEPS[@]}"; do
+    read -r n b m <<<"$entry"
+    if [ "$seen" = 1 ] && [[ "$SKIP" != *" $n "* ]]; then sum=$((sum + m)); fi  # skipped steps keep nothing
+    [ "$n" = "$1" ] && seen=1
+  done
+  echo "$sum"
+}
+budget_of() { local n b m; for entry in "${STEPS[@]}"; do read -r n b m <<<"$entry"; [ "$n" = "$1" ] && echo "$b"; done; }
+run_step() { step "$1" "$(budget_of "$1")" "$(reserve_after "$1")" "${@:2}"; }
+
+run_step info info
+run_step build build
+run_step import import_check
+run_step extra "$PY" scripts/gpu_extra_checks.py --json "$OUT/extra.json"
+# one line per test as it ends (a step killed at its timeout still shows how far it got), and a
+# per-test timeout where pytest-timeout is installed (the GPU image has it), so one hang cannot
+# take the whole step
+PYTEST_TIMEOUT=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(-p timeout --timeout "${GPU_CHECK_TEST_TIMEOUT:-120}")
+run_step pytest "$PY" -m pytest -m gpu tests/ -v --tb=short -rfEs -p no:cacheprovider --durations=15 \
+                          "${PYTEST_TIMEOUT[@]}" --junitxml="$OUT/pytest_gpu.xml"
+run_step smoke "$PY" scripts/sanitizer_smoke.py --quick
+run_step memcheck sanitize memcheck
+run_step racecheck sanitize racecheck
 bench_t=$((DEADLINE - $(date +%s)))
 step bench "$bench_t" 0 bench "$bench_t"
 # a killed benchmark leaves its JSON (written after every config): render it

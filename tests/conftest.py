@@ -53,6 +53,13 @@ def poison_empty(request, monkeypatch):
     yield
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 recurrences in IEEE fp32 inside the test (the rnn TF32 flag off), restored after."""
+    with fusedrnn.backends.rnn_tf32(False):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -338,3 +338,37 @@ def test_opcheck(backend):
         pytest.skip(reason)
     for op, args in _op_samples(backend):
         torch.library.opcheck(op, args)
+
+
+# ------------------------------------------------------------------ TF32 flags (torch >= 2.9 API)
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
+def test_tf32_flags_mixed_through_new_api(backend):
+    """conv and rnn TF32 flags set differently through torch >= 2.9's API make the legacy
+    ``cudnn.allow_tf32`` getter raise; every backend, the bench metadata and the tests follow
+    ``cudnn.rnn.fp32_precision`` (what nn.LSTM follows) instead, and run."""
+    from fusedrnn.backends import rnn_tf32, rnn_tf32_enabled
+    from fusedrnn.bench import harness
+
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    if rnn is None or not hasattr(rnn, "fp32_precision"):
+        pytest.skip("torch < 2.9 has one TF32 flag")
+    if fusedrnn.available_backends()[backend] is not None:
+        pytest.skip(f"{backend} unavailable")
+    conv = torch.backends.cudnn.conv
+    old = (conv.fp32_precision, rnn.fp32_precision)
+    try:
+        for conv_p, rnn_p in (("tf32", "ieee"), ("ieee", "tf32")):
+            conv.fp32_precision, rnn.fp32_precision = conv_p, rnn_p
+            with pytest.raises(RuntimeError):  # the fault class: the legacy getter raises here
+                torch.backends.cudnn.allow_tf32
+            assert rnn_tf32_enabled() == (rnn_p == "tf32")
+            harness.environment(torch.device("cpu"))
+            for cls in (fusedrnn.LSTM, fusedrnn.GRU):
+                m = cls(8, 16, backend=backend)
+                x = torch.randn(3, 2, 8, requires_grad=True)
+                m(x)[0].sum().backward()
+        with rnn_tf32(False):
+            assert not rnn_tf32_enabled()
+        assert rnn.fp32_precision == "tf32"  # restored
+    finally:
+        conv.fp32_precision, rnn.fp32_precision = old

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusedrnn.backends import cpp, reference
+from fusedrnn.backends import cpp, reference, rnn_tf32
 
 if cpp.unavailable() is not None:
     pytest.skip(f"cpp backend: {cpp.unavailable()}", allow_module_level=True)
@@ -42,14 +42,6 @@ def _poison_uninitialized_memory():
         torch.utils.deterministic.fill_uninitialized_memory = old_fill
 
 
-@pytest.fixture
-def no_tf32():
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = old
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -382,17 +374,15 @@ def test_cuda_edge_shapes(no_tf32, shape, mode):
 @needs_cuda
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
 def test_cuda_tf32(mode):
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = True
+    global TOL
+    saved = TOL[torch.float32]
+    TOL[torch.float32] = 2e-3  # TF32: 10-bit mantissa in the recurrent GEMM
     try:
-        global TOL
-        saved = TOL[torch.float32]
-        TOL[torch.float32] = 2e-3  # TF32: 10-bit mantissa in the recurrent GEMM
-        check = check_lstm if mode == "lstm" else check_gru
-        check(cuda, "cuda", torch.float32, T=6, B=5, H=129)
+        with rnn_tf32(True):
+            check = check_lstm if mode == "lstm" else check_gru
+            check(cuda, "cuda", torch.float32, T=6, B=5, H=129)
     finally:
         TOL[torch.float32] = saved
-        torch.backends.cudnn.allow_tf32 = old
 
 
 @gpu

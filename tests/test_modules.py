@@ -12,6 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fusedrnn
 from fusedrnn import backends
+from fusedrnn.backends import rnn_tf32_enabled
 from tolerances import RTOL, TF32_RTOL, assert_close
 
 KERNEL_BACKENDS = ["reference", "triton", "cpp", "cuda"]
@@ -193,7 +194,7 @@ def test_low_precision_vs_fp64_reference(backend, mode, dtype, kind, extra, devi
     expected, _ = run_with_grads(truth, leaves64_ref, args64)
     for g in got:
         assert g.dtype == dtype
-    tf32 = device == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    tf32 = device == "cuda" and dtype == torch.float32 and rnn_tf32_enabled()
     assert_close(got, expected, dtype, names, rtol=TF32_RTOL if tf32 else None)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fusedrnn.backends import reference as ref
+from fusedrnn.backends import rnn_tf32_enabled
 from tolerances import RTOL, TF32_RTOL, assert_close
 
 triton = pytest.importorskip("triton")
@@ -29,7 +30,7 @@ def _device():
 
 
 def _rtol(dtype, device):
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+    if dtype == torch.float32 and device.type == "cuda" and rnn_tf32_enabled():
         return TF32_RTOL
     return RTOL[dtype]
 

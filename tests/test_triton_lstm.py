@@ -184,6 +184,41 @@ def test_grid_barrier_atomics():
         C.check_error_flag(err, "probe")
 
 
+_UNIFORM_PROBE = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fusedrnn.backends.triton import _common as C
+
+@triton.jit
+def probe(sync_ptr, err_ptr, target, N_PROGS, MAX_SPINS: tl.constexpr):
+    C.grid_barrier(sync_ptr, target, err_ptr, N_PROGS, MAX_SPINS)
+
+src = ASTSource(fn=probe, signature={"sync_ptr": "*i32", "err_ptr": "*i32", "target": "i32", "N_PROGS": "i32",
+                                     "MAX_SPINS": "constexpr"}, constexprs={"MAX_SPINS": 1 << 20})
+print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ttir"])
+"""
+
+
+def test_grid_barrier_reads_are_uniform(tmp_path):
+    """Every value the barrier's spin loop tests must come from a scalar atomic (one thread, then
+    broadcast to the CTA): a per-thread load of the error flag lets warps leave the loop in
+    different iterations, and the CTA barriers after it then mismatch, a hang.  Checked on the
+    kernel compiled for sm_90 (no GPU needed; a subprocess, since the interpreter is on here):
+    the barrier holds no plain load at all."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python")
+    script = tmp_path / "probe.py"  # @triton.jit needs its source in a file
+    script.write_text(_UNIFORM_PROBE)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ttir = out.stdout
+    assert "tt.atomic_rmw" in ttir
+    assert "tt.load" not in ttir, "grid_barrier reads memory with a per-thread load"
+
+
 @cpu_only
 def test_kernels_really_run():
     """No silent fallback: every call launches the Triton kernels (counted by the launchers)."""
@@ -290,8 +325,7 @@ def test_lstm_cell(dtype, H):
     [(37, torch.float64), (129, torch.float32), (256, torch.float64), (512, torch.float32), (768, torch.bfloat16),
      (1024, torch.float16)],
 )
-def test_gpu_persistent(H, dtype):
-    torch.backends.cudnn.allow_tf32 = False
+def test_gpu_persistent(H, dtype, no_tf32):
     v = C.select_variant(4, H, H, 5, dtype, torch.device("cuda"))
     assert v.mode == ("single" if v.n_unit_progs == 1 else "persistent")
     check_lstm(T=7, B=5, H=H, dtype=dtype, device="cuda", lengths=[7, 3, 5, 1, 6], reverse=True)
@@ -300,8 +334,7 @@ def test_gpu_persistent(H, dtype):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_projection(dtype):
-    torch.backends.cudnn.allow_tf32 = False
+def test_gpu_projection(dtype, no_tf32):
     check_lstm(T=6, B=20, H=200, P=100, proj=True, dtype=dtype, device="cuda", lengths=[(i % 6) + 1 for i in range(20)])
 
 

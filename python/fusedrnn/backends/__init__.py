@@ -14,6 +14,7 @@ Every backend is a module that implements the op contract of ``fusedrnn.backends
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import os
@@ -44,6 +45,41 @@ class RecurrenceConfig:
     dtype: torch.dtype
     hidden_size: int
     proj_size: int = 0
+
+
+def rnn_tf32_enabled() -> bool:
+    """Whether fp32 recurrent GEMMs may use TF32: the flag torch.nn.LSTM/GRU follow on CUDA.
+
+    torch >= 2.9 resolves it per operator: ``torch.backends.cudnn.rnn.fp32_precision`` ("tf32",
+    "ieee", or "none" = inherit; the getter returns the resolved value, and "none" at the top of
+    the chain means IEEE, as the legacy ``allow_tf32 = False`` maps to "none").  Reading the
+    legacy ``torch.backends.cudnn.allow_tf32`` raises there once conv and rnn differ, so it is read
+    only on older torch, where it is the one flag.
+    """
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    if rnn is not None and hasattr(rnn, "fp32_precision"):
+        return rnn.fp32_precision == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+@contextlib.contextmanager
+def rnn_tf32(enabled: bool):
+    """Set the flag :func:`rnn_tf32_enabled` reads inside the block, then restore it (tests, bench)."""
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    if rnn is not None and hasattr(rnn, "fp32_precision"):
+        old = rnn.fp32_precision
+        rnn.fp32_precision = "tf32" if enabled else "ieee"
+        try:
+            yield
+        finally:
+            rnn.fp32_precision = old
+    else:  # pragma: no cover - torch < 2.9
+        old = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = enabled
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = old
 
 
 def _load(name: str):

@@ -1,7 +1,8 @@
 """The ``cuda`` backend: the persistent CUDA kernels of the compiled extension (csrc/cuda).
 
 Same op contract as ``fusedrnn.backends.reference``.  fp32 recurrences may use TF32 exactly when
-``torch.backends.cudnn.allow_tf32`` allows it (the flag that governs torch.nn.LSTM/GRU).
+``torch.backends.cudnn.rnn.fp32_precision`` allows it (the flag that governs torch.nn.LSTM/GRU;
+the legacy ``cudnn.allow_tf32`` on torch < 2.9): see :func:`fusedrnn.backends.rnn_tf32_enabled`.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from typing import Optional
 import torch
 
 from . import cpp as _cpp  # loads fusedrnn._C and registers the fusedrnn_ext fakes
+from . import rnn_tf32_enabled
 
 _MODE_LIMIT = {"LSTM": "LSTM", "LSTMCell": "LSTM", "GRU": "GRU", "GRUCell": "GRU"}
 
 
 def _tf32() -> bool:
-    return bool(torch.backends.cudnn.allow_tf32)
+    return rnn_tf32_enabled()
 
 
 # ------------------------------------------------------------------------------ availability

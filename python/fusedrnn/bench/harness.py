@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
+from ..backends import rnn_tf32_enabled
 from .configs import BenchConfig
 
 # ====================================================================================== device rates
@@ -447,9 +448,15 @@ def device_name(device: torch.device) -> str:
     return f"CPU {model} ({os.cpu_count()} threads, torch uses {torch.get_num_threads()})"
 
 
+def _matmul_precision() -> str:
+    """torch's fp32 matmul setting ("highest" = IEEE, "high" = TF32 allowed), read without the
+    legacy flags (which raise on torch >= 2.9 when old and new APIs were mixed)."""
+    return torch.get_float32_matmul_precision()
+
+
 def tf32_enabled(cfg: BenchConfig, device: torch.device) -> bool:
     """Whether fp32 math of this row may use TF32: the flag that governs nn.LSTM/GRU (cuDNN)."""
-    return device.type == "cuda" and cfg.torch_dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
+    return device.type == "cuda" and cfg.torch_dtype == torch.float32 and rnn_tf32_enabled()
 
 
 class Case:
@@ -696,8 +703,8 @@ def environment(device: torch.device) -> dict:
         "fusedrnn_version": fusedrnn_version,
         "platform": platform.platform(),
         "available_backends": backends,
-        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
-        "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "rnn_tf32": rnn_tf32_enabled(),  # cudnn.rnn.fp32_precision == "tf32" (legacy cudnn.allow_tf32)
+        "matmul_fp32_precision": _matmul_precision(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "torch_num_threads": torch.get_num_threads(),
     }

@@ -90,7 +90,7 @@ def header_lines(meta: dict) -> List[str]:
         f"date: {meta.get('date')}  commit: {commit}  suite: {meta.get('suite')}",
         f"torch {meta.get('torch_version')}  triton {meta.get('triton_version')}  "
         f"CUDA {meta.get('cuda_version')}  cuDNN {meta.get('cudnn_version')}  "
-        f"python {meta.get('python_version')}  cudnn.allow_tf32={meta.get('cudnn_allow_tf32')}",
+        f"python {meta.get('python_version')}  rnn_tf32={meta.get('rnn_tf32', meta.get('cudnn_allow_tf32'))}",
     ]
 
 

@@ -8,7 +8,10 @@ An explicit ``backend="triton"`` never falls back: unsupported shapes raise Valu
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
+
+import torch
 
 from . import _common
 
@@ -44,40 +47,62 @@ def unsupported(cfg) -> Optional[str]:
 
 def _device(cfg):
     if cfg.device_type == "cuda":
-        import torch
-
         return torch.device("cuda", cfg.device_index if cfg.device_index is not None and cfg.device_index >= 0 else 0)
     return None
 
 
 # ------------------------------------------------------------------------------- the op contract
+def _on_device(fn):
+    """Run ``fn`` with its first tensor's CUDA device current: Triton launches on the current
+    device and reads its properties there, so tensors on cuda:1 while cuda:0 is current would run
+    (or fail) on the wrong GPU without this guard."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        dev = args[0].device
+        if dev.type != "cuda":
+            return fn(*args)
+        with torch.cuda.device(dev):
+            return fn(*args)
+
+    return wrapper
+
+
+@_on_device
 def lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse):
     return _lstm().lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse)
 
 
+@_on_device
 def lstm_bwd(dy, dh_n, dc_n, w_hh, w_hr, c0, gates, cs, lengths, reverse):
     return _lstm().lstm_bwd(dy, dh_n, dc_n, w_hh, w_hr, c0, gates, cs, lengths, reverse)
 
 
+@_on_device
 def lstm_cell_fwd(igates, hgates, b_ih, b_hh, c):
     return _lstm().lstm_cell_fwd(igates, hgates, b_ih, b_hh, c)
 
 
+@_on_device
 def lstm_cell_bwd(dh_new, dc_new, c, c_new, gates):
     return _lstm().lstm_cell_bwd(dh_new, dc_new, c, c_new, gates)
 
 
+@_on_device
 def gru_fwd(xproj, w_hh, b_hh, h0, lengths, reverse):
     return _gru().gru_fwd(xproj, w_hh, b_hh, h0, lengths, reverse)
 
 
+@_on_device
 def gru_bwd(dy, dh_n, w_hh, h0, y, gates, lengths, reverse):
     return _gru().gru_bwd(dy, dh_n, w_hh, h0, y, gates, lengths, reverse)
 
 
+@_on_device
 def gru_cell_fwd(igates, hgates, b_ih, b_hh, h):
     return _gru().gru_cell_fwd(igates, hgates, b_ih, b_hh, h)
 
 
+@_on_device
 def gru_cell_bwd(dh_new, h, gates):
     return _gru().gru_cell_bwd(dh_new, h, gates)

@@ -4,7 +4,7 @@ Everything a cell module needs besides its own math lives here, once:
 
 * environment: :func:`interpret_mode`, :func:`unavailable_reason`, :func:`device_info`
 * dtypes: :func:`acc_dtype`, :func:`tl_dtype`, :func:`dot_precision` (TF32 only when
-  ``torch.backends.cudnn.allow_tf32`` is set, the flag that governs nn.LSTM/nn.GRU)
+  ``torch.backends.cudnn.rnn.fp32_precision`` is "tf32", the flag that governs nn.LSTM/nn.GRU)
 * the variant-selection rule :func:`select_variant` and the size limit :func:`max_hidden_size` /
   :func:`unsupported_reason` (both derive from the same budget, so they cannot disagree)
 * ``@triton.jit`` helpers: :func:`sigmoid`, :func:`tanh`, :func:`grid_barrier`
@@ -177,8 +177,11 @@ def tl_dtype(dtype: torch.dtype):
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``input_precision`` for ``tl.dot``: "tf32" for fp32 only when cudnn.allow_tf32 is set."""
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpret_mode():
+    """``input_precision`` for ``tl.dot``: "tf32" for fp32 only when the rnn TF32 flag is set
+    (:func:`fusedrnn.backends.rnn_tf32_enabled`, what nn.LSTM follows)."""
+    from .. import rnn_tf32_enabled
+
+    if dtype == torch.float32 and not interpret_mode() and rnn_tf32_enabled():
         return "tf32"
     return "ieee"
 
@@ -457,6 +460,16 @@ TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"
 
 
 # ------------------------------------------------------------------------------------ launching
+def launch_options(variant: Variant) -> dict:
+    """Triton launch options of a recurrence launch.  A persistent grid (programs spinning on a
+    grid barrier) is launched cooperatively: the driver then guarantees that every program is
+    co-resident, or refuses the launch with an error, instead of a barrier that waits on programs
+    which never get an SM (another stream or NCCL holding SMs, MPS limits)."""
+    if variant.mode == "persistent" and variant.n_unit_progs > 1 and not interpret_mode():
+        return {"launch_cooperative_grid": True}
+    return {}
+
+
 def new_sync_buffers(n_batch_tiles: int, device):
     """(barrier counters (n_batch_tiles,), error flag (1,)) int32 zeros for one launch."""
     return (
@@ -466,7 +479,13 @@ def new_sync_buffers(n_batch_tiles: int, device):
 
 
 def check_error_flag(err: torch.Tensor, what: str) -> None:
-    """Raise RuntimeError when a kernel set the error flag (grid barrier timed out)."""
+    """Raise RuntimeError when a kernel set the error flag (grid barrier timed out).
+
+    Reads the flag only where that costs no device sync (CPU tensors: the interpreter).  On a GPU
+    a timed-out barrier traps instead (:func:`grid_barrier`), so the launch itself fails loudly;
+    reading the flag there would sync the host every call and break CUDA-graph capture."""
+    if err.device.type != "cpu":
+        return
     code = int(err.item())
     if code == ERR_BARRIER_TIMEOUT:
         raise RuntimeError(
@@ -479,6 +498,9 @@ def check_error_flag(err: torch.Tensor, what: str) -> None:
 
 # --------------------------------------------------------------------------------- jit helpers
 if triton is not None:
+    # On a GPU a timed-out grid barrier traps (see grid_barrier); under the interpreter it only
+    # sets the error flag, which the launcher reads (a CPU tensor: no device sync involved).
+    TRAP_ON_TIMEOUT = tl.constexpr(not interpret_mode())
 
     @triton.jit
     def sigmoid(x):
@@ -535,11 +557,20 @@ if triton is not None:
             cur = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
             spins = 0
             failed = 0  # polled every 1024 spins, not per barrier (an extra L2 round trip per step)
+            # Every value the loop condition reads comes from a scalar atomic, which Triton runs
+            # on one thread and broadcasts through shared memory: all warps see the same value and
+            # leave the loop in the same iteration (a per-thread load of the flag could let warps
+            # leave at different iterations and mismatch the CTA barriers below: a hang).
             while (cur < target) & (spins < MAX_SPINS) & (failed == 0):
                 cur = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
                 spins += 1
                 if spins % 1024 == 0:
-                    failed = tl.load(err_ptr, volatile=True)
+                    failed = tl.atomic_add(err_ptr, 0, sem="relaxed", scope="gpu")
             if cur < target:
                 tl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")
+                if TRAP_ON_TIMEOUT:
+                    # Device-side abort: the launch fails with a CUDA error at the next sync, also
+                    # inside a CUDA graph, and no host sync is spent on the hot path to find out.
+                    # Persistent launches are cooperative, so only a bug can get here.
+                    tl.inline_asm_elementwise("trap;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
         tl.debug_barrier()

@@ -535,7 +535,7 @@ def _common_meta(v: "C.Variant", H: int, dt: torch.dtype, has_lengths: bool, rev
         KS=v.ksplit_h, N_UBLK=v.n_unit_progs,
         HAS_LENGTHS=bool(has_lengths), REVERSE=bool(reverse), SPLIT=split, SYNC=v.mode == "persistent",
         DOT_PREC=C.dot_precision(dt), MAX_SPINS=_max_spins(), UPCAST_DOT=C.dot_upcast(dt),
-        num_warps=v.num_warps, num_stages=v.num_stages,
+        num_warps=v.num_warps, num_stages=v.num_stages, **C.launch_options(v),
     )
 
 
@@ -678,6 +678,7 @@ def _aot_recurrence(kind: str, v: "C.Variant", H: int, dt: torch.dtype, precisio
         ptrs = dict(dy_ptr=ty, dhn_in_ptr=ty, w_ptr=ty, h0_ptr=ty, y_ptr=ty, gates_ptr=ty, len_ptr="i64",
                     dst_ptr=aty, xb_ptr=ty, dx_ptr=ty, dhseq_ptr=ty, dh0_ptr=ty, bar_ptr="i32", err_ptr="i32")
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
+    meta.pop("launch_cooperative_grid", None)  # a launch option, not a constexpr
     meta.update(DOT_PREC=precision, MAX_SPINS=C.MAX_SPIN, UPCAST_DOT=False)
     return C.aot_spec(f"gru_{kind} {tag}", fn, ptrs, meta, num_warps, num_stages)
 

@@ -480,7 +480,7 @@ def _launch_recurrence(kernel, name, variant, T, B, args, consts, has_proj, back
                     *args, sync, err, T, B, b_start, s0, s1, grid_u,
                     PHASE_A=pa, PHASE_B=pb, SYNC=sync_flag,
                     MAX_SPINS=C.MAX_SPIN, num_warps=variant.num_warps, num_stages=variant.num_stages,
-                    **consts,
+                    **C.launch_options(variant), **consts,
                 )
                 C.count_launch(name)
         if sync_flag and grid_u > 1:
