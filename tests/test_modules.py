@@ -195,7 +195,16 @@ def test_low_precision_vs_fp64_reference(backend, mode, dtype, kind, extra, devi
     for g in got:
         assert g.dtype == dtype
     tf32 = device == "cuda" and dtype == torch.float32 and rnn_tf32_enabled()
-    assert_close(got, expected, dtype, names, rtol=TF32_RTOL if tf32 else None)
+    torch_got = None
+    if tf32:  # TF32 error depends on the shape: allow 2x what cuDNN's TF32 RNN gets here
+        torch_mod = make_pair(mode, kwargs, "torch", dtype=dtype, device=device)[0]  # torch.nn itself
+        torch_mod.load_state_dict(ours.state_dict())
+        leaves_t, args_t = make_inputs(mode, kwargs, T, B, kind, True, dtype, device)
+        with torch.no_grad():
+            for k in leaves_t:
+                leaves_t[k].copy_(leaves[k])
+        torch_got, _ = run_with_grads(torch_mod, leaves_t, args_t)
+    assert_close(got, expected, dtype, names, rtol=TF32_RTOL if tf32 else None, torch_outs=torch_got)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
