@@ -25,6 +25,7 @@
 # It never changes clocks, power limits, MIG or any other setting of the card (read-only queries).
 #
 # Environment: PYTHON (default: python on PATH), CUDA_HOME (default /usr/local/cuda),
+#   GPU_CHECK_DRY_RUN=1 (no GPU: every step replaced by a listing/collection; CI runs this),
 #   GPU_CHECK_BUDGET_S, GPU_CHECK_VERBOSE=1 (stream full logs, default: the tail of each),
 #   FUSEDRNN_CUDA_ARCHS (default: this GPU's, e.g. 90a on H100), GPU_CHECK_SKIP="memcheck racecheck",
 #   GPU_CHECK_BENCH_ARGS (extra arguments for the benchmark CLI), GPU_CHECK_T_<STEP> (a step's budget,
@@ -118,6 +119,7 @@ info() {
   else
     echo "commit: unknown (no git repository here)"
   fi
+  echo "source tree: $(git ls-files -z 2>/dev/null | xargs -0 cat 2>/dev/null | sha256sum | cut -c1-16) (sha256 of the tracked files' contents)"
   echo "python: $PY"
   nvidia-smi
   nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.limit,mig.mode.current \
@@ -226,22 +228,37 @@ reserve_after() {  # sum of the minimums of the steps after $1
 budget_of() { local n b m; for entry in "${STEPS[@]}"; do read -r n b m <<<"$entry"; [ "$n" = "$1" ] && echo "$b"; done; }
 run_step() { step "$1" "$(budget_of "$1")" "$(reserve_after "$1")" "${@:2}"; }
 
-run_step info info
-run_step build build
-run_step import import_check
-run_step extra "$PY" scripts/gpu_extra_checks.py --json "$OUT/extra.json"
 # one line per test as it ends (a step killed at its timeout still shows how far it got), and a
 # per-test timeout where pytest-timeout is installed (the GPU image has it), so one hang cannot
 # take the whole step
 PYTEST_TIMEOUT=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(-p timeout --timeout "${GPU_CHECK_TEST_TIMEOUT:-120}")
-run_step pytest "$PY" -m pytest -m gpu tests/ -v --tb=short -rfEs -p no:cacheprovider --durations=15 \
-                          "${PYTEST_TIMEOUT[@]}" --junitxml="$OUT/pytest_gpu.xml"
-run_step smoke "$PY" scripts/sanitizer_smoke.py --quick
-run_step memcheck sanitize memcheck
-run_step racecheck sanitize racecheck
-bench_t=$((DEADLINE - $(date +%s)))
-step bench "$bench_t" 0 bench "$bench_t"
+
+if [ "${GPU_CHECK_DRY_RUN:-0}" = "1" ]; then
+  # CI (no GPU): the control flow, budgets and summary, and every script's argument parsing and
+  # imports, with each device-only step replaced by a listing / collection, so the script cannot rot
+  run_step info info
+  run_step build bash -c 'echo "dry run: source hash $(bash scripts/source_hash.sh); would build or use .prebuilt/"'
+  run_step import "$PY" -c "import fusedrnn; print(fusedrnn.available_backends())"
+  run_step extra "$PY" scripts/gpu_extra_checks.py --list
+  run_step pytest "$PY" -m pytest -m gpu tests/ --collect-only -q -p no:cacheprovider
+  run_step smoke "$PY" scripts/sanitizer_smoke.py --list
+  run_step memcheck bash -c 'declare -F sanitize >/dev/null && echo "dry run: would run compute-sanitizer --tool memcheck"'
+  run_step racecheck bash -c 'declare -F sanitize >/dev/null && echo "dry run: would run compute-sanitizer --tool racecheck"'
+  step bench 60 0 "$PY" -m fusedrnn.bench --suite standard --device cpu --list
+else
+  run_step info info
+  run_step build build
+  run_step import import_check
+  run_step extra "$PY" scripts/gpu_extra_checks.py --json "$OUT/extra.json"
+  run_step pytest "$PY" -m pytest -m gpu tests/ -v --tb=short -rfEs -p no:cacheprovider --durations=15 \
+                            "${PYTEST_TIMEOUT[@]}" --junitxml="$OUT/pytest_gpu.xml"
+  run_step smoke "$PY" scripts/sanitizer_smoke.py --quick
+  run_step memcheck sanitize memcheck
+  run_step racecheck sanitize racecheck
+  bench_t=$((DEADLINE - $(date +%s)))
+  step bench "$bench_t" 0 bench "$bench_t"
+fi
 # a killed benchmark leaves its JSON (written after every config): render it
 if [ ! -f "$OUT/bench.md" ] && [ -f "$OUT/bench.json" ]; then
   "$PY" -m fusedrnn.bench --from-json "$OUT/bench.json" --plot "$OUT/speedup.png" --markdown "$OUT/bench.md" \

@@ -224,7 +224,12 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="+", default=["cuda", "triton"])
     p.add_argument("--only", nargs="+", choices=sorted(CHECKS))
     p.add_argument("--json")
+    p.add_argument("--list", action="store_true", help="print the checks and exit (no GPU needed)")
     args = p.parse_args(argv)
+    if args.list:
+        for name, fn in CHECKS.items():
+            print(f"{name:15s} {fn.__name__}")
+        return 0
     if not torch.cuda.is_available():
         print("gpu_extra_checks: no CUDA device")
         return 1
