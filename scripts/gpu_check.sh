@@ -233,6 +233,12 @@ run_step() { step "$1" "$(budget_of "$1")" "$(reserve_after "$1")" "${@:2}"; }
 # take the whole step
 PYTEST_TIMEOUT=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT=(-p timeout --timeout "${GPU_CHECK_TEST_TIMEOUT:-120}")
+# Triton compiles one kernel at a time per process and the GPU tests are small: with pytest-xdist
+# (on the GPU image) several workers share the GPU and the 16 host cores compile in parallel.
+# Correctness tests only: the benchmark runs alone.  Persistent kernels are cooperative launches,
+# and kernels of different processes do not share the SMs at once without MPS, so co-residency holds.
+PYTEST_XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && PYTEST_XDIST=(-n "${GPU_CHECK_PYTEST_WORKERS:-6}")
 
 if [ "${GPU_CHECK_DRY_RUN:-0}" = "1" ]; then
   # CI (no GPU): the control flow, budgets and summary, and every script's argument parsing and
@@ -252,7 +258,7 @@ else
   run_step import import_check
   run_step extra "$PY" scripts/gpu_extra_checks.py --json "$OUT/extra.json"
   run_step pytest "$PY" -m pytest -m gpu tests/ -v --tb=short -rfEs -p no:cacheprovider --durations=15 \
-                            "${PYTEST_TIMEOUT[@]}" --junitxml="$OUT/pytest_gpu.xml"
+                            "${PYTEST_TIMEOUT[@]}" "${PYTEST_XDIST[@]}" --junitxml="$OUT/pytest_gpu.xml"
   run_step smoke "$PY" scripts/sanitizer_smoke.py --quick
   run_step memcheck sanitize memcheck
   run_step racecheck sanitize racecheck
