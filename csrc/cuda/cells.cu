@@ -3,6 +3,7 @@
 // (batch, unit) pair: all gates of a unit are read and written by the same thread; the math is
 // cell_math.h in the accumulation type.
 #include <map>
+#include <mutex>
 #include <tuple>
 
 #include "common.cuh"
@@ -20,8 +21,7 @@ inline unsigned int cell_blocks(int64_t n) {
 // One thread per (batch, unit) pair, n = B * H of them, on the current stream.
 template <typename... KArgs, typename... Args>
 void launch_cells(void (*kernel)(KArgs...), int64_t n, Args... args) {
-  kernel<<<cell_blocks(n), kCellThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_plain(kernel, cell_blocks(n), kCellThreads, args...);
 }
 
 template <typename T>
@@ -143,7 +143,7 @@ Tensor3 lstm_cell_fwd_cuda(const Tensor& igates, const Tensor& hgates, const Opt
   check_cuda_args("lstm_cell_fwd", false,
                   {{"igates", &igates}, {"hgates", &hgates}, {"b_ih", checks::opt(b_ih)}, {"b_hh", checks::opt(b_hh)},
                    {"c", &c}});
-  const c10::cuda::CUDAGuard guard(igates.device());
+  const DeviceGuard guard(igates.device());
   const auto dt = igates.scalar_type();
   const int64_t B = d.B, H = d.H;
   const Tensor ig = prep(igates, dt), hg = prep(hgates, dt);
@@ -167,7 +167,7 @@ Tensor2 lstm_cell_bwd_cuda(const Tensor& dh_new, const Tensor& dc_new, const Ten
   const checks::Dims d = checks::lstm_cell_bwd(dh_new, dc_new, c, c_new, gates);
   check_cuda_args("lstm_cell_bwd", false,
                   {{"gates", &gates}, {"dh_new", &dh_new}, {"dc_new", &dc_new}, {"c", &c}, {"c_new", &c_new}});
-  const c10::cuda::CUDAGuard guard(gates.device());
+  const DeviceGuard guard(gates.device());
   const auto dt = gates.scalar_type();
   const int64_t B = d.B, H = d.H;
   const Tensor g = prep(gates, dt), dh = prep(dh_new, dt);
@@ -190,7 +190,7 @@ Tensor2 gru_cell_fwd_cuda(const Tensor& igates, const Tensor& hgates, const OptT
   check_cuda_args("gru_cell_fwd", false,
                   {{"igates", &igates}, {"hgates", &hgates}, {"b_ih", checks::opt(b_ih)}, {"b_hh", checks::opt(b_hh)},
                    {"h", &h}});
-  const c10::cuda::CUDAGuard guard(igates.device());
+  const DeviceGuard guard(igates.device());
   const auto dt = igates.scalar_type();
   const int64_t B = d.B, H = d.H;
   const Tensor ig = prep(igates, dt), hg = prep(hgates, dt);
@@ -211,7 +211,7 @@ Tensor3 gru_cell_bwd_cuda(const Tensor& dh_new, const Tensor& h, const Tensor& g
   using namespace cuda_detail;
   const checks::Dims d = checks::gru_cell_bwd(dh_new, h, gates);
   check_cuda_args("gru_cell_bwd", false, {{"gates", &gates}, {"dh_new", &dh_new}, {"h", &h}});
-  const c10::cuda::CUDAGuard guard(gates.device());
+  const DeviceGuard guard(gates.device());
   const auto dt = gates.scalar_type();
   const int64_t B = d.B, H = d.H;
   const Tensor g = prep(gates, dt), dh = prep(dh_new, dt);
@@ -234,8 +234,7 @@ int64_t max_hidden_size_cuda(const std::string& mode, at::ScalarType dtype, int6
   TORCH_CHECK(mode == "LSTM" || mode == "GRU", "fusedrnn max_hidden_size_cuda: mode must be LSTM or GRU, got ", mode);
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat || dtype == at::kDouble,
               "fusedrnn max_hidden_size_cuda: unsupported dtype ", dtype);
-  int device = static_cast<int>(device_index);
-  if (device < 0) C10_CUDA_CHECK(cudaGetDevice(&device));
+  const int device = device_index < 0 ? current_device() : static_cast<int>(device_index);
   static std::mutex mu;
   static std::map<std::tuple<std::string, int, int>, int64_t> cache;
   const auto key = std::make_tuple(mode, static_cast<int>(dtype), device);
@@ -244,11 +243,9 @@ int64_t max_hidden_size_cuda(const std::string& mode, at::ScalarType dtype, int6
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
   }
-  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-  int coop = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
+  const DeviceGuard guard(static_cast<c10::DeviceIndex>(device));
   int64_t limit = 0;
-  if (coop) {
+  if (device_limits(device).cooperative) {
     limit = mode == "LSTM" ? std::min(lstm_fwd_max_hidden(dtype, device), lstm_bwd_max_hidden(dtype, device))
                            : std::min(gru_fwd_max_hidden(dtype, device), gru_bwd_max_hidden(dtype, device));
   }

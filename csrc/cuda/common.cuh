@@ -4,7 +4,9 @@
 //   * the three "CTA GEMM engines" that compute, per step, out[row][n] = sum_k W[row][k] * X[n][k]
 //     for the W slice a CTA keeps in shared memory for the whole sequence and an operand X
 //     (h_{t-1}, m_t, dgates_t, ...) that the whole grid exchanged through global memory (L2),
-//   * the cooperative launch helper and the on-chip size limits.
+//   * the launch planners' helpers and the on-chip size limits.
+// Kernels reach the hardware only through device_ops.cuh (every intrinsic and inline PTX), the
+// host code reaches the CUDA runtime only through launch.cuh: the seams a CPU emulation replaces.
 //
 // Engines (all write fp32/fp64 partial sums per warp into the shared buffer `red`; the caller's
 // epilogue adds the kWarps partials of each output):
@@ -18,27 +20,21 @@
 // Fragment trick: the MMA sums over k, so any permutation of k applied to both operands gives the
 // same result.  We permute k inside every 32-wide chunk so that lane (g = lane/4, q = lane%4) owns
 // the 8 contiguous elements X[n][32c + 8q .. 32c + 8q + 7] (16 bytes for 16-bit types): the B
-// fragments of two m16n8k16 k-tiles come from ONE 16-byte global load (__ldcg: L2, never a stale
+// fragments of two m16n8k16 k-tiles come from ONE 16-byte global load (ld_cg: L2, never a stale
 // L1 line), and W is laid out in shared memory in the same permuted fragment order when it is
 // staged, so each A fragment is one conflict-free 16-byte shared load.  Exchange buffers are padded
 // (rows to a multiple of BN, columns to a multiple of 32, zero-filled) so no load needs a guard.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
-#include <map>
-#include <mutex>
 #include <string>
-#include <tuple>
-#include <vector>
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
 
 #include "device_ops.cuh"
+#include "launch.cuh"
 #include "fusedrnn/cell_math.h"
 #include "fusedrnn/checks.h"
 #include "fusedrnn/ops.h"
@@ -105,7 +101,7 @@ inline const T* optr(const c10::optional<at::Tensor>& t) {
 // k * gridDim.x.  Co-residency of all CTAs is guaranteed by the cooperative launch, so the spin
 // terminates.  The fences make every global write issued before the barrier (by any thread of
 // any CTA) visible to every read after it (release/acquire at gpu scope, made cumulative over the
-// CTA by bar.sync, the pattern of CUTLASS's GenericBarrier); readers use ld.global.cg (__ldcg) so
+// CTA by bar.sync, the pattern of CUTLASS's GenericBarrier); readers use ld.global.cg (ld_cg) so
 // no stale L1 line is read.
 __device__ __forceinline__ void grid_barrier(unsigned int* counter, unsigned int& target) {
   dev::sync_threads();  // every thread's writes of this step are ordered before thread 0's release
@@ -495,76 +491,6 @@ inline SliceGeom slice_geom(int64_t rows, int64_t K) {
   return s;
 }
 
-// ------------------------------------------------------------------ host runtime (launch side)
-// Everything below that talks to the CUDA runtime (device attributes, occupancy, launches,
-// workspace memset) is host code; the kernels above only use device_ops.cuh.
-
-// Device facts used by the planners.
-struct DeviceLimits {
-  int device = 0;
-  int sms = 0;
-  size_t smem_optin = 0;
-};
-// Cached per device (cudaGetDeviceProperties is slow).
-inline DeviceLimits device_limits(int device) {
-  static std::mutex mu;
-  static std::vector<DeviceLimits> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1);
-  if (cache[device].sms == 0) {
-    int sms = 0, optin = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    cache[device].device = device;
-    cache[device].sms = sms;
-    cache[device].smem_optin = static_cast<size_t>(optin);
-  }
-  return cache[device];
-}
-
-// Max co-resident CTAs of `kernel` with `smem` bytes of dynamic shared memory on dev (0 if it
-// cannot run); dev must be the current device.  Cached per (kernel, smem, device): the attribute
-// call and the occupancy query are paid once, not on every launch.  The kernel's dynamic
-// shared-memory limit only ever grows (to the largest smem asked for on that device), so a cached
-// answer for a smaller smem stays launchable.
-template <class Kernel>
-inline int co_resident_ctas(Kernel kernel, size_t smem, const DeviceLimits& dev) {
-  static std::mutex mu;
-  static std::map<std::tuple<const void*, size_t, int>, int> per_sm_cache;
-  static std::map<std::pair<const void*, int>, size_t> smem_limit_set;
-  const void* fn = reinterpret_cast<const void*>(kernel);
-  std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_tuple(fn, smem, dev.device);
-  auto it = per_sm_cache.find(key);
-  if (it == per_sm_cache.end()) {
-    size_t& limit = smem_limit_set[{fn, dev.device}];
-    if (smem > limit) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      limit = smem;
-    }
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-    it = per_sm_cache.emplace(key, per_sm).first;
-  }
-  return it->second * dev.sms;
-}
-
-// One cooperative launch on the current stream: all `grid` CTAs co-resident or an error.
-template <class Kernel, class Args>
-inline void launch_cooperative(Kernel kernel, int grid, size_t smem, const Args& args, const DeviceLimits& dev,
-                               const char* what) {
-  const int resident = co_resident_ctas(kernel, smem, dev);
-  TORCH_CHECK(grid <= resident, "fusedrnn CUDA ", what, ": ", grid, " CTAs with ", smem,
-              " B of shared memory each cannot be co-resident (device holds ", resident,
-              "); reduce the hidden size (see fusedrnn max_hidden_size_cuda)");
-  Args copy = args;
-  void* kargs[] = {reinterpret_cast<void*>(&copy)};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid),
-                                             dim3(kThreads), kargs, smem,
-                                             c10::cuda::getCurrentCUDAStream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // Devices and layout of a CUDA op's tensors, checked after the shapes (fusedrnn/checks.h) and
 // before the CUDAGuard is built from the first one: the first must be a CUDA tensor, every other
 // defined one on its device, and (contiguous = true) all contiguous, since the kernels index raw
@@ -580,42 +506,6 @@ inline void check_cuda_args(const char* op, bool contiguous, std::initializer_li
                 op, ": ", nt.first, " must be contiguous");
   }
 }
-
-// Per-launch scratch of a persistent kernel (grid-barrier counter, exchange buffers, fp32/fp64
-// state) in ONE allocation, with one cudaMemsetAsync clearing the regions that must start at zero
-// (taken first: the counter and the zero-padded exchange buffers).  Regions are 256-byte aligned.
-class Workspace {
- public:
-  // Reserves n elements of dtype; returns the region's byte offset.
-  size_t take(int64_t n, at::ScalarType dtype) {
-    const size_t off = bytes_;
-    bytes_ = static_cast<size_t>(round_up(static_cast<int64_t>(off) + n * at::elementSize(dtype), 256));
-    return off;
-  }
-  // Everything reserved so far starts at zero; later regions are filled by the caller.
-  void mark_zeroed() { zeroed_ = bytes_; }
-  // The allocation (on like's device, current stream) and the one memset.
-  void allocate(const at::Tensor& like) {
-    buf_ = at::empty({static_cast<int64_t>(bytes_)}, like.options().dtype(at::kByte));
-    if (zeroed_ > 0) {
-      C10_CUDA_CHECK(cudaMemsetAsync(buf_.data_ptr(), 0, zeroed_, c10::cuda::getCurrentCUDAStream()));
-    }
-  }
-  template <typename T>
-  T* ptr(size_t off) const {
-    return reinterpret_cast<T*>(static_cast<unsigned char*>(buf_.data_ptr()) + off);
-  }
-  // A typed view of a region (to fill it with ATen ops on the current stream).
-  at::Tensor view(size_t off, at::ScalarType dtype, at::IntArrayRef shape) const {
-    int64_t n = 1;
-    for (int64_t s : shape) n *= s;
-    return buf_.narrow(0, static_cast<int64_t>(off), n * at::elementSize(dtype)).view(dtype).view(shape);
-  }
-
- private:
-  size_t bytes_ = 0, zeroed_ = 0;
-  at::Tensor buf_;
-};
 
 // Per-file limit functions (largest H whose pass fits on chip; 0 if none), used by
 // max_hidden_size_cuda (cells.cu).  P = H (no projection), any batch.
@@ -637,7 +527,7 @@ inline int64_t largest_fitting(int64_t hi, Fits fits) {
 // A plan (p.ok, p.grid, p.smem) that fits the device: its smem fits and all CTAs are co-resident.
 template <class Kernel, class Plan>
 inline bool plan_fits(Kernel kernel, const Plan& p, const DeviceLimits& dev) {
-  return p.ok && co_resident_ctas(kernel, p.smem, dev) >= p.grid;
+  return p.ok && co_resident_ctas(kernel, kThreads, p.smem, dev) >= p.grid;
 }
 
 // Limit query of one recurrence pass: the smallest over the engines `dtype` may use (fp32: with and

@@ -55,6 +55,11 @@
 //     bits(bf16), bits(f16)          the 16-bit pattern (as unsigned short).
 //     min(a, b), max(a, b)  int64_t minimum / maximum.
 //     fma_rn(a, b, c)       a*b + c with one rounding (float and double).
+//
+// Besides these, the kernel source uses only standard C++ and the CUDA keywords __global__,
+// __device__, __host__, __forceinline__, __launch_bounds__(n, m), __restrict__ and
+// #pragma unroll, which an emulation defines away.  The host side of the runtime (launches,
+// occupancy, device guard, workspace memset) is behind launch.cuh.
 #pragma once
 
 #include <cstdint>

@@ -186,7 +186,7 @@ Tensor3 gru_bwd_cuda(const Tensor& dy, const Tensor& dh_n, const Tensor& w_hh, c
   check_cuda_args("gru_bwd", true,
                   {{"dy", &dy}, {"dh_n", &dh_n}, {"w_hh", &w_hh}, {"h0", &h0}, {"y", &y}, {"gates", &gates},
                    {"lengths", checks::opt(lengths)}});
-  const c10::cuda::CUDAGuard guard(dy.device());
+  const DeviceGuard guard(dy.device());
   const int64_t T = d.T, B = d.B, H = d.H, G = 3 * H;
   const auto dt = dy.scalar_type();
   const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
@@ -233,7 +233,7 @@ Tensor3 gru_bwd_cuda(const Tensor& dy, const Tensor& dh_n, const Tensor& w_hh, c
     a.ldp = ldp; a.dpbuf_stride = Bpad * ldp;
     a.U = p.U; a.g_b = p.g_b;
     a.reverse = reverse ? 1 : 0;
-    launch_cooperative(gru_bwd_kernel<Tt, Eng>, p.grid, p.smem, a, dev, "gru_bwd");
+    launch_cooperative(gru_bwd_kernel<Tt, Eng>, p.grid, kThreads, p.smem, a, dev, "gru_bwd");
     return true;
   });
   TORCH_CHECK(launched, "fusedrnn CUDA gru_bwd: hidden size H=", H, " (dtype ", dt,

@@ -171,7 +171,7 @@ Tensor3 gru_fwd_cuda(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b
   check_cuda_args("gru_fwd", true,
                   {{"xproj", &xproj}, {"w_hh", &w_hh}, {"b_hh", checks::opt(b_hh)}, {"h0", &h0},
                    {"lengths", checks::opt(lengths)}});
-  const c10::cuda::CUDAGuard guard(xproj.device());
+  const DeviceGuard guard(xproj.device());
   const int64_t T = d.T, B = d.B, H = d.H;
   const auto dt = xproj.scalar_type();
   const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
@@ -218,7 +218,7 @@ Tensor3 gru_fwd_cuda(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b
     a.ldh = ldh; a.hbuf_stride = Bpad * ldh;
     a.U = p.U; a.g_hh = p.g_hh;
     a.reverse = reverse ? 1 : 0;
-    launch_cooperative(gru_fwd_kernel<Tt, Eng>, p.grid, p.smem, a, dev, "gru_fwd");
+    launch_cooperative(gru_fwd_kernel<Tt, Eng>, p.grid, kThreads, p.smem, a, dev, "gru_fwd");
     return true;
   });
   TORCH_CHECK(launched, "fusedrnn CUDA gru_fwd: hidden size H=", H, " (dtype ", dt,

@@ -283,7 +283,7 @@ Tensor4 lstm_bwd_cuda(const Tensor& dy, const Tensor& dh_n, const Tensor& dc_n, 
   check_cuda_args("lstm_bwd", true,
                   {{"dy", &dy}, {"dh_n", &dh_n}, {"dc_n", &dc_n}, {"w_hh", &w_hh}, {"w_hr", checks::opt(w_hr)},
                    {"c0", &c0}, {"gates", &gates}, {"cs", &cs}, {"lengths", checks::opt(lengths)}});
-  const c10::cuda::CUDAGuard guard(dy.device());
+  const DeviceGuard guard(dy.device());
   const int64_t T = d.T, B = d.B, H = d.H, G = 4 * H, P = d.P;
   const bool proj = checks::defined(w_hr);
   const auto dt = dy.scalar_type();
@@ -344,7 +344,7 @@ Tensor4 lstm_bwd_cuda(const Tensor& dy, const Tensor& dh_n, const Tensor& dc_n, 
     a.ldp = ldp; a.ldq = ldq; a.dpbuf_stride = Bpad * ldp;
     a.U = p.U; a.Up = p.Up; a.g_b = p.g_b; a.g_a = p.g_a;
     a.reverse = reverse ? 1 : 0;
-    launch_cooperative(lstm_bwd_kernel<Tt, Eng>, p.grid, p.smem, a, dev, "lstm_bwd");
+    launch_cooperative(lstm_bwd_kernel<Tt, Eng>, p.grid, kThreads, p.smem, a, dev, "lstm_bwd");
     return true;
   });
   TORCH_CHECK(launched, "fusedrnn CUDA lstm_bwd: hidden size H=", H, " (P=", P, ", dtype ", dt,

@@ -257,7 +257,7 @@ Tensor5 lstm_fwd_cuda(const Tensor& xproj, const Tensor& w_hh, const OptTensor& 
   check_cuda_args("lstm_fwd", true,
                   {{"xproj", &xproj}, {"w_hh", &w_hh}, {"b_hh", checks::opt(b_hh)}, {"h0", &h0}, {"c0", &c0},
                    {"w_hr", checks::opt(w_hr)}, {"lengths", checks::opt(lengths)}});
-  const c10::cuda::CUDAGuard guard(xproj.device());
+  const DeviceGuard guard(xproj.device());
   const int64_t T = d.T, B = d.B, H = d.H, G = 4 * H, P = d.P;
   const bool proj = checks::defined(w_hr);
   const auto dt = xproj.scalar_type();
@@ -316,7 +316,7 @@ Tensor5 lstm_fwd_cuda(const Tensor& xproj, const Tensor& w_hh, const OptTensor& 
     a.ldh = ldh; a.ldm = ldm; a.hbuf_stride = Bpad * ldh;
     a.U = p.U; a.Up = p.Up; a.g_hh = p.g_hh; a.g_hr = p.g_hr;
     a.reverse = reverse ? 1 : 0;
-    launch_cooperative(lstm_fwd_kernel<Tt, Eng>, p.grid, p.smem, a, dev, "lstm_fwd");
+    launch_cooperative(lstm_fwd_kernel<Tt, Eng>, p.grid, kThreads, p.smem, a, dev, "lstm_fwd");
     return true;
   });
   TORCH_CHECK(launched, "fusedrnn CUDA lstm_fwd: hidden size H=", H, " (P=", P, ", dtype ", dt,
