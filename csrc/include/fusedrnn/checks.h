@@ -148,7 +148,8 @@ inline Dims gru_cell_fwd(const Tensor& igates, const Tensor& hgates, const OptTe
 }
 
 // Backward of a cell: gates (B, 4H) and every other tensor (B, H).
-inline Dims cell_bwd(const char* op, const Tensor& gates, std::initializer_list<std::pair<const char*, const Tensor*>> bh) {
+using Named = std::pair<const char*, const Tensor*>;  // (argument name, tensor or nullptr)
+inline Dims cell_bwd(const char* op, const Tensor& gates, std::initializer_list<Named> bh) {
   Dims d;
   d.H = gate_dim(op, gates, 2, 4, "gates", "(B, 4H)");
   d.B = gates.size(0);
@@ -167,7 +168,6 @@ inline Dims gru_cell_bwd(const Tensor& dh_new, const Tensor& h, const Tensor& ga
 // ---- devices -------------------------------------------------------------------------------------
 // Every defined tensor is on `device`; the message names the first that is not.  Runs before any
 // device guard is built from these tensors (a guard on the wrong device type fails opaquely).
-using Named = std::pair<const char*, const Tensor*>;
 inline void devices(const char* backend, const char* op, const at::Device& device, std::initializer_list<Named> ts) {
   for (const auto& nt : ts) {
     if (nt.second == nullptr || !nt.second->defined()) continue;
