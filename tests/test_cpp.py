@@ -274,6 +274,145 @@ def test_bad_inputs_raise():
         cpp.gru_fwd(torch.randn(3, 2, 6), torch.randn(6, 2), None, torch.zeros(3, 2), None, False)
 
 
+# ------------------------------------------------------------------------ argument checks
+# Every C++ op checks the shapes of the op contract (csrc/include/fusedrnn/checks.h, shared by the
+# CPU and CUDA implementations) and names the offending tensor: a kernel trusts these shapes for
+# its pointer arithmetic (a short bias would be read out of bounds).  Each case: op, valid
+# arguments, and one bad replacement (argument index, tensor, name the message must contain).
+T_, B_, H_ = 3, 2, 4
+
+
+def _valid_args():
+    r = torch.randn
+    lstm_fwd = [r(T_, B_, 4 * H_), r(4 * H_, H_), r(4 * H_), r(B_, H_), r(B_, H_), None,
+                torch.tensor([3, 1]), False, False]
+    lstm_bwd = [r(T_, B_, H_), r(B_, H_), r(B_, H_), r(4 * H_, H_), None, r(B_, H_), torch.rand(T_, B_, 4 * H_),
+                r(T_, B_, H_), torch.tensor([3, 1]), False, False]
+    gru_fwd = [r(T_, B_, 3 * H_), r(3 * H_, H_), r(3 * H_), r(B_, H_), torch.tensor([3, 1]), False, False]
+    gru_bwd = [r(T_, B_, H_), r(B_, H_), r(3 * H_, H_), r(B_, H_), r(T_, B_, H_), torch.rand(T_, B_, 4 * H_),
+               torch.tensor([3, 1]), False, False]
+    lstm_cell_fwd = [r(B_, 4 * H_), r(B_, 4 * H_), r(4 * H_), r(4 * H_), r(B_, H_)]
+    lstm_cell_bwd = [r(B_, H_), r(B_, H_), r(B_, H_), r(B_, H_), torch.rand(B_, 4 * H_)]
+    gru_cell_fwd = [r(B_, 3 * H_), r(B_, 3 * H_), r(3 * H_), r(3 * H_), r(B_, H_)]
+    gru_cell_bwd = [r(B_, H_), r(B_, H_), torch.rand(B_, 4 * H_)]
+    return dict(lstm_fwd=lstm_fwd, lstm_bwd=lstm_bwd, gru_fwd=gru_fwd, gru_bwd=gru_bwd, lstm_cell_fwd=lstm_cell_fwd,
+                lstm_cell_bwd=lstm_cell_bwd, gru_cell_fwd=gru_cell_fwd, gru_cell_bwd=gru_cell_bwd)
+
+
+r_ = torch.randn
+BAD_ARGS = [
+    ("lstm_fwd", 0, r_(T_, B_, 4 * H_ + 1), "xproj"),
+    ("lstm_fwd", 0, r_(T_, B_, 0), "xproj"),  # H = 0
+    ("lstm_fwd", 1, r_(4 * H_ * H_), "w_hh"),  # w_hh.dim() == 1
+    ("lstm_fwd", 1, r_(1, 4 * H_, H_), "w_hh"),
+    ("lstm_fwd", 1, r_(4 * H_, H_ + 1), "w_hh"),  # P != H without w_hr
+    ("lstm_fwd", 2, r_(4 * H_ - 1), "b_hh"),  # short bias
+    ("lstm_fwd", 3, r_(B_, H_ + 1), "h0"),
+    ("lstm_fwd", 4, r_(B_ + 1, H_), "c0"),
+    ("lstm_fwd", 5, r_(H_, H_ + 1), "w_hr"),
+    ("lstm_fwd", 6, torch.tensor([3, 1, 2]), "lengths"),
+    ("lstm_fwd", 6, torch.tensor([2.5, 1.0]), "lengths"),  # not int64: never reinterpreted
+    ("lstm_bwd", 0, r_(T_, B_ + 1, H_), "dy"),
+    ("lstm_bwd", 1, r_(B_, H_ + 1), "dh_n"),
+    ("lstm_bwd", 2, r_(B_, H_ - 1), "dc_n"),
+    ("lstm_bwd", 3, r_(4 * H_), "w_hh"),
+    ("lstm_bwd", 3, r_(4 * H_, H_ + 1), "w_hh"),  # P != H without w_hr
+    ("lstm_bwd", 4, r_(H_ + 1, H_), "w_hr"),
+    ("lstm_bwd", 5, r_(B_, 1), "c0"),
+    ("lstm_bwd", 6, torch.rand(T_, B_, 4 * H_ + 2), "gates"),
+    ("lstm_bwd", 7, r_(T_ + 1, B_, H_), "cs"),
+    ("lstm_bwd", 8, torch.tensor([3]), "lengths"),
+    ("gru_fwd", 0, r_(T_, B_, 3 * H_ + 1), "xproj"),
+    ("gru_fwd", 1, r_(3 * H_ * H_), "w_hh"),
+    ("gru_fwd", 1, r_(3 * H_, H_ + 1), "w_hh"),
+    ("gru_fwd", 2, r_(3 * H_ - 1), "b_hh"),
+    ("gru_fwd", 3, r_(B_, H_ + 1), "h0"),
+    ("gru_fwd", 4, torch.tensor([3, 1], dtype=torch.int32), "lengths"),
+    ("gru_bwd", 0, r_(T_, B_, H_ + 1), "dy"),
+    ("gru_bwd", 1, r_(B_ + 1, H_), "dh_n"),
+    ("gru_bwd", 2, r_(3 * H_ * H_), "w_hh"),
+    ("gru_bwd", 3, r_(B_, H_ - 1), "h0"),
+    ("gru_bwd", 4, r_(T_ - 1, B_, H_), "y"),
+    ("gru_bwd", 5, torch.rand(T_, B_, 4 * H_ + 2), "gates"),
+    ("gru_bwd", 6, torch.tensor([3, 1, 1]), "lengths"),
+    ("lstm_cell_fwd", 1, r_(B_, 4 * H_ + 4), "hgates"),
+    ("lstm_cell_fwd", 2, r_(4 * H_ - 1), "b_ih"),
+    ("lstm_cell_fwd", 3, r_(2), "b_hh"),
+    ("lstm_cell_fwd", 4, r_(B_, H_ + 1), "c"),
+    ("lstm_cell_bwd", 0, r_(B_, H_ + 1), "dh_new"),
+    ("lstm_cell_bwd", 1, r_(B_ + 1, H_), "dc_new"),
+    ("lstm_cell_bwd", 2, r_(B_), "c"),
+    ("lstm_cell_bwd", 3, r_(B_, 1), "c_new"),
+    ("lstm_cell_bwd", 4, torch.rand(B_, 4 * H_ + 1), "gates"),
+    ("gru_cell_fwd", 2, r_(3 * H_ + 1), "b_ih"),
+    ("gru_cell_fwd", 3, r_(3 * H_ - 1), "b_hh"),
+    ("gru_cell_fwd", 4, r_(B_, H_ + 1), "h"),
+    ("gru_cell_bwd", 0, r_(B_, H_ + 1), "dh_new"),
+    ("gru_cell_bwd", 1, r_(B_ + 1, H_), "h"),
+]
+_BAD_IDS = [f"{op}-{name}-{i}" for i, (op, _, _, name) in enumerate(BAD_ARGS)]
+
+
+def _with_bad(op, index, bad):
+    args = _valid_args()[op]
+    args[index] = bad
+    return args
+
+
+@pytest.mark.parametrize("op", sorted(_valid_args()))
+def test_valid_args_run(op):
+    # the baseline of the cases below: only the replaced argument is wrong there
+    getattr(torch.ops.fusedrnn_ext, op)(*_valid_args()[op])
+
+
+@pytest.mark.parametrize("op,index,bad,name", BAD_ARGS, ids=_BAD_IDS)
+def test_bad_args_named_cpu(op, index, bad, name):
+    with pytest.raises(RuntimeError, match=rf"fusedrnn {op}: {name} must"):
+        getattr(torch.ops.fusedrnn_ext, op)(*_with_bad(op, index, bad))
+
+
+def test_lstm_bwd_rejects_p_without_projection():
+    # w_hh (4H, P) with P != H but no w_hr, every other shape consistent with P: the CPU backward
+    # used to run (reading the (B, P) state as (B, H)); it must raise like the forward does
+    P = H_ + 3
+    args = _valid_args()["lstm_bwd"]
+    args[0], args[1], args[3] = torch.randn(T_, B_, P), torch.randn(B_, P), torch.randn(4 * H_, P)
+    with pytest.raises(RuntimeError, match="fusedrnn lstm_bwd: w_hh must have shape .* without a projection"):
+        cpp.lstm_bwd(*args[:-1])
+
+
+# The CUDA implementations run the same checks before touching a device: called with CPU tensors
+# (redispatched to the CUDA kernel, no GPU needed) they must name the bad tensor, and with valid
+# shapes name the first tensor that is not on a CUDA device, instead of failing inside a
+# CUDAGuard built from a CPU device.
+def _has_cuda_kernels():
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fusedrnn_ext::lstm_fwd", "CUDA")
+
+
+needs_cuda_kernels = pytest.mark.skipif(not _has_cuda_kernels(), reason="fusedrnn._C built without CUDA")
+
+
+def _call_cuda_kernel(op, args):
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    return getattr(torch.ops.fusedrnn_ext, op).default.redispatch(keys, *args)
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("op,index,bad,name", BAD_ARGS, ids=_BAD_IDS)
+def test_bad_args_named_cuda(op, index, bad, name):
+    with pytest.raises(RuntimeError, match=rf"fusedrnn {op}: {name} must"):
+        _call_cuda_kernel(op, _with_bad(op, index, bad))
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("op", sorted(_valid_args()))
+def test_cuda_op_rejects_cpu_tensors(op):
+    first = {"lstm_fwd": "xproj", "gru_fwd": "xproj", "lstm_bwd": "dy", "gru_bwd": "dy", "lstm_cell_fwd": "igates",
+             "gru_cell_fwd": "igates", "lstm_cell_bwd": "gates", "gru_cell_bwd": "gates"}[op]
+    with pytest.raises(RuntimeError, match=rf"fusedrnn CUDA {op}: {first} must be a CUDA tensor, got cpu"):
+        _call_cuda_kernel(op, _valid_args()[op])
+
+
 def test_unsupported():
     from fusedrnn.backends import RecurrenceConfig
 

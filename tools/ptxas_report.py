@@ -4,6 +4,12 @@
     python tools/ptxas_report.py                 # the fusedrnn._C found on sys.path / python/
     python tools/ptxas_report.py path/to/_C.so   # a given shared object (or cubin)
     python tools/ptxas_report.py --arch sm_90a   # one architecture only
+    python tools/ptxas_report.py NEW.so --against OLD.so   # per kernel: resource and SASS changes
+
+``--against`` compares two builds kernel by kernel (registers, stack, local and static shared
+memory, and the SASS instruction stream from ``cuobjdump -sass`` with addresses stripped), prints
+the opcode-count deltas of every kernel whose SASS differs, and exits 1 when anything differs: the
+check that a source refactoring (e.g. csrc/cuda/device_ops.cuh) left the GPU code unchanged.
 
 Reads the embedded cubins with ``cuobjdump --dump-resource-usage`` (CUDA_HOME/bin, else PATH,
 else the copy bundled with triton).
@@ -89,10 +95,78 @@ def parse(text: str):
     return rows
 
 
+_INSTR = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
+
+
+def sass_by_kernel(cuobjdump: str, path: str) -> dict:
+    """{(arch, mangled name): [instruction text, ...]} from ``cuobjdump -sass``."""
+    out = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
+    kernels, arch, current = {}, "?", None
+    for line in out.splitlines():
+        m = re.match(r"\s*code for (\S+)", line)
+        if m:
+            arch = m.group(1)
+            continue
+        m = re.match(r"\s*Function\s*:\s*(\S+)", line)
+        if m:
+            current = kernels.setdefault((arch, m.group(1)), [])
+            continue
+        m = _INSTR.match(line)
+        if m and current is not None:
+            current.append(re.sub(r"\s+", " ", m.group(1)))
+    return kernels
+
+
+def opcode_counts(instrs: list[str]) -> dict:
+    counts: dict = {}
+    for ins in instrs:
+        op = ins.split()[0] if not ins.startswith("@") else ins.split()[1]
+        counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def compare(cuobjdump: str, new: str, old: str, arch: str | None) -> int:
+    """Kernel-by-kernel comparison of two builds; 0 when resources and SASS are identical."""
+    def resources(path):
+        proc = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True)
+        return {(a, n): f for a, n, f in parse(proc.stdout)}
+
+    tables = [resources(new), resources(old), sass_by_kernel(cuobjdump, new), sass_by_kernel(cuobjdump, old)]
+    # key by demangled name: the mangled name of an anonymous namespace hashes the source path
+    names = demangle(sorted({k[1] for t in tables for k in t}))
+    res_new, res_old, sass_new, sass_old = ({(a, names[n]): v for (a, n), v in t.items()} for t in tables)
+    keys = sorted(set(res_new) | set(res_old) | set(sass_new) | set(sass_old))
+    if arch:
+        keys = [k for k in keys if k[0] == arch]
+    fields = ("REG", "STACK", "LOCAL", "SHARED")
+    same = differ = 0
+    for key in keys:
+        label = f"{key[0]:7} {key[1][:150]}"
+        if key not in sass_new or key not in sass_old:
+            print(f"ONLY IN {'NEW' if key in sass_new else 'OLD'}  {label}")
+            differ += 1
+            continue
+        rn, ro = res_new.get(key, {}), res_old.get(key, {})
+        res_delta = [f"{f} {ro.get(f, 0)}->{rn.get(f, 0)}" for f in fields if rn.get(f, 0) != ro.get(f, 0)]
+        a, b = sass_new[key], sass_old[key]
+        if a == b and not res_delta:
+            same += 1
+            continue
+        differ += 1
+        cn, co = opcode_counts(a), opcode_counts(b)
+        ops = [f"{op} {co.get(op, 0)}->{cn.get(op, 0)}" for op in sorted(set(cn) | set(co))
+               if cn.get(op, 0) != co.get(op, 0)]
+        print(f"DIFFERS  {label}\n         {len(b)} -> {len(a)} instructions; "
+              f"{', '.join(res_delta) or 'same resources'}; opcodes: {', '.join(ops) or 'same mix, other order'}")
+    print(f"\n{same} kernel images identical (resources and SASS), {differ} differ")
+    return 1 if differ else 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("path", nargs="?", help="shared object or cubin (default: the built fusedrnn._C)")
     ap.add_argument("--arch", help="only this architecture, e.g. sm_90a")
+    ap.add_argument("--against", metavar="OLD", help="compare with another build (shared object or cubin)")
     args = ap.parse_args()
 
     path = args.path or find_extension()
@@ -104,6 +178,8 @@ def main() -> int:
     if cuobjdump is None:
         print(f"ptxas_report: cuobjdump not found (set CUDA_HOME); cannot inspect {path}")
         return 1
+    if args.against:
+        return compare(cuobjdump, path, args.against, args.arch)
     proc = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True)
     text = proc.stdout + proc.stderr
     rows = parse(proc.stdout)

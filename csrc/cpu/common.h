@@ -1,5 +1,5 @@
-// Helpers shared by the CPU recurrences (csrc/cpu/*.cpp): input checks, lengths, and the
-// parallel loop over (sequence, hidden unit) pairs.
+// Helpers shared by the CPU recurrences (csrc/cpu/*.cpp): device/dtype checks (shapes: the shared
+// fusedrnn/checks.h), lengths, and the parallel loop over (sequence, hidden unit) pairs.
 #pragma once
 
 #include <algorithm>
@@ -11,6 +11,7 @@
 #include <c10/util/Optional.h>
 
 #include "fusedrnn/cell_math.h"
+#include "fusedrnn/checks.h"
 
 namespace fusedrnn {
 namespace cpu {
@@ -69,10 +70,6 @@ inline const T* ptr_or_null(const at::Tensor& t) {
 inline void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "fusedrnn (cpp backend): ", name, " must be a CPU tensor, got ",
               t.device());
-}
-
-inline void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* name) {
-  TORCH_CHECK(t.sizes() == shape, "fusedrnn: ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
 inline void check_same_dtype(const at::Tensor& t, const at::Tensor& like, const char* name) {

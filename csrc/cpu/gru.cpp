@@ -208,12 +208,8 @@ void gru_cell_bwd_loop(const Tensor& dh_new, const Tensor& h, const Tensor& gate
 Tensor3 gru_fwd_cpu(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b_hh, const Tensor& h0,
                     const OptTensor& lengths, bool reverse, bool /*allow_tf32: no TF32 on CPU*/) {
   cpu::check_cpu(xproj, "xproj");
-  TORCH_CHECK(xproj.dim() == 3 && xproj.size(2) % 3 == 0, "fusedrnn: gru xproj must be (T, B, 3H), got ",
-              xproj.sizes());
-  const int64_t T = xproj.size(0), B = xproj.size(1), G = xproj.size(2), H = G / 3;
-  cpu::check_shape(w_hh, {G, H}, "w_hh");
-  if (b_hh.has_value() && b_hh->defined()) cpu::check_shape(*b_hh, {G}, "b_hh");
-  cpu::check_shape(h0, {B, H}, "h0");
+  const checks::Dims d = checks::gru_fwd(xproj, w_hh, b_hh, h0, lengths);
+  const int64_t T = d.T, B = d.B, H = d.H;
   const auto acc = cpu::acc_scalar_type(xproj.scalar_type());
   const Tensor w = w_hh.to(acc).contiguous();
   const Tensor bias = cpu::acc_or_undefined(b_hh, acc);
@@ -231,14 +227,8 @@ Tensor3 gru_fwd_cpu(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b_
 Tensor3 gru_bwd_cpu(const Tensor& dy, const Tensor& dh_n, const Tensor& w_hh, const Tensor& h0, const Tensor& y,
                     const Tensor& gates, const OptTensor& lengths, bool reverse, bool /*allow_tf32*/) {
   cpu::check_cpu(gates, "gates");
-  TORCH_CHECK(gates.dim() == 3 && gates.size(2) % 4 == 0, "fusedrnn: gru gates must be (T, B, 4H), got ",
-              gates.sizes());
-  const int64_t T = gates.size(0), B = gates.size(1), H = gates.size(2) / 4;
-  cpu::check_shape(w_hh, {3 * H, H}, "w_hh");
-  cpu::check_shape(dy, {T, B, H}, "dy");
-  cpu::check_shape(y, {T, B, H}, "y");
-  cpu::check_shape(dh_n, {B, H}, "dh_n");
-  cpu::check_shape(h0, {B, H}, "h0");
+  const checks::Dims d = checks::gru_bwd(dy, dh_n, w_hh, h0, y, gates, lengths);
+  const int64_t T = d.T, B = d.B, H = d.H;
   cpu::check_same_dtype(gates, dy, "gates");
   cpu::check_same_dtype(y, dy, "y");
   const auto acc = cpu::acc_scalar_type(dy.scalar_type());
@@ -258,14 +248,9 @@ Tensor3 gru_bwd_cpu(const Tensor& dy, const Tensor& dh_n, const Tensor& w_hh, co
 Tensor2 gru_cell_fwd_cpu(const Tensor& igates, const Tensor& hgates, const OptTensor& b_ih, const OptTensor& b_hh,
                          const Tensor& h) {
   cpu::check_cpu(igates, "igates");
-  TORCH_CHECK(igates.dim() == 2 && igates.size(1) % 3 == 0, "fusedrnn: igates must be (B, 3H), got ",
-              igates.sizes());
-  const int64_t B = igates.size(0), G = igates.size(1), H = G / 3;
-  cpu::check_shape(hgates, {B, G}, "hgates");
+  const checks::Dims d = checks::gru_cell_fwd(igates, hgates, b_ih, b_hh, h);
+  const int64_t B = d.B, H = d.H;
   cpu::check_same_dtype(hgates, igates, "hgates");
-  cpu::check_shape(h, {B, H}, "h");
-  if (b_ih.has_value() && b_ih->defined()) cpu::check_shape(*b_ih, {G}, "b_ih");
-  if (b_hh.has_value() && b_hh->defined()) cpu::check_shape(*b_hh, {G}, "b_hh");
   const auto acc = cpu::acc_scalar_type(igates.scalar_type());
   const Tensor bi = cpu::acc_or_undefined(b_ih, acc), bh = cpu::acc_or_undefined(b_hh, acc);
   const Tensor ha = h.to(acc).contiguous();
@@ -280,10 +265,8 @@ Tensor2 gru_cell_fwd_cpu(const Tensor& igates, const Tensor& hgates, const OptTe
 
 Tensor3 gru_cell_bwd_cpu(const Tensor& dh_new, const Tensor& h, const Tensor& gates) {
   cpu::check_cpu(gates, "gates");
-  TORCH_CHECK(gates.dim() == 2 && gates.size(1) % 4 == 0, "fusedrnn: gates must be (B, 4H), got ", gates.sizes());
-  const int64_t B = gates.size(0), H = gates.size(1) / 4;
-  cpu::check_shape(dh_new, {B, H}, "dh_new");
-  cpu::check_shape(h, {B, H}, "h");
+  const checks::Dims d = checks::gru_cell_bwd(dh_new, h, gates);
+  const int64_t B = d.B, H = d.H;
   const auto acc = cpu::acc_scalar_type(gates.scalar_type());
   const Tensor dha = dh_new.to(acc).contiguous(), ha = h.to(acc).contiguous();
   const Tensor gc = gates.contiguous();

@@ -251,17 +251,8 @@ Tensor5 lstm_fwd_cpu(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b
                      const Tensor& c0, const OptTensor& w_hr, const OptTensor& lengths, bool reverse,
                      bool /*allow_tf32: no TF32 on CPU*/) {
   cpu::check_cpu(xproj, "xproj");
-  TORCH_CHECK(xproj.dim() == 3 && xproj.size(2) % 4 == 0, "fusedrnn: lstm xproj must be (T, B, 4H), got ",
-              xproj.sizes());
-  const int64_t T = xproj.size(0), B = xproj.size(1), G = xproj.size(2), H = G / 4;
-  const bool proj = w_hr.has_value() && w_hr->defined();
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == G, "fusedrnn: w_hh must be (4H, P), got ", w_hh.sizes());
-  const int64_t P = w_hh.size(1);
-  TORCH_CHECK(proj || P == H, "fusedrnn: w_hh must be (4H, H) without projection, got ", w_hh.sizes());
-  if (proj) cpu::check_shape(*w_hr, {P, H}, "w_hr");
-  if (b_hh.has_value() && b_hh->defined()) cpu::check_shape(*b_hh, {G}, "b_hh");
-  cpu::check_shape(h0, {B, P}, "h0");
-  cpu::check_shape(c0, {B, H}, "c0");
+  const checks::Dims d = checks::lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths);
+  const int64_t T = d.T, B = d.B, H = d.H, G = 4 * H, P = d.P;
 
   const auto acc = cpu::acc_scalar_type(xproj.scalar_type());
   const Tensor w = w_hh.to(acc).contiguous();
@@ -284,18 +275,9 @@ Tensor4 lstm_bwd_cpu(const Tensor& dy, const Tensor& dh_n, const Tensor& dc_n, c
                      const OptTensor& w_hr, const Tensor& c0, const Tensor& gates, const Tensor& cs,
                      const OptTensor& lengths, bool reverse, bool /*allow_tf32*/) {
   cpu::check_cpu(gates, "gates");
-  TORCH_CHECK(gates.dim() == 3 && gates.size(2) % 4 == 0, "fusedrnn: lstm gates must be (T, B, 4H), got ",
-              gates.sizes());
-  const int64_t T = gates.size(0), B = gates.size(1), G = gates.size(2), H = G / 4;
-  const bool proj = w_hr.has_value() && w_hr->defined();
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == G, "fusedrnn: w_hh must be (4H, P), got ", w_hh.sizes());
-  const int64_t P = w_hh.size(1);
-  cpu::check_shape(dy, {T, B, P}, "dy");
-  cpu::check_shape(dh_n, {B, P}, "dh_n");
-  cpu::check_shape(dc_n, {B, H}, "dc_n");
-  cpu::check_shape(c0, {B, H}, "c0");
-  cpu::check_shape(cs, {T, B, H}, "cs");
-  if (proj) cpu::check_shape(*w_hr, {P, H}, "w_hr");
+  const checks::Dims d = checks::lstm_bwd(dy, dh_n, dc_n, w_hh, w_hr, c0, gates, cs, lengths);
+  const int64_t T = d.T, B = d.B, H = d.H, G = 4 * H, P = d.P;
+  const bool proj = checks::defined(w_hr);
   cpu::check_same_dtype(gates, dy, "gates");
 
   const auto acc = cpu::acc_scalar_type(dy.scalar_type());
@@ -318,14 +300,9 @@ Tensor4 lstm_bwd_cpu(const Tensor& dy, const Tensor& dh_n, const Tensor& dc_n, c
 Tensor3 lstm_cell_fwd_cpu(const Tensor& igates, const Tensor& hgates, const OptTensor& b_ih, const OptTensor& b_hh,
                           const Tensor& c) {
   cpu::check_cpu(igates, "igates");
-  TORCH_CHECK(igates.dim() == 2 && igates.size(1) % 4 == 0, "fusedrnn: igates must be (B, 4H), got ",
-              igates.sizes());
-  const int64_t B = igates.size(0), G = igates.size(1), H = G / 4;
-  cpu::check_shape(hgates, {B, G}, "hgates");
+  const checks::Dims d = checks::lstm_cell_fwd(igates, hgates, b_ih, b_hh, c);
+  const int64_t B = d.B, H = d.H, G = 4 * H;
   cpu::check_same_dtype(hgates, igates, "hgates");
-  cpu::check_shape(c, {B, H}, "c");
-  if (b_ih.has_value() && b_ih->defined()) cpu::check_shape(*b_ih, {G}, "b_ih");
-  if (b_hh.has_value() && b_hh->defined()) cpu::check_shape(*b_hh, {G}, "b_hh");
   const auto acc = cpu::acc_scalar_type(igates.scalar_type());
   const Tensor bi = cpu::acc_or_undefined(b_ih, acc), bh = cpu::acc_or_undefined(b_hh, acc);
   const Tensor ca = c.to(acc).contiguous();
@@ -342,12 +319,8 @@ Tensor3 lstm_cell_fwd_cpu(const Tensor& igates, const Tensor& hgates, const OptT
 Tensor2 lstm_cell_bwd_cpu(const Tensor& dh_new, const Tensor& dc_new, const Tensor& c, const Tensor& c_new,
                           const Tensor& gates) {
   cpu::check_cpu(gates, "gates");
-  TORCH_CHECK(gates.dim() == 2 && gates.size(1) % 4 == 0, "fusedrnn: gates must be (B, 4H), got ", gates.sizes());
-  const int64_t B = gates.size(0), G = gates.size(1), H = G / 4;
-  cpu::check_shape(dh_new, {B, H}, "dh_new");
-  cpu::check_shape(dc_new, {B, H}, "dc_new");
-  cpu::check_shape(c, {B, H}, "c");
-  cpu::check_shape(c_new, {B, H}, "c_new");
+  const checks::Dims d = checks::lstm_cell_bwd(dh_new, dc_new, c, c_new, gates);
+  const int64_t B = d.B, H = d.H, G = 4 * H;
   const auto acc = cpu::acc_scalar_type(gates.scalar_type());
   const Tensor dha = dh_new.to(acc).contiguous(), dca = dc_new.to(acc).contiguous();
   const Tensor ca = c.to(acc).contiguous(), cna = c_new.to(acc).contiguous();

@@ -3,6 +3,7 @@
 // (batch, unit) pair: all gates of a unit are read and written by the same thread; the math is
 // cell_math.h in the accumulation type.
 #include <map>
+#include <mutex>
 #include <tuple>
 
 #include "common.cuh"
@@ -20,8 +21,7 @@ inline unsigned int cell_blocks(int64_t n) {
 // One thread per (batch, unit) pair, n = B * H of them, on the current stream.
 template <typename... KArgs, typename... Args>
 void launch_cells(void (*kernel)(KArgs...), int64_t n, Args... args) {
-  kernel<<<cell_blocks(n), kCellThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_plain(kernel, cell_blocks(n), kCellThreads, args...);
 }
 
 template <typename T>
@@ -30,7 +30,7 @@ __global__ void lstm_cell_fwd_kernel(const T* __restrict__ ig, const T* __restri
                                      const T* __restrict__ c, T* __restrict__ h_out,
                                      T* __restrict__ c_out, T* __restrict__ gates, int64_t B, int64_t H) {
   using A = acc_t<T>;
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t idx = int64_t(dev::block_idx()) * dev::block_dim() + dev::thread_idx();
   if (idx >= B * H) return;
   const int64_t b = idx / H, u = idx % H, G = 4 * H;
   A pre[4];
@@ -57,7 +57,7 @@ __global__ void lstm_cell_bwd_kernel(const T* __restrict__ dh_new, const T* __re
                                      const T* __restrict__ gates, T* __restrict__ dgates,
                                      T* __restrict__ dc, int64_t B, int64_t H) {
   using A = acc_t<T>;
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t idx = int64_t(dev::block_idx()) * dev::block_dim() + dev::thread_idx();
   if (idx >= B * H) return;
   const int64_t b = idx / H, u = idx % H, G = 4 * H;
   const T* gp = gates + b * G + u;
@@ -78,7 +78,7 @@ __global__ void gru_cell_fwd_kernel(const T* __restrict__ ig, const T* __restric
                                     const T* __restrict__ h, T* __restrict__ h_out,
                                     T* __restrict__ gates, int64_t B, int64_t H) {
   using A = acc_t<T>;
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t idx = int64_t(dev::block_idx()) * dev::block_dim() + dev::thread_idx();
   if (idx >= B * H) return;
   const int64_t b = idx / H, u = idx % H, G = 3 * H;
   A x[3], hid[3];
@@ -104,7 +104,7 @@ __global__ void gru_cell_bwd_kernel(const T* __restrict__ dh_new, const T* __res
                                     const T* __restrict__ gates, T* __restrict__ d_i,
                                     T* __restrict__ d_h, T* __restrict__ dh, int64_t B, int64_t H) {
   using A = acc_t<T>;
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t idx = int64_t(dev::block_idx()) * dev::block_dim() + dev::thread_idx();
   if (idx >= B * H) return;
   const int64_t b = idx / H, u = idx % H;
   const T* gp = gates + b * 4 * H + u;
@@ -121,23 +121,17 @@ __global__ void gru_cell_bwd_kernel(const T* __restrict__ dh_new, const T* __res
 template <class F>
 void dispatch_storage(at::ScalarType st, F&& f) {
   switch (st) {
-    case at::kBFloat16: f(__nv_bfloat16{}); break;
-    case at::kHalf: f(__half{}); break;
+    case at::kBFloat16: f(dev::bf16{}); break;
+    case at::kHalf: f(dev::f16{}); break;
     case at::kFloat: f(float{}); break;
     case at::kDouble: f(double{}); break;
     default: TORCH_CHECK(false, "fusedrnn CUDA cells: unsupported dtype ", st);
   }
 }
 
-// Input in the reference dtype `dt`, contiguous, on `like`'s device.
-Tensor prep(const Tensor& t, at::ScalarType dt, const Tensor& like, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "fusedrnn CUDA cells: ", name,
-              " must be on ", like.device());
-  return t.to(dt).contiguous();
-}
-Tensor prep_opt(const OptTensor& t, at::ScalarType dt, const Tensor& like, const char* name) {
-  return (t.has_value() && t->defined()) ? prep(*t, dt, like, name) : Tensor();
-}
+// Input in the reference dtype `dt`, contiguous (devices were checked by check_cuda_args).
+Tensor prep(const Tensor& t, at::ScalarType dt) { return t.to(dt).contiguous(); }
+Tensor prep_opt(const OptTensor& t, at::ScalarType dt) { return checks::defined(t) ? prep(*t, dt) : Tensor(); }
 
 }  // namespace
 }  // namespace cuda_detail
@@ -145,14 +139,16 @@ Tensor prep_opt(const OptTensor& t, at::ScalarType dt, const Tensor& like, const
 Tensor3 lstm_cell_fwd_cuda(const Tensor& igates, const Tensor& hgates, const OptTensor& b_ih,
                            const OptTensor& b_hh, const Tensor& c) {
   using namespace cuda_detail;
-  const c10::cuda::CUDAGuard guard(igates.device());
+  const checks::Dims d = checks::lstm_cell_fwd(igates, hgates, b_ih, b_hh, c);
+  check_cuda_args("lstm_cell_fwd", false,
+                  {{"igates", &igates}, {"hgates", &hgates}, {"b_ih", checks::opt(b_ih)}, {"b_hh", checks::opt(b_hh)},
+                   {"c", &c}});
+  const DeviceGuard guard(igates.device());
   const auto dt = igates.scalar_type();
-  TORCH_CHECK(igates.dim() == 2 && igates.size(1) % 4 == 0, "fusedrnn CUDA lstm_cell_fwd: igates must be (B, 4H)");
-  const int64_t B = igates.size(0), H = igates.size(1) / 4;
-  const Tensor ig = prep(igates, dt, igates, "igates"), hg = prep(hgates, dt, igates, "hgates");
-  const Tensor bi = prep_opt(b_ih, dt, igates, "b_ih"), bh = prep_opt(b_hh, dt, igates, "b_hh");
-  const Tensor cc = prep(c, dt, igates, "c");
-  TORCH_CHECK(hg.sizes() == ig.sizes() && cc.numel() == B * H, "fusedrnn CUDA lstm_cell_fwd: shape mismatch");
+  const int64_t B = d.B, H = d.H;
+  const Tensor ig = prep(igates, dt), hg = prep(hgates, dt);
+  const Tensor bi = prep_opt(b_ih, dt), bh = prep_opt(b_hh, dt);
+  const Tensor cc = prep(c, dt);
   Tensor h_new = at::empty({B, H}, ig.options()), c_new = at::empty({B, H}, ig.options());
   Tensor gates = at::empty({B, 4 * H}, ig.options());
   if (B * H == 0) return {h_new, c_new, gates};
@@ -168,15 +164,15 @@ Tensor3 lstm_cell_fwd_cuda(const Tensor& igates, const Tensor& hgates, const Opt
 Tensor2 lstm_cell_bwd_cuda(const Tensor& dh_new, const Tensor& dc_new, const Tensor& c,
                            const Tensor& c_new, const Tensor& gates) {
   using namespace cuda_detail;
-  const c10::cuda::CUDAGuard guard(gates.device());
+  const checks::Dims d = checks::lstm_cell_bwd(dh_new, dc_new, c, c_new, gates);
+  check_cuda_args("lstm_cell_bwd", false,
+                  {{"gates", &gates}, {"dh_new", &dh_new}, {"dc_new", &dc_new}, {"c", &c}, {"c_new", &c_new}});
+  const DeviceGuard guard(gates.device());
   const auto dt = gates.scalar_type();
-  TORCH_CHECK(gates.dim() == 2 && gates.size(1) % 4 == 0, "fusedrnn CUDA lstm_cell_bwd: gates must be (B, 4H)");
-  const int64_t B = gates.size(0), H = gates.size(1) / 4;
-  const Tensor g = prep(gates, dt, gates, "gates"), dh = prep(dh_new, dt, gates, "dh_new");
-  const Tensor dcn = prep(dc_new, dt, gates, "dc_new"), cc = prep(c, dt, gates, "c");
-  const Tensor cn = prep(c_new, dt, gates, "c_new");
-  TORCH_CHECK(dh.numel() == B * H && dcn.numel() == B * H && cc.numel() == B * H && cn.numel() == B * H,
-              "fusedrnn CUDA lstm_cell_bwd: shape mismatch");
+  const int64_t B = d.B, H = d.H;
+  const Tensor g = prep(gates, dt), dh = prep(dh_new, dt);
+  const Tensor dcn = prep(dc_new, dt), cc = prep(c, dt);
+  const Tensor cn = prep(c_new, dt);
   Tensor dgates = at::empty({B, 4 * H}, g.options()), dc = at::empty({B, H}, g.options());
   if (B * H == 0) return {dgates, dc};
   dispatch_storage(dt, [&](auto tag) {
@@ -190,14 +186,16 @@ Tensor2 lstm_cell_bwd_cuda(const Tensor& dh_new, const Tensor& dc_new, const Ten
 Tensor2 gru_cell_fwd_cuda(const Tensor& igates, const Tensor& hgates, const OptTensor& b_ih,
                           const OptTensor& b_hh, const Tensor& h) {
   using namespace cuda_detail;
-  const c10::cuda::CUDAGuard guard(igates.device());
+  const checks::Dims d = checks::gru_cell_fwd(igates, hgates, b_ih, b_hh, h);
+  check_cuda_args("gru_cell_fwd", false,
+                  {{"igates", &igates}, {"hgates", &hgates}, {"b_ih", checks::opt(b_ih)}, {"b_hh", checks::opt(b_hh)},
+                   {"h", &h}});
+  const DeviceGuard guard(igates.device());
   const auto dt = igates.scalar_type();
-  TORCH_CHECK(igates.dim() == 2 && igates.size(1) % 3 == 0, "fusedrnn CUDA gru_cell_fwd: igates must be (B, 3H)");
-  const int64_t B = igates.size(0), H = igates.size(1) / 3;
-  const Tensor ig = prep(igates, dt, igates, "igates"), hg = prep(hgates, dt, igates, "hgates");
-  const Tensor bi = prep_opt(b_ih, dt, igates, "b_ih"), bh = prep_opt(b_hh, dt, igates, "b_hh");
-  const Tensor hh = prep(h, dt, igates, "h");
-  TORCH_CHECK(hg.sizes() == ig.sizes() && hh.numel() == B * H, "fusedrnn CUDA gru_cell_fwd: shape mismatch");
+  const int64_t B = d.B, H = d.H;
+  const Tensor ig = prep(igates, dt), hg = prep(hgates, dt);
+  const Tensor bi = prep_opt(b_ih, dt), bh = prep_opt(b_hh, dt);
+  const Tensor hh = prep(h, dt);
   Tensor h_new = at::empty({B, H}, ig.options()), gates = at::empty({B, 4 * H}, ig.options());
   if (B * H == 0) return {h_new, gates};
   dispatch_storage(dt, [&](auto tag) {
@@ -211,13 +209,13 @@ Tensor2 gru_cell_fwd_cuda(const Tensor& igates, const Tensor& hgates, const OptT
 
 Tensor3 gru_cell_bwd_cuda(const Tensor& dh_new, const Tensor& h, const Tensor& gates) {
   using namespace cuda_detail;
-  const c10::cuda::CUDAGuard guard(gates.device());
+  const checks::Dims d = checks::gru_cell_bwd(dh_new, h, gates);
+  check_cuda_args("gru_cell_bwd", false, {{"gates", &gates}, {"dh_new", &dh_new}, {"h", &h}});
+  const DeviceGuard guard(gates.device());
   const auto dt = gates.scalar_type();
-  TORCH_CHECK(gates.dim() == 2 && gates.size(1) % 4 == 0, "fusedrnn CUDA gru_cell_bwd: gates must be (B, 4H)");
-  const int64_t B = gates.size(0), H = gates.size(1) / 4;
-  const Tensor g = prep(gates, dt, gates, "gates"), dh = prep(dh_new, dt, gates, "dh_new");
-  const Tensor hh = prep(h, dt, gates, "h");
-  TORCH_CHECK(dh.numel() == B * H && hh.numel() == B * H, "fusedrnn CUDA gru_cell_bwd: shape mismatch");
+  const int64_t B = d.B, H = d.H;
+  const Tensor g = prep(gates, dt), dh = prep(dh_new, dt);
+  const Tensor hh = prep(h, dt);
   Tensor d_i = at::empty({B, 3 * H}, g.options()), d_h = at::empty({B, 3 * H}, g.options());
   Tensor dh_prev = at::empty({B, H}, g.options());
   if (B * H == 0) return {d_i, d_h, dh_prev};
@@ -236,8 +234,7 @@ int64_t max_hidden_size_cuda(const std::string& mode, at::ScalarType dtype, int6
   TORCH_CHECK(mode == "LSTM" || mode == "GRU", "fusedrnn max_hidden_size_cuda: mode must be LSTM or GRU, got ", mode);
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat || dtype == at::kDouble,
               "fusedrnn max_hidden_size_cuda: unsupported dtype ", dtype);
-  int device = static_cast<int>(device_index);
-  if (device < 0) C10_CUDA_CHECK(cudaGetDevice(&device));
+  const int device = device_index < 0 ? current_device() : static_cast<int>(device_index);
   static std::mutex mu;
   static std::map<std::tuple<std::string, int, int>, int64_t> cache;
   const auto key = std::make_tuple(mode, static_cast<int>(dtype), device);
@@ -246,11 +243,9 @@ int64_t max_hidden_size_cuda(const std::string& mode, at::ScalarType dtype, int6
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
   }
-  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-  int coop = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
+  const DeviceGuard guard(static_cast<c10::DeviceIndex>(device));
   int64_t limit = 0;
-  if (coop) {
+  if (device_limits(device).cooperative) {
     limit = mode == "LSTM" ? std::min(lstm_fwd_max_hidden(dtype, device), lstm_bwd_max_hidden(dtype, device))
                            : std::min(gru_fwd_max_hidden(dtype, device), gru_bwd_max_hidden(dtype, device));
   }

@@ -4,7 +4,9 @@
 //   * the three "CTA GEMM engines" that compute, per step, out[row][n] = sum_k W[row][k] * X[n][k]
 //     for the W slice a CTA keeps in shared memory for the whole sequence and an operand X
 //     (h_{t-1}, m_t, dgates_t, ...) that the whole grid exchanged through global memory (L2),
-//   * the cooperative launch helper and the on-chip size limits.
+//   * the launch planners' helpers and the on-chip size limits.
+// Kernels reach the hardware only through device_ops.cuh (every intrinsic and inline PTX), the
+// host code reaches the CUDA runtime only through launch.cuh: the seams a CPU emulation replaces.
 //
 // Engines (all write fp32/fp64 partial sums per warp into the shared buffer `red`; the caller's
 // epilogue adds the kWarps partials of each output):
@@ -18,26 +20,23 @@
 // Fragment trick: the MMA sums over k, so any permutation of k applied to both operands gives the
 // same result.  We permute k inside every 32-wide chunk so that lane (g = lane/4, q = lane%4) owns
 // the 8 contiguous elements X[n][32c + 8q .. 32c + 8q + 7] (16 bytes for 16-bit types): the B
-// fragments of two m16n8k16 k-tiles come from ONE 16-byte global load (__ldcg: L2, never a stale
+// fragments of two m16n8k16 k-tiles come from ONE 16-byte global load (ld_cg: L2, never a stale
 // L1 line), and W is laid out in shared memory in the same permuted fragment order when it is
 // staged, so each A fragment is one conflict-free 16-byte shared load.  Exchange buffers are padded
 // (rows to a multiple of BN, columns to a multiple of 32, zero-filled) so no load needs a guard.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
-#include <mutex>
+#include <initializer_list>
 #include <string>
-#include <vector>
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
+#include "device_ops.cuh"
+#include "launch.cuh"
 #include "fusedrnn/cell_math.h"
+#include "fusedrnn/checks.h"
 #include "fusedrnn/ops.h"
 
 namespace fusedrnn {
@@ -54,17 +53,17 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 __host__ __device__ inline size_t align16(size_t x) { return (x + 15) & ~size_t(15); }
 
 // ------------------------------------------------------------------------ dtype conversions
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(dev::bf16 x) { return dev::bf16_to_f32(x); }
+__device__ __forceinline__ float to_acc(dev::f16 x) { return dev::f16_to_f32(x); }
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
 
 template <typename T>
 __device__ __forceinline__ T from_acc(float v);
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+__device__ __forceinline__ dev::bf16 from_acc<dev::bf16>(float v) { return dev::f32_to_bf16(v); }
 template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half(v); }
+__device__ __forceinline__ dev::f16 from_acc<dev::f16>(float v) { return dev::f32_to_f16(v); }
 template <>
 __device__ __forceinline__ float from_acc<float>(float v) { return v; }
 template <typename T>
@@ -73,29 +72,16 @@ __device__ __forceinline__ T from_acc(double v) { return static_cast<T>(v); }  /
 template <typename T>
 __device__ __forceinline__ T zero_of() { return from_acc<T>(acc_t<T>(0)); }
 
-// Load from L2 (bypassing L1): for data other CTAs wrote during this launch.
-template <typename T>
-__device__ __forceinline__ T ldcg(const T* p) {
-  if constexpr (sizeof(T) == 2) {
-    unsigned short v = __ldcg(reinterpret_cast<const unsigned short*>(p));
-    T r;
-    memcpy(&r, &v, 2);
-    return r;
-  } else {
-    return __ldcg(p);
-  }
-}
-
-__device__ __forceinline__ uint32_t bits16(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
-__device__ __forceinline__ uint32_t bits16(__half x) { return __half_as_ushort(x); }
+__device__ __forceinline__ uint32_t bits16(dev::bf16 x) { return dev::bits(x); }
+__device__ __forceinline__ uint32_t bits16(dev::f16 x) { return dev::bits(x); }
 
 // Map at:: scalar types to the CUDA storage types the kernels use.
 template <typename T>
 struct AtType;
 template <>
-struct AtType<__nv_bfloat16> { static constexpr at::ScalarType value = at::kBFloat16; };
+struct AtType<dev::bf16> { static constexpr at::ScalarType value = at::kBFloat16; };
 template <>
-struct AtType<__half> { static constexpr at::ScalarType value = at::kHalf; };
+struct AtType<dev::f16> { static constexpr at::ScalarType value = at::kHalf; };
 template <>
 struct AtType<float> { static constexpr at::ScalarType value = at::kFloat; };
 template <>
@@ -115,19 +101,19 @@ inline const T* optr(const c10::optional<at::Tensor>& t) {
 // k * gridDim.x.  Co-residency of all CTAs is guaranteed by the cooperative launch, so the spin
 // terminates.  The fences make every global write issued before the barrier (by any thread of
 // any CTA) visible to every read after it (release/acquire at gpu scope, made cumulative over the
-// CTA by bar.sync, the pattern of CUTLASS's GenericBarrier); readers use ld.global.cg (__ldcg) so
+// CTA by bar.sync, the pattern of CUTLASS's GenericBarrier); readers use ld.global.cg (ld_cg) so
 // no stale L1 line is read.
 __device__ __forceinline__ void grid_barrier(unsigned int* counter, unsigned int& target) {
-  __syncthreads();  // every thread's writes of this step are ordered before thread 0's release
-  target += gridDim.x;
-  if (threadIdx.x == 0) {
-    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
+  dev::sync_threads();  // every thread's writes of this step are ordered before thread 0's release
+  target += dev::grid_dim();
+  if (dev::thread_idx() == 0) {
+    dev::red_add_release_gpu(counter, 1);
     unsigned int v;
     do {
-      asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
+      v = dev::ld_acquire_gpu(counter);
     } while (static_cast<int>(v - target) < 0);
   }
-  __syncthreads();  // ... and thread 0's acquire before every thread's reads of the next step
+  dev::sync_threads();  // ... and thread 0's acquire before every thread's reads of the next step
 }
 
 // Sum of the kWarps per-warp partials of output (row, n).
@@ -143,7 +129,7 @@ __device__ __forceinline__ A red_sum(const A* red, int rows, int bn, int row, in
 // c0 <= c0 + j < c0 + n of all B rows (fp32/fp64 state workspace -> storage-type output).
 template <typename T, typename A>
 __device__ __forceinline__ void store_own_cols(T* dst, const A* src, int64_t ld, int64_t c0, int n, int64_t B) {
-  for (int64_t idx = threadIdx.x; idx < int64_t(n) * B; idx += kThreads) {
+  for (int64_t idx = dev::thread_idx(); idx < int64_t(n) * B; idx += kThreads) {
     const int j = static_cast<int>(idx % n);
     const int64_t b = idx / n;
     dst[b * ld + c0 + j] = from_acc<T>(src[b * ld + c0 + j]);
@@ -168,29 +154,11 @@ struct FixedGateInputs {
     const T* xp = xproj + (t * B + b) * (NG * H) + u;
 #pragma unroll
     for (int gi = 0; gi < NG; ++gi) x[gi] = to_acc(xp[gi * H]);
-    valid = lengths == nullptr || t < __ldg(lengths + b);
+    valid = lengths == nullptr || t < dev::ld_nc(lengths + b);
   }
 };
 
 // ================================================================ engine: bf16 / fp16 tensor cores
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint4& a, uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint4& a, uint32_t b0,
-                                                         uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint4& a, uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
-}
-
 template <typename T, int NT_>
 struct MmaEngine16 {
   using storage_t = T;
@@ -206,7 +174,7 @@ struct MmaEngine16 {
   template <class Get>
   __device__ static void stage_w(uint4* ws, int MT, int KC, Get get) {
     const int total = MT * KC * 2 * 32;
-    for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+    for (int idx = dev::thread_idx(); idx < total; idx += kThreads) {
       const int lane = idx & 31, j = (idx >> 5) & 1, c = (idx >> 6) % KC, mt = (idx >> 6) / KC;
       const int g = lane >> 2, q = lane & 3;
       const int row = mt * 16 + g, k = c * kChunk + 8 * q + 4 * j;
@@ -225,7 +193,7 @@ struct MmaEngine16 {
   // Per-warp partial GEMM over this warp's chunks; X points at row n0 of the exchange buffer.
   __device__ static void compute(const uint4* __restrict__ ws, int MT, int KC,
                                  const T* __restrict__ X, int64_t ldx, float* red) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int warp = dev::thread_idx() >> 5, lane = dev::thread_idx() & 31, g = lane >> 2, q = lane & 3;
     float acc[kMaxMT][NT][4];
 #pragma unroll
     for (int mt = 0; mt < kMaxMT; ++mt)
@@ -241,7 +209,7 @@ struct MmaEngine16 {
     auto load = [&](uint4 (&dst)[NT], int c) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
-        dst[nt] = __ldcg(reinterpret_cast<const uint4*>(xl + int64_t(nt * 8) * ldx + c * kChunk));
+        dst[nt] = dev::ld_cg(reinterpret_cast<const uint4*>(xl + int64_t(nt * 8) * ldx + c * kChunk));
     };
     uint4 buf[kDepth][NT];
 #pragma unroll
@@ -260,8 +228,8 @@ struct MmaEngine16 {
               const uint4 a0 = wp[0], a1 = wp[32];
 #pragma unroll
               for (int nt = 0; nt < NT; ++nt) {
-                mma16816<T>(acc[mt][nt], a0, buf[i][nt].x, buf[i][nt].y);
-                mma16816<T>(acc[mt][nt], a1, buf[i][nt].z, buf[i][nt].w);
+                dev::mma_m16n8k16<T>(acc[mt][nt], a0, buf[i][nt].x, buf[i][nt].y);
+                dev::mma_m16n8k16<T>(acc[mt][nt], a1, buf[i][nt].z, buf[i][nt].w);
               }
             }
           }
@@ -288,12 +256,6 @@ struct MmaEngine16 {
 };
 
 // ============================================================================ engine: fp32 TF32
-__device__ __forceinline__ uint32_t to_tf32(float x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-  return r;
-}
-
 template <int NT_>
 struct MmaEngineTF32 {
   using storage_t = float;
@@ -310,22 +272,22 @@ struct MmaEngineTF32 {
   template <class Get>
   __device__ static void stage_w(uint4* ws, int MT, int KC, Get get) {
     const int total = MT * KC * 4 * 32;
-    for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+    for (int idx = dev::thread_idx(); idx < total; idx += kThreads) {
       const int lane = idx & 31, j = (idx >> 5) & 3, c = (idx >> 7) % KC, mt = (idx >> 7) / KC;
       const int g = lane >> 2, q = lane & 3;
       const int row = mt * 16 + g, k = c * kChunk + 8 * q + 2 * j;
       uint4 v;
-      v.x = to_tf32(get(row, k));
-      v.y = to_tf32(get(row + 8, k));
-      v.z = to_tf32(get(row, k + 1));
-      v.w = to_tf32(get(row + 8, k + 1));
+      v.x = dev::f32_to_tf32(get(row, k));
+      v.y = dev::f32_to_tf32(get(row + 8, k));
+      v.z = dev::f32_to_tf32(get(row, k + 1));
+      v.w = dev::f32_to_tf32(get(row + 8, k + 1));
       ws[idx] = v;
     }
   }
 
   __device__ static void compute(const uint4* __restrict__ ws, int MT, int KC,
                                  const float* __restrict__ X, int64_t ldx, float* red) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    const int warp = dev::thread_idx() >> 5, lane = dev::thread_idx() & 31, g = lane >> 2, q = lane & 3;
     float acc[kMaxMT][NT][4];
 #pragma unroll
     for (int mt = 0; mt < kMaxMT; ++mt)
@@ -340,8 +302,8 @@ struct MmaEngineTF32 {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const float4* p = reinterpret_cast<const float4*>(xl + int64_t(nt * 8) * ldx + c * kChunk);
-        dst[nt][0] = __ldcg(p);
-        dst[nt][1] = __ldcg(p + 1);
+        dst[nt][0] = dev::ld_cg(p);
+        dst[nt][1] = dev::ld_cg(p + 1);
       }
     };
     float4 buf[kDepth][NT][2];
@@ -358,9 +320,10 @@ struct MmaEngineTF32 {
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
             const float4 lo = buf[i][nt][0], hi = buf[i][nt][1];
-            b[nt][0] = to_tf32(lo.x); b[nt][1] = to_tf32(lo.y); b[nt][2] = to_tf32(lo.z);
-            b[nt][3] = to_tf32(lo.w); b[nt][4] = to_tf32(hi.x); b[nt][5] = to_tf32(hi.y);
-            b[nt][6] = to_tf32(hi.z); b[nt][7] = to_tf32(hi.w);
+            b[nt][0] = dev::f32_to_tf32(lo.x); b[nt][1] = dev::f32_to_tf32(lo.y);
+            b[nt][2] = dev::f32_to_tf32(lo.z); b[nt][3] = dev::f32_to_tf32(lo.w);
+            b[nt][4] = dev::f32_to_tf32(hi.x); b[nt][5] = dev::f32_to_tf32(hi.y);
+            b[nt][6] = dev::f32_to_tf32(hi.z); b[nt][7] = dev::f32_to_tf32(hi.w);
           }
           const int cn = c + kDepth * kWarps;
           if (cn < KC) load(buf[i], cn);
@@ -373,10 +336,7 @@ struct MmaEngineTF32 {
                 const uint4 a = wp[j * 32];
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
-                  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-                      "{%8,%9}, {%0,%1,%2,%3};"
-                      : "+f"(acc[mt][nt][0]), "+f"(acc[mt][nt][1]), "+f"(acc[mt][nt][2]), "+f"(acc[mt][nt][3])
-                      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[nt][2 * j]), "r"(b[nt][2 * j + 1]));
+                  dev::mma_m16n8k8_tf32(acc[mt][nt], a, b[nt][2 * j], b[nt][2 * j + 1]);
                 }
               }
             }
@@ -421,7 +381,7 @@ struct FmaEngine {
     T* ws = reinterpret_cast<T*>(ws_raw);
     const int ld = KC * kChunk + 1, K = KC * kChunk;
     const int total = MT * 16 * K;
-    for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+    for (int idx = dev::thread_idx(); idx < total; idx += kThreads) {
       const int row = idx / K, k = idx % K;
       ws[row * ld + k] = get(row, k);
     }
@@ -430,7 +390,7 @@ struct FmaEngine {
   __device__ static void compute(const uint4* __restrict__ ws_raw, int MT, int KC,
                                  const T* __restrict__ X, int64_t ldx, T* red) {
     const T* ws = reinterpret_cast<const T*>(ws_raw);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane & 15, half = lane >> 4;
+    const int warp = dev::thread_idx() >> 5, lane = dev::thread_idx() & 31, r = lane & 15, half = lane >> 4;
     const int ld = KC * kChunk + 1;
     T acc[kMaxMT][4];
 #pragma unroll
@@ -440,14 +400,14 @@ struct FmaEngine {
     for (int c = warp; c < KC; c += kWarps) {
       T x[8];
 #pragma unroll
-      for (int n = 0; n < 8; ++n) x[n] = __ldcg(X + int64_t(n) * ldx + c * kChunk + lane);
+      for (int n = 0; n < 8; ++n) x[n] = dev::ld_cg(X + int64_t(n) * ldx + c * kChunk + lane);
 #pragma unroll 4
       for (int kk = 0; kk < kChunk; ++kk) {
         T v[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const T lo = __shfl_sync(0xffffffffu, x[j], kk);
-          const T hi = __shfl_sync(0xffffffffu, x[4 + j], kk);
+          const T lo = dev::shfl_sync(0xffffffffu, x[j], kk);
+          const T hi = dev::shfl_sync(0xffffffffu, x[4 + j], kk);
           v[j] = half ? hi : lo;
         }
 #pragma unroll
@@ -455,7 +415,7 @@ struct FmaEngine {
           if (mt < MT) {
             const T w = ws[(mt * 16 + r) * ld + c * kChunk + kk];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) acc[mt][j] = fma(w, v[j], acc[mt][j]);
+            for (int j = 0; j < 4; ++j) acc[mt][j] = dev::fma_rn(w, v[j], acc[mt][j]);
           }
         }
       }
@@ -484,14 +444,14 @@ template <class F>
 inline void dispatch_engine(at::ScalarType st, bool allow_tf32, int nt, F&& f) {
   switch (st) {
     case at::kBFloat16:
-      if (nt >= 4) f(EngineTag<__nv_bfloat16, MmaEngine16<__nv_bfloat16, 4>>{});
-      else if (nt == 2) f(EngineTag<__nv_bfloat16, MmaEngine16<__nv_bfloat16, 2>>{});
-      else f(EngineTag<__nv_bfloat16, MmaEngine16<__nv_bfloat16, 1>>{});
+      if (nt >= 4) f(EngineTag<dev::bf16, MmaEngine16<dev::bf16, 4>>{});
+      else if (nt == 2) f(EngineTag<dev::bf16, MmaEngine16<dev::bf16, 2>>{});
+      else f(EngineTag<dev::bf16, MmaEngine16<dev::bf16, 1>>{});
       break;
     case at::kHalf:
-      if (nt >= 4) f(EngineTag<__half, MmaEngine16<__half, 4>>{});
-      else if (nt == 2) f(EngineTag<__half, MmaEngine16<__half, 2>>{});
-      else f(EngineTag<__half, MmaEngine16<__half, 1>>{});
+      if (nt >= 4) f(EngineTag<dev::f16, MmaEngine16<dev::f16, 4>>{});
+      else if (nt == 2) f(EngineTag<dev::f16, MmaEngine16<dev::f16, 2>>{});
+      else f(EngineTag<dev::f16, MmaEngine16<dev::f16, 1>>{});
       break;
     case at::kFloat:
       if (allow_tf32) {
@@ -531,58 +491,20 @@ inline SliceGeom slice_geom(int64_t rows, int64_t K) {
   return s;
 }
 
-// Device facts used by the planners.
-struct DeviceLimits {
-  int sms = 0;
-  size_t smem_optin = 0;
-};
-// Cached per device (cudaGetDeviceProperties is slow).
-inline DeviceLimits device_limits(int device) {
-  static std::mutex mu;
-  static std::vector<DeviceLimits> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1);
-  if (cache[device].sms == 0) {
-    int sms = 0, optin = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    cache[device].sms = sms;
-    cache[device].smem_optin = static_cast<size_t>(optin);
+// Devices and layout of a CUDA op's tensors, checked after the shapes (fusedrnn/checks.h) and
+// before the CUDAGuard is built from the first one: the first must be a CUDA tensor, every other
+// defined one on its device, and (contiguous = true) all contiguous, since the kernels index raw
+// pointers.  Messages name the tensor.
+inline void check_cuda_args(const char* op, bool contiguous, std::initializer_list<checks::Named> ts) {
+  const checks::Named& first = *ts.begin();
+  TORCH_CHECK(first.second->is_cuda(), "fusedrnn CUDA ", op, ": ", first.first, " must be a CUDA tensor, got ",
+              first.second->device());
+  checks::devices("CUDA", op, first.second->device(), ts);
+  if (!contiguous) return;
+  for (const auto& nt : ts) {
+    TORCH_CHECK(nt.second == nullptr || !nt.second->defined() || nt.second->is_contiguous(), "fusedrnn CUDA ",
+                op, ": ", nt.first, " must be contiguous");
   }
-  return cache[device];
-}
-
-// Max co-resident CTAs of `kernel` with `smem` dynamic shared memory (0 if it cannot run).
-template <class Kernel>
-inline int co_resident_ctas(Kernel kernel, size_t smem, int sms) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  return per_sm * sms;
-}
-
-// One cooperative launch on the current stream: all `grid` CTAs co-resident or an error.
-template <class Kernel, class Args>
-inline void launch_cooperative(Kernel kernel, int grid, size_t smem, const Args& args, int sms,
-                               const char* what) {
-  const int resident = co_resident_ctas(kernel, smem, sms);
-  TORCH_CHECK(grid <= resident, "fusedrnn CUDA ", what, ": ", grid, " CTAs with ", smem,
-              " B of shared memory each cannot be co-resident (device holds ", resident,
-              "); reduce the hidden size (see fusedrnn max_hidden_size_cuda)");
-  Args copy = args;
-  void* kargs[] = {reinterpret_cast<void*>(&copy)};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid),
-                                             dim3(kThreads), kargs, smem,
-                                             c10::cuda::getCurrentCUDAStream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-inline void check_cuda_tensor(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(t.is_cuda(), "fusedrnn CUDA: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.device() == like.device(), "fusedrnn CUDA: ", name, " is on ", t.device(),
-              ", expected ", like.device());
-  TORCH_CHECK(t.is_contiguous(), "fusedrnn CUDA: ", name, " must be contiguous");
 }
 
 // Per-file limit functions (largest H whose pass fits on chip; 0 if none), used by
@@ -605,7 +527,7 @@ inline int64_t largest_fitting(int64_t hi, Fits fits) {
 // A plan (p.ok, p.grid, p.smem) that fits the device: its smem fits and all CTAs are co-resident.
 template <class Kernel, class Plan>
 inline bool plan_fits(Kernel kernel, const Plan& p, const DeviceLimits& dev) {
-  return p.ok && co_resident_ctas(kernel, p.smem, dev.sms) >= p.grid;
+  return p.ok && co_resident_ctas(kernel, kThreads, p.smem, dev) >= p.grid;
 }
 
 // Limit query of one recurrence pass: the smallest over the engines `dtype` may use (fp32: with and
@@ -636,23 +558,8 @@ inline bool launch_first_fitting(at::ScalarType dt, bool allow_tf32, int64_t B, 
   return launched;
 }
 
-// Zeroed grid-barrier counter (one per launch) and its kernel pointer.
-inline at::Tensor new_barrier(const at::TensorOptions& opts) { return at::zeros({1}, opts.dtype(at::kInt)); }
-inline unsigned int* barrier_ptr(const at::Tensor& barrier) {
-  return reinterpret_cast<unsigned int*>(barrier.data_ptr<int>());
-}
-
-// ------------------------------------------------------------------ argument checks (host)
-inline bool has_tensor(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
-// Optional per-sequence lengths: CUDA, on `like`'s device, contiguous, int64 (B,).
-inline void check_lengths(const c10::optional<at::Tensor>& lengths, int64_t B, const at::Tensor& like) {
-  if (!has_tensor(lengths)) return;
-  check_cuda_tensor(*lengths, "lengths", like);
-  TORCH_CHECK(lengths->scalar_type() == at::kLong && lengths->numel() == B, "fusedrnn CUDA: lengths must be int64 (B,)");
-}
 inline const int64_t* lengths_ptr(const c10::optional<at::Tensor>& lengths) {
-  return has_tensor(lengths) ? lengths->data_ptr<int64_t>() : nullptr;
+  return checks::defined(lengths) ? lengths->data_ptr<int64_t>() : nullptr;
 }
 
 }  // namespace cuda_detail

@@ -38,20 +38,20 @@ template <typename T, class Eng>
 __global__ void __launch_bounds__(kThreads, 1) gru_bwd_kernel(const GruBwdArgs<T> a) {
   using A = typename Eng::acc_t;
   constexpr int BN = Eng::BN;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dev::dynamic_smem();
   uint4* ws = reinterpret_cast<uint4*>(smem);
   A* red = reinterpret_cast<A*>(smem + align16(Eng::w_bytes(a.g_b.MT, a.g_b.KC)));
 
   const int64_t H = a.H, B = a.B, G = 3 * H, G4 = 4 * H, T_ = a.T_;
   const int U = a.U;
-  const int64_t u0 = int64_t(blockIdx.x) * U;
-  const int nu = static_cast<int>(max(int64_t(0), min(int64_t(U), H - u0)));
+  const int64_t u0 = int64_t(dev::block_idx()) * U;
+  const int nu = static_cast<int>(dev::max(int64_t(0), dev::min(int64_t(U), H - u0)));
 
   Eng::stage_w(ws, a.g_b.MT, a.g_b.KC, [&](int r, int k) -> A {
     if (r >= nu || k >= G) return A(0);
     return to_acc(a.w_hh[int64_t(k) * H + u0 + r]);
   });
-  __syncthreads();
+  dev::sync_threads();
 
   const int rows = a.g_b.MT * 16;
 
@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kThreads, 1) gru_bwd_kernel(const GruBwdArgs<T
   auto load_pre = [&](int64_t t, int j, int64_t b) {
     Pre q;
     const int64_t u = u0 + j, row = t * B + b;
-    q.valid = a.lengths == nullptr || t < __ldg(a.lengths + b);
+    q.valid = a.lengths == nullptr || t < dev::ld_nc(a.lengths + b);
     const T* gp = a.gates + row * G4 + u;
     q.r = to_acc(gp[0]); q.z = to_acc(gp[H]); q.n = to_acc(gp[2 * H]); q.hn = to_acc(gp[3 * H]);
     // h_{t-1}: previous step in the forward order (h0 at each sequence's first step).
@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kThreads, 1) gru_bwd_kernel(const GruBwdArgs<T
       from_seq = t > 0;
       prow = row - B;
     } else {
-      from_seq = t + 1 < T_ && (a.lengths == nullptr || t + 1 < __ldg(a.lengths + b));
+      from_seq = t + 1 < T_ && (a.lengths == nullptr || t + 1 < dev::ld_nc(a.lengths + b));
       prow = row + B;
     }
     q.h_prev = from_seq ? A(to_acc(a.y[prow * H + u])) : A(to_acc(a.h0[b * H + u]));
@@ -82,10 +82,10 @@ __global__ void __launch_bounds__(kThreads, 1) gru_bwd_kernel(const GruBwdArgs<T
 
   // Latency hiding (as in lstm_bwd.cu): each thread's first item keeps dh in a register and has
   // its saved tensors for the next step loaded before the grid barrier.
-  const int first_nb = static_cast<int>(min(int64_t(BN), B));
-  const bool has_fixed = static_cast<int>(threadIdx.x) < nu * first_nb;
-  const int fj = has_fixed ? static_cast<int>(threadIdx.x) % nu : 0;
-  const int64_t fb = has_fixed ? static_cast<int>(threadIdx.x) / nu : 0;
+  const int first_nb = static_cast<int>(dev::min(int64_t(BN), B));
+  const bool has_fixed = static_cast<int>(dev::thread_idx()) < nu * first_nb;
+  const int fj = has_fixed ? static_cast<int>(dev::thread_idx()) % nu : 0;
+  const int64_t fb = has_fixed ? static_cast<int>(dev::thread_idx()) / nu : 0;
   A f_dh = has_fixed ? a.dh_state[fb * H + u0 + fj] : A(0);
   Pre f_pre{};
   if (has_fixed) f_pre = load_pre(a.reverse ? 0 : T_ - 1, fj, fb);
@@ -95,8 +95,8 @@ __global__ void __launch_bounds__(kThreads, 1) gru_bwd_kernel(const GruBwdArgs<T
     const int64_t t = a.reverse ? s : T_ - 1 - s;
     T* dp = a.dpbuf + (s & 1) * a.dpbuf_stride;
 
-    for (int64_t idx = threadIdx.x; idx < int64_t(nu) * B; idx += kThreads) {
-      const bool fixed = has_fixed && idx == int64_t(threadIdx.x);
+    for (int64_t idx = dev::thread_idx(); idx < int64_t(nu) * B; idx += kThreads) {
+      const bool fixed = has_fixed && idx == int64_t(dev::thread_idx());
       const int j = static_cast<int>(idx % nu);
       const int64_t b = idx / nu, u = u0 + j, row = t * B + b;
       const Pre q = fixed ? f_pre : load_pre(t, j, b);
@@ -123,23 +123,23 @@ __global__ void __launch_bounds__(kThreads, 1) gru_bwd_kernel(const GruBwdArgs<T
 
     for (int64_t n0 = 0; n0 < B; n0 += BN) {
       Eng::compute(ws, a.g_b.MT, a.g_b.KC, dp + n0 * a.ldp, a.ldp, red);
-      __syncthreads();
-      const int nb = static_cast<int>(min(int64_t(BN), B - n0));
-      for (int idx = threadIdx.x; idx < nu * nb; idx += kThreads) {
-        const bool fixed = has_fixed && n0 == 0 && idx == static_cast<int>(threadIdx.x);
+      dev::sync_threads();
+      const int nb = static_cast<int>(dev::min(int64_t(BN), B - n0));
+      for (int idx = dev::thread_idx(); idx < nu * nb; idx += kThreads) {
+        const bool fixed = has_fixed && n0 == 0 && idx == static_cast<int>(dev::thread_idx());
         const int j = idx % nu, n = idx / nu;
         const int64_t b = n0 + n;
-        if (a.lengths == nullptr || t < __ldg(a.lengths + b)) {
+        if (a.lengths == nullptr || t < dev::ld_nc(a.lengths + b)) {
           const A v = red_sum(red, rows, BN, j, n);
           if (fixed) f_dh += v;
           else a.dh_state[b * H + u0 + j] += v;
         }
       }
-      __syncthreads();
+      dev::sync_threads();
     }
   }
   if (has_fixed) a.dh_state[fb * H + u0 + fj] = f_dh;
-  __syncthreads();
+  dev::sync_threads();
   store_own_cols(a.dh0, a.dh_state, H, u0, nu, B);
 }
 
@@ -182,16 +182,14 @@ Tensor3 gru_bwd_cuda(const Tensor& dy, const Tensor& dh_n, const Tensor& w_hh, c
                      const Tensor& y, const Tensor& gates, const OptTensor& lengths, bool reverse,
                      bool allow_tf32) {
   using namespace cuda_detail;
-  TORCH_CHECK(gates.dim() == 3 && gates.size(2) % 4 == 0, "fusedrnn CUDA gru_bwd: gates must be (T, B, 4H)");
-  const c10::cuda::CUDAGuard guard(dy.device());
-  const int64_t T = gates.size(0), B = gates.size(1), H = gates.size(2) / 4, G = 3 * H;
+  const checks::Dims d = checks::gru_bwd(dy, dh_n, w_hh, h0, y, gates, lengths);
+  check_cuda_args("gru_bwd", true,
+                  {{"dy", &dy}, {"dh_n", &dh_n}, {"w_hh", &w_hh}, {"h0", &h0}, {"y", &y}, {"gates", &gates},
+                   {"lengths", checks::opt(lengths)}});
+  const DeviceGuard guard(dy.device());
+  const int64_t T = d.T, B = d.B, H = d.H, G = 3 * H;
   const auto dt = dy.scalar_type();
   const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
-  for (auto* tp : {&dy, &dh_n, &w_hh, &h0, &y, &gates}) check_cuda_tensor(*tp, "input", dy);
-  TORCH_CHECK(dy.numel() == T * B * H && dh_n.numel() == B * H && h0.numel() == B * H &&
-                  y.numel() == T * B * H && w_hh.size(0) == G && w_hh.size(1) == H,
-              "fusedrnn CUDA gru_bwd: shape mismatch");
-  check_lengths(lengths, B, dy);
   auto same = [&](const Tensor& t) { return t.scalar_type() == dt ? t : t.to(dt).contiguous(); };
   const Tensor w = same(w_hh), h0c = same(h0), yc = same(y), gatesc = same(gates);
 
@@ -211,9 +209,13 @@ Tensor3 gru_bwd_cuda(const Tensor& dy, const Tensor& dh_n, const Tensor& w_hh, c
     const GruBwdPlan p = plan_gru_bwd<Eng>(H, dev);
     if (!p.ok) return false;
     const int64_t Bpad = round_up(B, Eng::BN), ldp = round_up(G, kChunk);
-    Tensor dpbuf = at::zeros({2, Bpad, ldp}, opts);
-    Tensor dh_state = dh_n.reshape({B, H}).to(acc, false, /*copy=*/true).contiguous();
-    Tensor barrier = new_barrier(opts);
+    Workspace ws;  // zeroed: barrier, dpbuf (2, Bpad, ldp); then dh_state (B, H) = dh_n
+    const size_t o_barrier = ws.take(1, at::kInt);
+    const size_t o_dpbuf = ws.take(2 * Bpad * ldp, dt);
+    ws.mark_zeroed();
+    const size_t o_dh = ws.take(B * H, acc);
+    ws.allocate(dy);
+    ws.view(o_dh, acc, {B, H}).copy_(dh_n);
     GruBwdArgs<Tt> a;
     a.dy = ptr<Tt>(dy);
     a.w_hh = ptr<Tt>(w);
@@ -224,14 +226,14 @@ Tensor3 gru_bwd_cuda(const Tensor& dy, const Tensor& dh_n, const Tensor& w_hh, c
     a.dxproj = ptr<Tt>(dxproj);
     a.dh0 = ptr<Tt>(dh0);
     a.dhn = ptr<Tt>(dhn);
-    a.dh_state = ptr<acc_t<Tt>>(dh_state);
-    a.dpbuf = ptr<Tt>(dpbuf);
-    a.barrier = barrier_ptr(barrier);
+    a.dh_state = ws.ptr<acc_t<Tt>>(o_dh);
+    a.dpbuf = ws.ptr<Tt>(o_dpbuf);
+    a.barrier = ws.ptr<unsigned int>(o_barrier);
     a.T_ = T; a.B = B; a.H = H;
     a.ldp = ldp; a.dpbuf_stride = Bpad * ldp;
     a.U = p.U; a.g_b = p.g_b;
     a.reverse = reverse ? 1 : 0;
-    launch_cooperative(gru_bwd_kernel<Tt, Eng>, p.grid, p.smem, a, dev.sms, "gru_bwd");
+    launch_cooperative(gru_bwd_kernel<Tt, Eng>, p.grid, kThreads, p.smem, a, dev, "gru_bwd");
     return true;
   });
   TORCH_CHECK(launched, "fusedrnn CUDA gru_bwd: hidden size H=", H, " (dtype ", dt,

@@ -37,30 +37,30 @@ template <typename T, class Eng>
 __global__ void __launch_bounds__(kThreads, 1) gru_fwd_kernel(const GruFwdArgs<T> a) {
   using A = typename Eng::acc_t;
   constexpr int BN = Eng::BN;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dev::dynamic_smem();
   uint4* ws = reinterpret_cast<uint4*>(smem);
   A* red = reinterpret_cast<A*>(smem + align16(Eng::w_bytes(a.g_hh.MT, a.g_hh.KC)));
 
   const int64_t H = a.H, B = a.B, G = 3 * H, G4 = 4 * H;
   const int U = a.U;
-  const int64_t u0 = int64_t(blockIdx.x) * U;
-  const int nu = static_cast<int>(max(int64_t(0), min(int64_t(U), H - u0)));
+  const int64_t u0 = int64_t(dev::block_idx()) * U;
+  const int nu = static_cast<int>(dev::max(int64_t(0), dev::min(int64_t(U), H - u0)));
 
   Eng::stage_w(ws, a.g_hh.MT, a.g_hh.KC, [&](int r, int k) -> A {
     const int gate = r / U, j = r % U;
     if (gate >= 3 || j >= nu || k >= H) return A(0);
     return to_acc(a.w_hh[(gate * H + u0 + j) * H + k]);
   });
-  __syncthreads();
+  dev::sync_threads();
 
   const int rows = a.g_hh.MT * 16;
 
   // Latency hiding (as in lstm_fwd.cu): the first item of each thread is the same every step; its
   // fp32 h stays in a register and its xproj values are loaded before the grid barrier.
-  const int first_nb = static_cast<int>(min(int64_t(BN), B));
-  const bool has_fixed = static_cast<int>(threadIdx.x) < nu * first_nb;
-  const int fj = has_fixed ? static_cast<int>(threadIdx.x) % nu : 0;
-  const int64_t fb = has_fixed ? static_cast<int>(threadIdx.x) / nu : 0;
+  const int first_nb = static_cast<int>(dev::min(int64_t(BN), B));
+  const bool has_fixed = static_cast<int>(dev::thread_idx()) < nu * first_nb;
+  const int fj = has_fixed ? static_cast<int>(dev::thread_idx()) % nu : 0;
+  const int64_t fb = has_fixed ? static_cast<int>(dev::thread_idx()) / nu : 0;
   A f_h = has_fixed ? a.h_state[fb * H + u0 + fj] : A(0);
   FixedGateInputs<3, T, A> fx;
   fx.load_bias(has_fixed, a.b_hh, H, u0 + fj);
@@ -74,13 +74,13 @@ __global__ void __launch_bounds__(kThreads, 1) gru_fwd_kernel(const GruFwdArgs<T
     T* hnxt = a.hbuf + ((s + 1) & 1) * a.hbuf_stride;
     for (int64_t n0 = 0; n0 < B; n0 += BN) {
       Eng::compute(ws, a.g_hh.MT, a.g_hh.KC, hcur + n0 * a.ldh, a.ldh, red);
-      __syncthreads();
-      const int nb = static_cast<int>(min(int64_t(BN), B - n0));
-      for (int idx = threadIdx.x; idx < nu * nb; idx += kThreads) {
-        const bool fixed = n0 == 0 && idx == static_cast<int>(threadIdx.x);
+      dev::sync_threads();
+      const int nb = static_cast<int>(dev::min(int64_t(BN), B - n0));
+      for (int idx = dev::thread_idx(); idx < nu * nb; idx += kThreads) {
+        const bool fixed = n0 == 0 && idx == static_cast<int>(dev::thread_idx());
         const int j = idx % nu, n = idx / nu;
         const int64_t b = n0 + n, u = u0 + j, row = t * B + b;
-        const bool valid = fixed ? fx.valid : (a.lengths == nullptr || t < __ldg(a.lengths + b));
+        const bool valid = fixed ? fx.valid : (a.lengths == nullptr || t < dev::ld_nc(a.lengths + b));
         T* gp = a.gates + row * G4 + u;
         if (valid) {
           A hid[3], x[3];
@@ -112,12 +112,12 @@ __global__ void __launch_bounds__(kThreads, 1) gru_fwd_kernel(const GruFwdArgs<T
           else a.h_state[b * H + u] = st.h;
         } else {
           const T z = zero_of<T>();
-          hnxt[b * a.ldh + u] = ldcg(hcur + b * a.ldh + u);
+          hnxt[b * a.ldh + u] = dev::ld_cg(hcur + b * a.ldh + u);
           a.y[row * H + u] = z;
           gp[0] = z; gp[H] = z; gp[2 * H] = z; gp[3 * H] = z;
         }
       }
-      __syncthreads();
+      dev::sync_threads();
     }
     if (s + 1 < a.T_) {
       prefetch(a.reverse ? t - 1 : t + 1);
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kThreads, 1) gru_fwd_kernel(const GruFwdArgs<T
     }
   }
   if (has_fixed) a.h_state[fb * H + u0 + fj] = f_h;
-  __syncthreads();
+  dev::sync_threads();
   store_own_cols(a.h_n, a.h_state, H, u0, nu, B);
 }
 
@@ -167,18 +167,14 @@ int64_t gru_fwd_max_hidden(at::ScalarType dtype, int device) {
 Tensor3 gru_fwd_cuda(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b_hh, const Tensor& h0,
                      const OptTensor& lengths, bool reverse, bool allow_tf32) {
   using namespace cuda_detail;
-  TORCH_CHECK(xproj.dim() == 3 && xproj.size(2) % 3 == 0, "fusedrnn CUDA gru_fwd: xproj must be (T, B, 3H)");
-  const c10::cuda::CUDAGuard guard(xproj.device());
-  const int64_t T = xproj.size(0), B = xproj.size(1), G = xproj.size(2), H = G / 3;
+  const checks::Dims d = checks::gru_fwd(xproj, w_hh, b_hh, h0, lengths);
+  check_cuda_args("gru_fwd", true,
+                  {{"xproj", &xproj}, {"w_hh", &w_hh}, {"b_hh", checks::opt(b_hh)}, {"h0", &h0},
+                   {"lengths", checks::opt(lengths)}});
+  const DeviceGuard guard(xproj.device());
+  const int64_t T = d.T, B = d.B, H = d.H;
   const auto dt = xproj.scalar_type();
   const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
-  check_cuda_tensor(xproj, "xproj", xproj);
-  check_cuda_tensor(w_hh, "w_hh", xproj);
-  check_cuda_tensor(h0, "h0", xproj);
-  TORCH_CHECK(w_hh.size(0) == G && w_hh.size(1) == H && h0.numel() == B * H,
-              "fusedrnn CUDA gru_fwd: shape mismatch");
-  if (b_hh.has_value() && b_hh->defined()) check_cuda_tensor(*b_hh, "b_hh", xproj);
-  check_lengths(lengths, B, xproj);
   auto same = [&](const Tensor& t) { return t.scalar_type() == dt ? t : t.to(dt).contiguous(); };
   const Tensor w = same(w_hh);
   const Tensor bh = (b_hh.has_value() && b_hh->defined()) ? same(*b_hh) : Tensor();
@@ -199,10 +195,14 @@ Tensor3 gru_fwd_cuda(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b
     const GruFwdPlan p = plan_gru_fwd<Eng>(H, dev);
     if (!p.ok) return false;
     const int64_t Bpad = round_up(B, Eng::BN), ldh = round_up(H, kChunk);
-    Tensor hbuf = at::zeros({2, Bpad, ldh}, opts);
-    hbuf.select(0, 0).narrow(0, 0, B).narrow(1, 0, H).copy_(h0.reshape({B, H}));
-    Tensor h_state = h0.reshape({B, H}).to(acc, false, /*copy=*/true).contiguous();
-    Tensor barrier = new_barrier(opts);
+    Workspace ws;  // zeroed: barrier, hbuf (2, Bpad, ldh); then h_state (B, H) = h0
+    const size_t o_barrier = ws.take(1, at::kInt);
+    const size_t o_hbuf = ws.take(2 * Bpad * ldh, dt);
+    ws.mark_zeroed();
+    const size_t o_h = ws.take(B * H, acc);
+    ws.allocate(xproj);
+    ws.view(o_hbuf, dt, {2, Bpad, ldh}).select(0, 0).narrow(0, 0, B).narrow(1, 0, H).copy_(h0);
+    ws.view(o_h, acc, {B, H}).copy_(h0);
     GruFwdArgs<Tt> a;
     a.xproj = ptr<Tt>(xproj);
     a.w_hh = ptr<Tt>(w);
@@ -211,14 +211,14 @@ Tensor3 gru_fwd_cuda(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b
     a.y = ptr<Tt>(y);
     a.h_n = ptr<Tt>(h_n);
     a.gates = ptr<Tt>(gates);
-    a.h_state = ptr<acc_t<Tt>>(h_state);
-    a.hbuf = ptr<Tt>(hbuf);
-    a.barrier = barrier_ptr(barrier);
+    a.h_state = ws.ptr<acc_t<Tt>>(o_h);
+    a.hbuf = ws.ptr<Tt>(o_hbuf);
+    a.barrier = ws.ptr<unsigned int>(o_barrier);
     a.T_ = T; a.B = B; a.H = H;
     a.ldh = ldh; a.hbuf_stride = Bpad * ldh;
     a.U = p.U; a.g_hh = p.g_hh;
     a.reverse = reverse ? 1 : 0;
-    launch_cooperative(gru_fwd_kernel<Tt, Eng>, p.grid, p.smem, a, dev.sms, "gru_fwd");
+    launch_cooperative(gru_fwd_kernel<Tt, Eng>, p.grid, kThreads, p.smem, a, dev, "gru_fwd");
     return true;
   });
   TORCH_CHECK(launched, "fusedrnn CUDA gru_fwd: hidden size H=", H, " (dtype ", dt,

@@ -53,7 +53,7 @@ template <typename T, class Eng>
 __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdArgs<T> a) {
   using A = typename Eng::acc_t;
   constexpr int BN = Eng::BN;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dev::dynamic_smem();
   const bool proj = a.w_hr != nullptr;
   uint4* ws_b = reinterpret_cast<uint4*>(smem);
   size_t off = align16(Eng::w_bytes(a.g_b.MT, a.g_b.KC));
@@ -63,10 +63,10 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdArgs
 
   const int64_t H = a.H, P = a.P, B = a.B, G = 4 * H, T_ = a.T_;
   const int U = a.U;
-  const int64_t u0 = int64_t(blockIdx.x) * U;
-  const int nu = static_cast<int>(max(int64_t(0), min(int64_t(U), H - u0)));
-  const int64_t p0 = int64_t(blockIdx.x) * a.Up;
-  const int np = static_cast<int>(max(int64_t(0), min(int64_t(a.Up), P - p0)));
+  const int64_t u0 = int64_t(dev::block_idx()) * U;
+  const int nu = static_cast<int>(dev::max(int64_t(0), dev::min(int64_t(U), H - u0)));
+  const int64_t p0 = int64_t(dev::block_idx()) * a.Up;
+  const int np = static_cast<int>(dev::max(int64_t(0), dev::min(int64_t(a.Up), P - p0)));
 
   // W_hh^T rows p0..p0+np: row r, column k = W_hh[k][p0 + r].
   Eng::stage_w(ws_b, a.g_b.MT, a.g_b.KC, [&](int r, int k) -> A {
@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdArgs
       return to_acc(a.w_hr[int64_t(k) * H + u0 + r]);
     });
   }
-  __syncthreads();
+  dev::sync_threads();
 
   const int rows_b = a.g_b.MT * 16, rows_a = a.g_a.MT * 16;
 
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdArgs
   auto load_pre = [&](int64_t t, int j, int64_t b) {
     Pre q;
     const int64_t u = u0 + j, row = t * B + b;
-    q.valid = a.lengths == nullptr || t < __ldg(a.lengths + b);
+    q.valid = a.lengths == nullptr || t < dev::ld_nc(a.lengths + b);
     const T* gp = a.gates + row * G + u;
     q.i = to_acc(gp[0]); q.f = to_acc(gp[H]); q.g = to_acc(gp[2 * H]); q.o = to_acc(gp[3 * H]);
     q.c = a.cs[row * H + u];
@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdArgs
       from_seq = t > 0;
       prow = row - B;
     } else {
-      from_seq = t + 1 < T_ && (a.lengths == nullptr || t + 1 < __ldg(a.lengths + b));
+      from_seq = t + 1 < T_ && (a.lengths == nullptr || t + 1 < dev::ld_nc(a.lengths + b));
       prow = row + B;
     }
     q.c_prev = from_seq ? a.cs[prow * H + u] : A(to_acc(a.c0[b * H + u]));
@@ -113,10 +113,10 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdArgs
   // Latency hiding (as in lstm_fwd.cu): each thread's first item is the same every step (in the
   // pointwise phase and, without projection, in the dh epilogue): its dc (and dh) stay in
   // registers and its saved tensors for the next step are loaded before the grid barrier.
-  const int first_nb = static_cast<int>(min(int64_t(BN), B));
-  const bool has_fixed = static_cast<int>(threadIdx.x) < nu * first_nb;
-  const int fj = has_fixed ? static_cast<int>(threadIdx.x) % nu : 0;
-  const int64_t fb = has_fixed ? static_cast<int>(threadIdx.x) / nu : 0;
+  const int first_nb = static_cast<int>(dev::min(int64_t(BN), B));
+  const bool has_fixed = static_cast<int>(dev::thread_idx()) < nu * first_nb;
+  const int fj = has_fixed ? static_cast<int>(dev::thread_idx()) % nu : 0;
+  const int64_t fb = has_fixed ? static_cast<int>(dev::thread_idx()) / nu : 0;
   A f_dc = has_fixed ? a.dc_state[fb * H + u0 + fj] : A(0);
   A f_dh = (has_fixed && !proj) ? a.dh_state[fb * P + u0 + fj] : A(0);
   Pre f_pre{};
@@ -146,11 +146,11 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdArgs
       dx[0] = di; dx[H] = df; dx[2 * H] = dg; dx[3 * H] = dO;
       return d.dc_prev;
     };
-    auto is_valid = [&](int64_t b) { return a.lengths == nullptr || t < __ldg(a.lengths + b); };
+    auto is_valid = [&](int64_t b) { return a.lengths == nullptr || t < dev::ld_nc(a.lengths + b); };
 
     if (!proj) {
-      for (int64_t idx = threadIdx.x; idx < int64_t(nu) * B; idx += kThreads) {
-        const bool fixed = has_fixed && idx == int64_t(threadIdx.x);
+      for (int64_t idx = dev::thread_idx(); idx < int64_t(nu) * B; idx += kThreads) {
+        const bool fixed = has_fixed && idx == int64_t(dev::thread_idx());
         const int j = static_cast<int>(idx % nu);
         const int64_t b = idx / nu;
         const Pre q = fixed ? f_pre : load_pre(t, j, b);
@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdArgs
       grid_barrier(a.barrier, target);
     } else {
       // dh_tot for own P-rows -> exchange + dh_seq
-      for (int64_t idx = threadIdx.x; idx < int64_t(np) * B; idx += kThreads) {
+      for (int64_t idx = dev::thread_idx(); idx < int64_t(np) * B; idx += kThreads) {
         const int j = static_cast<int>(idx % np);
         const int64_t b = idx / np, p = p0 + j, row = t * B + b;
         if (is_valid(b)) {
@@ -181,10 +181,10 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdArgs
       // dm = dh_tot . W_hr for own units, then the cell
       for (int64_t n0 = 0; n0 < B; n0 += BN) {
         Eng::compute(ws_a, a.g_a.MT, a.g_a.KC, a.dtbuf + n0 * a.ldq, a.ldq, red);
-        __syncthreads();
-        const int nb = static_cast<int>(min(int64_t(BN), B - n0));
-        for (int idx = threadIdx.x; idx < nu * nb; idx += kThreads) {
-          const bool fixed = has_fixed && n0 == 0 && idx == static_cast<int>(threadIdx.x);
+        dev::sync_threads();
+        const int nb = static_cast<int>(dev::min(int64_t(BN), B - n0));
+        for (int idx = dev::thread_idx(); idx < nu * nb; idx += kThreads) {
+          const bool fixed = has_fixed && n0 == 0 && idx == static_cast<int>(dev::thread_idx());
           const int j = idx % nu, n = idx / nu;
           const int64_t b = n0 + n;
           const Pre q = fixed ? f_pre : load_pre(t, j, b);
@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdArgs
             a.dc_state[b * H + u0 + j] = cell(j, b, q, dm, a.dc_state[b * H + u0 + j]);
           }
         }
-        __syncthreads();
+        dev::sync_threads();
       }
       if (has_fixed && s + 1 < T_) f_pre = load_pre(t_next, fj, fb);
       grid_barrier(a.barrier, target);
@@ -204,10 +204,10 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdArgs
     // dh_{t-1} = dpre_t . W_hh for own P-rows (padded steps: dh unchanged)
     for (int64_t n0 = 0; n0 < B; n0 += BN) {
       Eng::compute(ws_b, a.g_b.MT, a.g_b.KC, dp + n0 * a.ldp, a.ldp, red);
-      __syncthreads();
-      const int nb = static_cast<int>(min(int64_t(BN), B - n0));
-      for (int idx = threadIdx.x; idx < np * nb; idx += kThreads) {
-        const bool fixed = !proj && has_fixed && n0 == 0 && idx == static_cast<int>(threadIdx.x);
+      dev::sync_threads();
+      const int nb = static_cast<int>(dev::min(int64_t(BN), B - n0));
+      for (int idx = dev::thread_idx(); idx < np * nb; idx += kThreads) {
+        const bool fixed = !proj && has_fixed && n0 == 0 && idx == static_cast<int>(dev::thread_idx());
         const int j = idx % np, n = idx / np;
         const int64_t b = n0 + n;
         if (is_valid(b)) {
@@ -216,14 +216,14 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdArgs
           else a.dh_state[b * P + p0 + j] = v;
         }
       }
-      __syncthreads();
+      dev::sync_threads();
     }
   }
   if (has_fixed) {
     a.dc_state[fb * H + u0 + fj] = f_dc;
     if (!proj) a.dh_state[fb * P + u0 + fj] = f_dh;
   }
-  __syncthreads();
+  dev::sync_threads();
 
   store_own_cols(a.dh0, a.dh_state, P, p0, np, B);
   store_own_cols(a.dc0, a.dc_state, H, u0, nu, B);
@@ -279,22 +279,15 @@ Tensor4 lstm_bwd_cuda(const Tensor& dy, const Tensor& dh_n, const Tensor& dc_n, 
                       const OptTensor& w_hr, const Tensor& c0, const Tensor& gates, const Tensor& cs,
                       const OptTensor& lengths, bool reverse, bool allow_tf32) {
   using namespace cuda_detail;
-  TORCH_CHECK(gates.dim() == 3 && gates.size(2) % 4 == 0, "fusedrnn CUDA lstm_bwd: gates must be (T, B, 4H)");
-  const c10::cuda::CUDAGuard guard(dy.device());
-  const int64_t T = gates.size(0), B = gates.size(1), G = gates.size(2), H = G / 4;
-  const int64_t P = w_hh.size(1);
-  const bool proj = w_hr.has_value() && w_hr->defined();
+  const checks::Dims d = checks::lstm_bwd(dy, dh_n, dc_n, w_hh, w_hr, c0, gates, cs, lengths);
+  check_cuda_args("lstm_bwd", true,
+                  {{"dy", &dy}, {"dh_n", &dh_n}, {"dc_n", &dc_n}, {"w_hh", &w_hh}, {"w_hr", checks::opt(w_hr)},
+                   {"c0", &c0}, {"gates", &gates}, {"cs", &cs}, {"lengths", checks::opt(lengths)}});
+  const DeviceGuard guard(dy.device());
+  const int64_t T = d.T, B = d.B, H = d.H, G = 4 * H, P = d.P;
+  const bool proj = checks::defined(w_hr);
   const auto dt = dy.scalar_type();
   const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
-  for (auto* tp : {&dy, &dh_n, &dc_n, &w_hh, &c0, &gates, &cs}) check_cuda_tensor(*tp, "input", dy);
-  TORCH_CHECK(dy.numel() == T * B * P && dh_n.numel() == B * P && dc_n.numel() == B * H &&
-                  c0.numel() == B * H && cs.numel() == T * B * H && w_hh.size(0) == G,
-              "fusedrnn CUDA lstm_bwd: shape mismatch");
-  if (proj) {
-    check_cuda_tensor(*w_hr, "w_hr", dy);
-    TORCH_CHECK(w_hr->size(0) == P && w_hr->size(1) == H, "fusedrnn CUDA lstm_bwd: w_hr must be (P, H)");
-  }
-  check_lengths(lengths, B, dy);
   auto same = [&](const Tensor& t) { return t.scalar_type() == dt ? t : t.to(dt).contiguous(); };
   const Tensor w = same(w_hh), wr = proj ? same(*w_hr) : Tensor();
   const Tensor c0c = same(c0), gatesc = same(gates);
@@ -320,11 +313,16 @@ Tensor4 lstm_bwd_cuda(const Tensor& dy, const Tensor& dh_n, const Tensor& dc_n, 
     if (!p.ok) return false;
     const int64_t Bpad = round_up(B, Eng::BN);
     const int64_t ldp = round_up(G, kChunk), ldq = round_up(P, kChunk);
-    Tensor dpbuf = at::zeros({proj ? 1 : 2, Bpad, ldp}, opts);
-    Tensor dtbuf = proj ? at::zeros({Bpad, ldq}, opts) : Tensor();
-    Tensor dh_state = dh_n.reshape({B, P}).to(acc, false, /*copy=*/true).contiguous();
-    Tensor dc_state = dc_n.reshape({B, H}).to(acc, false, /*copy=*/true).contiguous();
-    Tensor barrier = new_barrier(opts);
+    // zeroed: barrier, dpbuf (1 or 2, Bpad, ldp), dtbuf (Bpad, ldq); then dh_state = dh_n, dc_state = dc_n
+    Workspace ws;
+    const size_t o_barrier = ws.take(1, at::kInt);
+    const size_t o_dpbuf = ws.take((proj ? 1 : 2) * Bpad * ldp, dt);
+    const size_t o_dtbuf = proj ? ws.take(Bpad * ldq, dt) : 0;
+    ws.mark_zeroed();
+    const size_t o_dh = ws.take(B * P, acc), o_dc = ws.take(B * H, acc);
+    ws.allocate(dy);
+    ws.view(o_dh, acc, {B, P}).copy_(dh_n);
+    ws.view(o_dc, acc, {B, H}).copy_(dc_n);
     LstmBwdArgs<Tt> a;
     a.dy = ptr<Tt>(dy);
     a.w_hh = ptr<Tt>(w);
@@ -337,16 +335,16 @@ Tensor4 lstm_bwd_cuda(const Tensor& dy, const Tensor& dh_n, const Tensor& dc_n, 
     a.dh0 = ptr<Tt>(dh0);
     a.dc0 = ptr<Tt>(dc0);
     a.dh_seq = proj ? ptr<Tt>(dh_seq) : nullptr;
-    a.dh_state = ptr<acc_t<Tt>>(dh_state);
-    a.dc_state = ptr<acc_t<Tt>>(dc_state);
-    a.dpbuf = ptr<Tt>(dpbuf);
-    a.dtbuf = proj ? ptr<Tt>(dtbuf) : nullptr;
-    a.barrier = barrier_ptr(barrier);
+    a.dh_state = ws.ptr<acc_t<Tt>>(o_dh);
+    a.dc_state = ws.ptr<acc_t<Tt>>(o_dc);
+    a.dpbuf = ws.ptr<Tt>(o_dpbuf);
+    a.dtbuf = proj ? ws.ptr<Tt>(o_dtbuf) : nullptr;
+    a.barrier = ws.ptr<unsigned int>(o_barrier);
     a.T_ = T; a.B = B; a.H = H; a.P = P;
     a.ldp = ldp; a.ldq = ldq; a.dpbuf_stride = Bpad * ldp;
     a.U = p.U; a.Up = p.Up; a.g_b = p.g_b; a.g_a = p.g_a;
     a.reverse = reverse ? 1 : 0;
-    launch_cooperative(lstm_bwd_kernel<Tt, Eng>, p.grid, p.smem, a, dev.sms, "lstm_bwd");
+    launch_cooperative(lstm_bwd_kernel<Tt, Eng>, p.grid, kThreads, p.smem, a, dev, "lstm_bwd");
     return true;
   });
   TORCH_CHECK(launched, "fusedrnn CUDA lstm_bwd: hidden size H=", H, " (P=", P, ", dtype ", dt,

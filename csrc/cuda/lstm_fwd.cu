@@ -53,7 +53,7 @@ template <typename T, class Eng>
 __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdArgs<T> a) {
   using A = typename Eng::acc_t;
   constexpr int BN = Eng::BN;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dev::dynamic_smem();
   uint4* ws_hh = reinterpret_cast<uint4*>(smem);
   size_t off = align16(Eng::w_bytes(a.g_hh.MT, a.g_hh.KC));
   uint4* ws_hr = reinterpret_cast<uint4*>(smem + off);
@@ -63,10 +63,10 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdArgs
 
   const int64_t H = a.H, P = a.P, B = a.B, G = 4 * H;
   const int U = a.U;
-  const int64_t u0 = int64_t(blockIdx.x) * U;
-  const int nu = static_cast<int>(min(int64_t(U), H - u0));
-  const int64_t p0 = int64_t(blockIdx.x) * a.Up;
-  const int np = proj ? static_cast<int>(max(int64_t(0), min(int64_t(a.Up), P - p0))) : 0;
+  const int64_t u0 = int64_t(dev::block_idx()) * U;
+  const int nu = static_cast<int>(dev::min(int64_t(U), H - u0));
+  const int64_t p0 = int64_t(dev::block_idx()) * a.Up;
+  const int np = proj ? static_cast<int>(dev::max(int64_t(0), dev::min(int64_t(a.Up), P - p0))) : 0;
 
   // Stage this CTA's weights once.  Local W_hh row r = gate*U + j  <->  global row gate*H + u0 + j.
   Eng::stage_w(ws_hh, a.g_hh.MT, a.g_hh.KC, [&](int r, int k) -> A {
@@ -80,17 +80,17 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdArgs
       return to_acc(a.w_hr[(p0 + r) * H + k]);
     });
   }
-  __syncthreads();
+  dev::sync_threads();
 
   const int rows_hh = a.g_hh.MT * 16, rows_hr = a.g_hr.MT * 16;
 
   // Latency hiding: the item (unit j, batch n) a thread handles first in the first batch pass is
   // the same every step, so its cell state stays in a register and its xproj values for the next
   // step are loaded before the grid barrier (off the critical path).
-  const int first_nb = static_cast<int>(min(int64_t(BN), B));
-  const bool has_fixed = static_cast<int>(threadIdx.x) < nu * first_nb;
-  const int fj = has_fixed ? static_cast<int>(threadIdx.x) % nu : 0;
-  const int64_t fb = has_fixed ? static_cast<int>(threadIdx.x) / nu : 0;
+  const int first_nb = static_cast<int>(dev::min(int64_t(BN), B));
+  const bool has_fixed = static_cast<int>(dev::thread_idx()) < nu * first_nb;
+  const int fj = has_fixed ? static_cast<int>(dev::thread_idx()) % nu : 0;
+  const int64_t fb = has_fixed ? static_cast<int>(dev::thread_idx()) / nu : 0;
   A f_c = has_fixed ? a.c_state[fb * H + u0 + fj] : A(0);
   FixedGateInputs<4, T, A> fx;
   fx.load_bias(has_fixed, a.b_hh, H, u0 + fj);
@@ -106,13 +106,13 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdArgs
     // ---- gates = xproj_t + h_{t-1} W_hh^T + b_hh, cell update (own units)
     for (int64_t n0 = 0; n0 < B; n0 += BN) {
       Eng::compute(ws_hh, a.g_hh.MT, a.g_hh.KC, hcur + n0 * a.ldh, a.ldh, red);
-      __syncthreads();
-      const int nb = static_cast<int>(min(int64_t(BN), B - n0));
-      for (int idx = threadIdx.x; idx < nu * nb; idx += kThreads) {
-        const bool fixed = n0 == 0 && idx == static_cast<int>(threadIdx.x);
+      dev::sync_threads();
+      const int nb = static_cast<int>(dev::min(int64_t(BN), B - n0));
+      for (int idx = dev::thread_idx(); idx < nu * nb; idx += kThreads) {
+        const bool fixed = n0 == 0 && idx == static_cast<int>(dev::thread_idx());
         const int j = idx % nu, n = idx / nu;
         const int64_t b = n0 + n, u = u0 + j;
-        const bool valid = fixed ? fx.valid : (a.lengths == nullptr || t < __ldg(a.lengths + b));
+        const bool valid = fixed ? fx.valid : (a.lengths == nullptr || t < dev::ld_nc(a.lengths + b));
         const int64_t row = t * B + b;
         T* gp = a.gates + row * G + u;
         if (valid) {
@@ -147,26 +147,26 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdArgs
         } else {
           const T z = zero_of<T>();
           if (!proj) {
-            hnxt[b * a.ldh + u] = ldcg(hcur + b * a.ldh + u);
+            hnxt[b * a.ldh + u] = dev::ld_cg(hcur + b * a.ldh + u);
             a.y[row * P + u] = z;
           }
           gp[0] = z; gp[H] = z; gp[2 * H] = z; gp[3 * H] = z;
           a.cs[row * H + u] = A(0);
         }
       }
-      __syncthreads();
+      dev::sync_threads();
     }
     if (proj) {
       // ---- h_t = m_t W_hr^T (own projection rows)
       grid_barrier(a.barrier, target);
       for (int64_t n0 = 0; n0 < B; n0 += BN) {
         Eng::compute(ws_hr, a.g_hr.MT, a.g_hr.KC, a.mbuf + n0 * a.ldm, a.ldm, red);
-        __syncthreads();
-        const int nb = static_cast<int>(min(int64_t(BN), B - n0));
-        for (int idx = threadIdx.x; idx < np * nb; idx += kThreads) {
+        dev::sync_threads();
+        const int nb = static_cast<int>(dev::min(int64_t(BN), B - n0));
+        for (int idx = dev::thread_idx(); idx < np * nb; idx += kThreads) {
           const int j = idx % np, n = idx / np;
           const int64_t b = n0 + n, p = p0 + j;
-          const bool valid = a.lengths == nullptr || t < __ldg(a.lengths + b);
+          const bool valid = a.lengths == nullptr || t < dev::ld_nc(a.lengths + b);
           const int64_t row = t * B + b;
           if (valid) {
             const T hv = from_acc<T>(red_sum(red, rows_hr, BN, j, n));
@@ -174,10 +174,10 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdArgs
             hnxt[b * a.ldh + p] = hv;
           } else {
             a.y[row * P + p] = zero_of<T>();
-            hnxt[b * a.ldh + p] = ldcg(hcur + b * a.ldh + p);
+            hnxt[b * a.ldh + p] = dev::ld_cg(hcur + b * a.ldh + p);
           }
         }
-        __syncthreads();
+        dev::sync_threads();
       }
     }
     if (s + 1 < a.T_) {
@@ -186,16 +186,16 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_fwd_kernel(const LstmFwdArgs
     }
   }
   if (has_fixed) a.c_state[fb * H + u0 + fj] = f_c;
-  __syncthreads();
+  dev::sync_threads();
 
   // ---- final states of the own slice (written by this CTA only; __syncthreads above)
   const T* hfin = a.hbuf + (a.T_ & 1) * a.hbuf_stride;
   const int own_p = proj ? np : nu;
   const int64_t own_p0 = proj ? p0 : u0;
-  for (int64_t idx = threadIdx.x; idx < int64_t(own_p) * B; idx += kThreads) {
+  for (int64_t idx = dev::thread_idx(); idx < int64_t(own_p) * B; idx += kThreads) {
     const int j = static_cast<int>(idx % own_p);
     const int64_t b = idx / own_p;
-    a.h_n[b * P + own_p0 + j] = ldcg(hfin + b * a.ldh + own_p0 + j);
+    a.h_n[b * P + own_p0 + j] = dev::ld_cg(hfin + b * a.ldh + own_p0 + j);
   }
   store_own_cols(a.c_n, a.c_state, H, u0, nu, B);
 }
@@ -253,25 +253,15 @@ Tensor5 lstm_fwd_cuda(const Tensor& xproj, const Tensor& w_hh, const OptTensor& 
                       const Tensor& c0, const OptTensor& w_hr, const OptTensor& lengths, bool reverse,
                       bool allow_tf32) {
   using namespace cuda_detail;
-  TORCH_CHECK(xproj.dim() == 3 && xproj.size(2) % 4 == 0, "fusedrnn CUDA lstm_fwd: xproj must be (T, B, 4H)");
-  const c10::cuda::CUDAGuard guard(xproj.device());
-  const int64_t T = xproj.size(0), B = xproj.size(1), G = xproj.size(2), H = G / 4;
-  const int64_t P = w_hh.size(1);
-  const bool proj = w_hr.has_value() && w_hr->defined();
+  const checks::Dims d = checks::lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths);
+  check_cuda_args("lstm_fwd", true,
+                  {{"xproj", &xproj}, {"w_hh", &w_hh}, {"b_hh", checks::opt(b_hh)}, {"h0", &h0}, {"c0", &c0},
+                   {"w_hr", checks::opt(w_hr)}, {"lengths", checks::opt(lengths)}});
+  const DeviceGuard guard(xproj.device());
+  const int64_t T = d.T, B = d.B, H = d.H, G = 4 * H, P = d.P;
+  const bool proj = checks::defined(w_hr);
   const auto dt = xproj.scalar_type();
   const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
-  check_cuda_tensor(xproj, "xproj", xproj);
-  check_cuda_tensor(w_hh, "w_hh", xproj);
-  check_cuda_tensor(h0, "h0", xproj);
-  check_cuda_tensor(c0, "c0", xproj);
-  TORCH_CHECK(w_hh.size(0) == G && (proj || P == H), "fusedrnn CUDA lstm_fwd: w_hh shape mismatch");
-  TORCH_CHECK(h0.numel() == B * P && c0.numel() == B * H, "fusedrnn CUDA lstm_fwd: h0/c0 shape mismatch");
-  if (b_hh.has_value() && b_hh->defined()) check_cuda_tensor(*b_hh, "b_hh", xproj);
-  if (proj) {
-    check_cuda_tensor(*w_hr, "w_hr", xproj);
-    TORCH_CHECK(w_hr->size(0) == P && w_hr->size(1) == H, "fusedrnn CUDA lstm_fwd: w_hr must be (P, H)");
-  }
-  check_lengths(lengths, B, xproj);
   auto same = [&](const Tensor& t) { return t.scalar_type() == dt ? t : t.to(dt); };
   const Tensor w = same(w_hh);
   const Tensor bh = (b_hh.has_value() && b_hh->defined()) ? same(*b_hh) : Tensor();
@@ -298,11 +288,15 @@ Tensor5 lstm_fwd_cuda(const Tensor& xproj, const Tensor& w_hh, const OptTensor& 
     if (!p.ok) return false;
     const int64_t Bpad = round_up(B, Eng::BN);
     const int64_t ldh = round_up(P, kChunk), ldm = round_up(H, kChunk);
-    Tensor hbuf = at::zeros({2, Bpad, ldh}, opts);
-    hbuf.select(0, 0).narrow(0, 0, B).narrow(1, 0, P).copy_(h0.reshape({B, P}));
-    Tensor mbuf = proj ? at::zeros({Bpad, ldm}, opts) : Tensor();
-    Tensor c_state = c0.reshape({B, H}).to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
-    Tensor barrier = new_barrier(opts);
+    Workspace ws;  // zeroed: barrier, hbuf (2, Bpad, ldh), mbuf (Bpad, ldm); then c_state (B, H) = c0
+    const size_t o_barrier = ws.take(1, at::kInt);
+    const size_t o_hbuf = ws.take(2 * Bpad * ldh, dt);
+    const size_t o_mbuf = proj ? ws.take(Bpad * ldm, dt) : 0;
+    ws.mark_zeroed();
+    const size_t o_c = ws.take(B * H, acc);
+    ws.allocate(xproj);
+    ws.view(o_hbuf, dt, {2, Bpad, ldh}).select(0, 0).narrow(0, 0, B).narrow(1, 0, P).copy_(h0);
+    ws.view(o_c, acc, {B, H}).copy_(c0);
     LstmFwdArgs<Tt> a;
     a.xproj = ptr<Tt>(xproj);
     a.w_hh = ptr<Tt>(w);
@@ -314,15 +308,15 @@ Tensor5 lstm_fwd_cuda(const Tensor& xproj, const Tensor& w_hh, const OptTensor& 
     a.c_n = ptr<Tt>(c_n);
     a.gates = ptr<Tt>(gates);
     a.cs = ptr<acc_t<Tt>>(cs);
-    a.c_state = ptr<acc_t<Tt>>(c_state);
-    a.hbuf = ptr<Tt>(hbuf);
-    a.mbuf = proj ? ptr<Tt>(mbuf) : nullptr;
-    a.barrier = barrier_ptr(barrier);
+    a.c_state = ws.ptr<acc_t<Tt>>(o_c);
+    a.hbuf = ws.ptr<Tt>(o_hbuf);
+    a.mbuf = proj ? ws.ptr<Tt>(o_mbuf) : nullptr;
+    a.barrier = ws.ptr<unsigned int>(o_barrier);
     a.T_ = T; a.B = B; a.H = H; a.P = P;
     a.ldh = ldh; a.ldm = ldm; a.hbuf_stride = Bpad * ldh;
     a.U = p.U; a.Up = p.Up; a.g_hh = p.g_hh; a.g_hr = p.g_hr;
     a.reverse = reverse ? 1 : 0;
-    launch_cooperative(lstm_fwd_kernel<Tt, Eng>, p.grid, p.smem, a, dev.sms, "lstm_fwd");
+    launch_cooperative(lstm_fwd_kernel<Tt, Eng>, p.grid, kThreads, p.smem, a, dev, "lstm_fwd");
     return true;
   });
   TORCH_CHECK(launched, "fusedrnn CUDA lstm_fwd: hidden size H=", H, " (P=", P, ", dtype ", dt,

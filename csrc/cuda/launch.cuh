@@ -1,0 +1,168 @@
+// Host side of the CUDA runtime the ops use, and nothing else: device attributes, occupancy,
+// kernel launches (cooperative and plain), the device guard, the current stream and the per-launch
+// workspace with its memset.  The op functions in csrc/cuda/*.cu reach the CUDA runtime only through
+// this header (and the kernels only through device_ops.cuh), so a CPU emulation of the kernels
+// (issue 9, FUSEDRNN_CUDA_EMULATION) replaces exactly these two headers.
+//
+//   DeviceLimits device_limits(device)    SM count, opt-in shared memory per block, cooperative
+//                                         launch support (cached per device).
+//   int current_device()                  the current CUDA device index.
+//   DeviceGuard                           RAII: makes a device (or a tensor's device) current.
+//   co_resident_ctas(kernel, threads, smem, dev)   CTAs of `threads` threads and `smem` bytes of
+//                                         dynamic shared memory that fit on dev at once (cached).
+//   launch_cooperative(kernel, grid, threads, smem, args, dev, what)   cooperative launch of
+//                                         kernel(args) on the current stream; raises if the grid
+//                                         cannot be co-resident.
+//   launch_plain(kernel, grid, threads, args...)    ordinary launch on the current stream.
+//   Workspace                             one byte allocation per launch; a prefix zeroed by one
+//                                         cudaMemsetAsync on the current stream.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#if defined(FUSEDRNN_CUDA_EMULATION)
+#include "emulation/launch_emu.h"
+#else
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+namespace fusedrnn {
+namespace cuda_detail {
+
+using DeviceGuard = c10::cuda::CUDAGuard;
+
+inline int current_device() {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
+}
+
+// Device facts used by the planners.
+struct DeviceLimits {
+  int device = 0;
+  int sms = 0;
+  size_t smem_optin = 0;
+  bool cooperative = false;
+};
+// Cached per device (cudaGetDeviceProperties is slow).
+inline DeviceLimits device_limits(int device) {
+  static std::mutex mu;
+  static std::vector<DeviceLimits> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1);
+  if (cache[device].sms == 0) {
+    int sms = 0, optin = 0, coop = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
+    cache[device].device = device;
+    cache[device].sms = sms;
+    cache[device].smem_optin = static_cast<size_t>(optin);
+    cache[device].cooperative = coop != 0;
+  }
+  return cache[device];
+}
+
+// Max co-resident CTAs of `kernel` (`threads` per CTA, `smem` bytes of dynamic shared memory) on
+// dev, 0 if it cannot run; dev must be the current device.  Cached per (kernel, threads, smem,
+// device): the attribute call and the occupancy query are paid once, not on every launch.  The
+// kernel's dynamic shared-memory limit only ever grows (to the largest smem asked for on that
+// device), so a cached answer for a smaller smem stays launchable.
+template <class Kernel>
+inline int co_resident_ctas(Kernel kernel, int threads, size_t smem, const DeviceLimits& dev) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, size_t, int>, int> per_sm_cache;
+  static std::map<std::pair<const void*, int>, size_t> smem_limit_set;
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(fn, threads, smem, dev.device);
+  auto it = per_sm_cache.find(key);
+  if (it == per_sm_cache.end()) {
+    size_t& limit = smem_limit_set[{fn, dev.device}];
+    if (smem > limit) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      limit = smem;
+    }
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+    it = per_sm_cache.emplace(key, per_sm).first;
+  }
+  return it->second * dev.sms;
+}
+
+// One cooperative launch on the current stream: all `grid` CTAs co-resident or an error.
+template <class Kernel, class Args>
+inline void launch_cooperative(Kernel kernel, int grid, int threads, size_t smem, const Args& args,
+                               const DeviceLimits& dev, const char* what) {
+  const int resident = co_resident_ctas(kernel, threads, smem, dev);
+  TORCH_CHECK(grid <= resident, "fusedrnn CUDA ", what, ": ", grid, " CTAs with ", smem,
+              " B of shared memory each cannot be co-resident (device holds ", resident,
+              "); reduce the hidden size (see fusedrnn max_hidden_size_cuda)");
+  Args copy = args;
+  void* kargs[] = {reinterpret_cast<void*>(&copy)};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(threads),
+                                             kargs, smem, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// An ordinary launch (no dynamic shared memory) on the current stream.
+template <typename... KArgs, typename... Args>
+inline void launch_plain(void (*kernel)(KArgs...), unsigned int grid, int threads, Args... args) {
+  kernel<<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Per-launch scratch of a persistent kernel (grid-barrier counter, exchange buffers, fp32/fp64
+// state) in ONE allocation, with one cudaMemsetAsync clearing the regions that must start at zero
+// (taken first: the counter and the zero-padded exchange buffers).  Regions are 256-byte aligned.
+class Workspace {
+ public:
+  // Reserves n elements of dtype; returns the region's byte offset.
+  size_t take(int64_t n, at::ScalarType dtype) {
+    const size_t off = bytes_;
+    const size_t end = off + static_cast<size_t>(n) * at::elementSize(dtype);
+    bytes_ = (end + 255) / 256 * 256;
+    return off;
+  }
+  // Everything reserved so far starts at zero; later regions are filled by the caller.
+  void mark_zeroed() { zeroed_ = bytes_; }
+  // The allocation (on like's device, through the caching allocator) and the one memset, both on
+  // the current stream.
+  void allocate(const at::Tensor& like) {
+    buf_ = at::empty({static_cast<int64_t>(bytes_)}, like.options().dtype(at::kByte));
+    if (zeroed_ > 0) {
+      C10_CUDA_CHECK(cudaMemsetAsync(buf_.data_ptr(), 0, zeroed_, c10::cuda::getCurrentCUDAStream()));
+    }
+  }
+  template <typename T>
+  T* ptr(size_t off) const {
+    return reinterpret_cast<T*>(static_cast<unsigned char*>(buf_.data_ptr()) + off);
+  }
+  // A typed view of a region (to fill it with ATen ops on the current stream).
+  at::Tensor view(size_t off, at::ScalarType dtype, at::IntArrayRef shape) const {
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    return buf_.narrow(0, static_cast<int64_t>(off), n * static_cast<int64_t>(at::elementSize(dtype)))
+        .view(dtype)
+        .view(shape);
+  }
+
+ private:
+  size_t bytes_ = 0, zeroed_ = 0;
+  at::Tensor buf_;
+};
+
+}  // namespace cuda_detail
+}  // namespace fusedrnn
+
+#endif  // FUSEDRNN_CUDA_EMULATION
