@@ -60,12 +60,12 @@ def rnn(
             idx = layer * num_dirs + d
             _, w_hh, _, b_hh, w_hr = dir_weights[d]
             if mode == "LSTM":
-                y, h, c, _, _ = ops.lstm_fwd(
-                    projections[d], w_hh, b_hh, hx[idx], cx[idx], w_hr, lengths, d == 1, backend
+                y, h, c, _, _ = ops.call(
+                    ops.lstm_fwd, projections[d], w_hh, b_hh, hx[idx], cx[idx], w_hr, lengths, d == 1, backend
                 )
                 c_n.append(c)
             else:
-                y, h, _ = ops.gru_fwd(projections[d], w_hh, b_hh, hx[idx], lengths, d == 1, backend)
+                y, h, _ = ops.call(ops.gru_fwd, projections[d], w_hh, b_hh, hx[idx], lengths, d == 1, backend)
             outputs.append(y)
             h_n.append(h)
         layer_input = outputs[0] if num_dirs == 1 else torch.cat(outputs, dim=-1)
@@ -78,11 +78,11 @@ def rnn(
 
 def lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih, w_hh, b_ih, b_hh, backend: str):
     """One LSTM step: x (B, I), h (B, H), c (B, H) -> (h_new, c_new)."""
-    h_new, c_new, _ = ops.lstm_cell_fwd(F.linear(x, w_ih), F.linear(h, w_hh), b_ih, b_hh, c, backend)
+    h_new, c_new, _ = ops.call(ops.lstm_cell_fwd, F.linear(x, w_ih), F.linear(h, w_hh), b_ih, b_hh, c, backend)
     return h_new, c_new
 
 
 def gru_cell(x: Tensor, h: Tensor, w_ih, w_hh, b_ih, b_hh, backend: str):
     """One GRU step: x (B, I), h (B, H) -> h_new."""
-    h_new, _ = ops.gru_cell_fwd(F.linear(x, w_ih), F.linear(h, w_hh), b_ih, b_hh, h, backend)
+    h_new, _ = ops.call(ops.gru_cell_fwd, F.linear(x, w_ih), F.linear(h, w_hh), b_ih, b_hh, h, backend)
     return h_new
