@@ -23,6 +23,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from . import backends, functional
@@ -103,6 +104,19 @@ class _BackendMixin:
     def extra_repr(self) -> str:
         s = super().extra_repr()
         return s if self.backend == "auto" else f"{s}, backend={self.backend!r}"
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this on every module before compiling: refuse clearly (and
+        before anything is compiled or swapped) instead of failing deep inside TorchScript."""
+        name = _twin_name(type(self))
+        raise RuntimeError(
+            f"fusedrnn.{name} cannot be compiled by torch.jit.script: its forward validates the call "
+            "and dispatches to the chosen backend's kernels in Python, which TorchScript does not "
+            "compile. Use torch.compile(model) (fullgraph works), or torch.jit.trace(model, "
+            "example_inputs) (it records fusedrnn's custom ops; the traced module saves, and loads "
+            "where fusedrnn is imported), or script the model before fusedrnn.convert (it then "
+            f"runs torch.nn.{name})."
+        )
 
     def _config(self, mode: str, input: Tensor, dtype: torch.dtype, proj_size: int = 0) -> RecurrenceConfig:
         dev = input.device
@@ -573,20 +587,115 @@ class GRUCell(_FusedCellBase, nn.GRUCell):
 
 
 # ---------------------------------------------------------------------------------------- convert
-_CONVERSIONS = {nn.LSTM: LSTM, nn.GRU: GRU, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell}
+_TWINS = {nn.LSTM: LSTM, nn.GRU: GRU, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell}
+_combined_classes: dict = {}  # (user subclass, fusedrnn twin) -> the class converted instances get
+
+
+def _twin_of(cls) -> Optional[type]:
+    """The fusedrnn twin of a subclass of nn.LSTM / GRU / LSTMCell / GRUCell, else None."""
+    for base, twin in _TWINS.items():
+        if issubclass(cls, base):
+            return twin
+    return None
+
+
+def _twin_name(cls) -> str:
+    twin = _twin_of(cls)
+    return twin.__name__ if twin is not None else cls.__name__
+
+
+def _new_converted(original: type, twin: type):
+    """Unpickling helper for instances of a converted subclass (see ``_converted_class``)."""
+    return object.__new__(_converted_class(original, twin))
+
+
+def _reduce_converted(self, protocol):
+    # the class is made at run time: pickle (and deepcopy) rebuild it from the user's class
+    return _new_converted, (self._fusedrnn_original, _twin_of(type(self))), self.__getstate__()
+
+
+def _converted_class(cls: type, twin: type) -> type:
+    """The class of a converted instance of ``cls``: ``cls`` itself first in the MRO, then the
+    fusedrnn twin, so a subclass's own forward (calling ``super().forward``) and attributes keep
+    working and reach fusedrnn's forward.  One class per (cls, twin), made on first use."""
+    if cls in _TWINS:
+        return twin
+    key = (cls, twin)
+    if key not in _combined_classes:
+        _combined_classes[key] = type(
+            cls.__name__,
+            (cls, twin),
+            {
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "_fusedrnn_original": cls,
+                "__reduce_ex__": _reduce_converted,
+            },
+        )
+    return _combined_classes[key]
+
+
+def _parametrized_class(module, twin: type) -> type:
+    """A parametrized module (torch.nn.utils.parametrize) has a class made for it over its
+    original class, holding the parametrized tensors as properties.  Its converted class is the
+    same over the converted original, so torch's bookkeeping (``type_before_parametrizations``,
+    ``remove_parametrizations``) sees the fusedrnn class as the original."""
+    cls = type(module)
+    original = cls.__bases__[0]
+    base = original if issubclass(original, _BackendMixin) else _converted_class(original, twin)
+    own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__", "__doc__")}
+    return type(cls.__name__, (base,), own)
+
+
+def _scripted_rnns(model) -> list:
+    """Names of TorchScript modules inside ``model`` compiled from an RNN torch.nn class."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            for sub_name, sub in module.named_modules():
+                if getattr(sub, "original_name", None) in ("LSTM", "GRU", "LSTMCell", "GRUCell"):
+                    found[".".join(n for n in (name, sub_name) if n)] = None
+    return list(found)
 
 
 def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Turn every torch.nn LSTM/GRU/LSTMCell/GRUCell inside ``model`` into its fusedrnn twin, in place.
+    """Make every LSTM / GRU / LSTMCell / GRUCell inside ``model`` a fusedrnn module, in place.
 
-    The modules keep their identity, parameters (same Parameter objects, so optimizers stay
-    valid), device, dtype, training mode and hooks; only their class changes.  Returns ``model``
-    (converted itself when it is one of those modules).
+    Every instance of the four torch.nn classes is converted, subclasses included (a subclass
+    keeps its own methods, first in the MRO, e.g. a ``forward`` that calls ``super().forward``),
+    and parametrized modules (``torch.nn.utils.parametrize``, e.g. ``weight_norm``) keep their
+    parametrizations.  The modules keep their identity, parameters (same Parameter objects, so
+    optimizers stay valid), device, dtype, training mode and hooks; only their class changes.
+    Modules already converted get ``backend``.  Returns ``model`` (converted itself when it is
+    one of those modules).
+
+    Raises TypeError for a TorchScript module (its code is compiled: convert before scripting);
+    warns when TorchScript submodules hold RNNs, which stay as they are.
     """
     backends.check_backend_name(backend)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            "fusedrnn.convert: the model is a TorchScript module (torch.jit.script / trace output); "
+            "its code is compiled and its modules cannot change class. Convert the nn.Module "
+            "before scripting or tracing it."
+        )
+    scripted = _scripted_rnns(model)
+    if scripted:
+        warnings.warn(
+            f"fusedrnn.convert: TorchScript submodules hold RNNs that cannot be converted and "
+            f"stay torch.nn's: {', '.join(scripted)}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     for module in model.modules():
-        target = _CONVERSIONS.get(type(module))
-        if target is not None:
-            module.__class__ = target
-            module.backend = backend
+        cls = type(module)
+        twin = _twin_of(cls)
+        if twin is None or isinstance(module, torch.jit.ScriptModule):
+            continue
+        if not isinstance(module, _BackendMixin):
+            if parametrize.is_parametrized(module):
+                module.__class__ = _parametrized_class(module, twin)
+            else:
+                module.__class__ = _converted_class(cls, twin)
+        module.backend = backend
     return model
