@@ -40,6 +40,16 @@ def _lengths(lengths: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     return lengths.to(device=like.device, dtype=torch.int64).contiguous()
 
 
+def _fresh(outputs):
+    """The op's outputs as its fake promises them: contiguous tensors of their own (storage
+    offset 0; torch.compile plans with the fake's metadata).  A backend may return views into one
+    buffer (the Triton backward's dh0 / dc0); those few, small tensors are copied."""
+    return tuple(
+        t if t.storage_offset() == 0 and t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
+        for t in outputs
+    )
+
+
 def _seq(T: int, B: int, n: int, like: Tensor, dtype=None) -> Tensor:
     return like.new_empty((T, B, n), dtype=dtype or like.dtype)
 
@@ -61,10 +71,10 @@ def lstm_fwd(
     T, B, G = xproj.shape
     if B == 0:  # nothing to compute: shapes only
         return _lstm_fwd_empty(xproj, w_hh, c0)
-    return backends.get(backend).lstm_fwd(
+    return _fresh(backends.get(backend).lstm_fwd(
         xproj.contiguous(), w_hh.contiguous(), _c(b_hh), h0.contiguous(), c0.contiguous(),
         _c(w_hr), _lengths(lengths, xproj), reverse,
-    )
+    ))
 
 
 def _lstm_fwd_empty(xproj, w_hh, c0):
@@ -109,10 +119,10 @@ def lstm_bwd(
     """Returns (dxproj (T,B,4H), dh0 (B,P), dc0 (B,H), dh_seq (T,B,P) if w_hr else (0,))."""
     if gates.shape[1] == 0:
         return _lstm_bwd_fake(dy, dh_n, dc_n, w_hh, w_hr, c0, gates, cs, lengths, reverse, backend, zero=True)
-    return backends.get(backend).lstm_bwd(
+    return _fresh(backends.get(backend).lstm_bwd(
         dy.contiguous(), dh_n.contiguous(), dc_n.contiguous(), w_hh.contiguous(), _c(w_hr),
         c0.contiguous(), gates.contiguous(), cs.contiguous(), _lengths(lengths, dy), reverse,
-    )
+    ))
 
 
 @lstm_bwd.register_fake
@@ -139,9 +149,9 @@ def gru_fwd(
         T, B, G = xproj.shape
         H = G // 3
         return _seq(T, B, H, xproj).zero_(), xproj.new_zeros((B, H)), _seq(T, B, 4 * H, xproj).zero_()
-    return backends.get(backend).gru_fwd(
+    return _fresh(backends.get(backend).gru_fwd(
         xproj.contiguous(), w_hh.contiguous(), _c(b_hh), h0.contiguous(), _lengths(lengths, xproj), reverse
-    )
+    ))
 
 
 @gru_fwd.register_fake
@@ -166,10 +176,10 @@ def gru_bwd(
     """Returns (dxproj (T,B,3H), dh0 (B,H), dhn (T,B,H))."""
     if gates.shape[1] == 0:
         return _gru_bwd_fake(dy, dh_n, w_hh, h0, y, gates, lengths, reverse, backend, zero=True)
-    return backends.get(backend).gru_bwd(
+    return _fresh(backends.get(backend).gru_bwd(
         dy.contiguous(), dh_n.contiguous(), w_hh.contiguous(), h0.contiguous(), y.contiguous(),
         gates.contiguous(), _lengths(lengths, dy), reverse,
-    )
+    ))
 
 
 @gru_bwd.register_fake
@@ -192,9 +202,9 @@ def lstm_cell_fwd(
     if igates.shape[0] == 0:
         H = c.shape[1]
         return c.new_zeros((0, H)), c.new_zeros((0, H)), igates.new_zeros((0, 4 * H))
-    return backends.get(backend).lstm_cell_fwd(
+    return _fresh(backends.get(backend).lstm_cell_fwd(
         igates.contiguous(), hgates.contiguous(), _c(b_ih), _c(b_hh), c.contiguous()
-    )
+    ))
 
 
 @lstm_cell_fwd.register_fake
@@ -211,9 +221,9 @@ def lstm_cell_bwd(
     """Returns (dgates (B, 4H) = gradient of igates, hgates and both biases, dc (B, H))."""
     if gates.shape[0] == 0:
         return torch.zeros_like(gates), torch.zeros_like(c)
-    return backends.get(backend).lstm_cell_bwd(
+    return _fresh(backends.get(backend).lstm_cell_bwd(
         dh_new.contiguous(), dc_new.contiguous(), c.contiguous(), c_new.contiguous(), gates.contiguous()
-    )
+    ))
 
 
 @lstm_cell_bwd.register_fake
@@ -232,9 +242,9 @@ def gru_cell_fwd(
     if igates.shape[0] == 0:
         H = h.shape[1]
         return h.new_zeros((0, H)), igates.new_zeros((0, 4 * H))
-    return backends.get(backend).gru_cell_fwd(
+    return _fresh(backends.get(backend).gru_cell_fwd(
         igates.contiguous(), hgates.contiguous(), _c(b_ih), _c(b_hh), h.contiguous()
-    )
+    ))
 
 
 @gru_cell_fwd.register_fake
@@ -250,7 +260,7 @@ def gru_cell_bwd(dh_new: Tensor, h: Tensor, gates: Tensor, backend: str) -> Tens
     if gates.shape[0] == 0:
         H = h.shape[1]
         return h.new_zeros((0, 3 * H)), h.new_zeros((0, 3 * H)), torch.zeros_like(h)
-    return backends.get(backend).gru_cell_bwd(dh_new.contiguous(), h.contiguous(), gates.contiguous())
+    return _fresh(backends.get(backend).gru_cell_bwd(dh_new.contiguous(), h.contiguous(), gates.contiguous()))
 
 
 @gru_cell_bwd.register_fake
