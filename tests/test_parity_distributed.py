@@ -3,8 +3,10 @@ with fusedrnn modules give torch.nn's results.  fusedrnn has no distributed code
 parameters are ordinary Parameters and its backward produces ordinary gradients, which DDP's
 hooks all-reduce."""
 
+import datetime
 import os
 import tempfile
+import time
 
 import pytest
 import torch
@@ -53,7 +55,8 @@ def _model(backend):
 
 
 def _ddp_worker(rank, world_size, init_file, out_file, backends):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         x, lengths = _batch()
         shard = slice(rank * 2, rank * 2 + 2)  # each process takes two of the four sequences
@@ -74,9 +77,15 @@ def test_ddp_two_processes_match_one_process():
     backends = _runnable_backends()
     with tempfile.TemporaryDirectory() as tmp:
         init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "grads.pt")
-        # fork: the workers inherit the imported modules (spawn re-imports torch: ~15 s here)
-        mp.start_processes(_ddp_worker, args=(2, init_file, out_file, backends), nprocs=2, join=True,
-                           start_method="fork")
+        # spawn, not fork: forking a process that has run threads (OpenMP, the suite before this
+        # test) can deadlock the children; spawn re-imports torch in each worker instead
+        workers = mp.spawn(_ddp_worker, args=(2, init_file, out_file, backends), nprocs=2, join=False)
+        deadline = time.monotonic() + 300
+        while not workers.join(timeout=2):  # raises if a worker failed
+            if time.monotonic() > deadline:
+                for process in workers.processes:
+                    process.kill()
+                pytest.fail("the DDP workers did not finish within 300 s")
         ddp_grads = torch.load(out_file)
     x, lengths = _batch()
     for backend in backends:

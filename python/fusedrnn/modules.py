@@ -45,7 +45,7 @@ def _auto_requested(requested: str) -> bool:
 
 # Kernel backends ``auto`` turns to, per device type, for a call torch.nn itself fails to run.
 _WHEN_TORCH_FAILS = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton")}
-_torch_failures: dict = {}  # call signature -> torch's error, so a failing torch call is tried once
+_torch_failures: dict = {}  # call signature -> (backend, torch's error): torch is tried once
 
 
 def _runnable(name: str, cfg: RecurrenceConfig) -> bool:
@@ -60,10 +60,7 @@ def _signature(module, cfg: RecurrenceConfig, input, hx):
     states = () if hx is None else (tuple(hx) if isinstance(hx, (tuple, list)) else (hx,))
     return (
         type(module), cfg, isinstance(input, PackedSequence), data.dim(), data.dtype,
-        tuple(s.dtype for s in states), torch.is_autocast_enabled(cfg.device_type)
-        if cfg.device_type in ("cpu", "cuda") else False, torch.get_autocast_dtype(cfg.device_type)
-        if cfg.device_type in ("cpu", "cuda") else None,
-        torch.backends.mkldnn.enabled,
+        tuple(s.dtype for s in states), _autocast(cfg.device_type), torch.backends.mkldnn.enabled,
     )
 
 
@@ -77,8 +74,9 @@ def _torch_or_fallback(module, torch_forward, input, hx, cfg: RecurrenceConfig) 
         try:
             return None, torch_forward(input, hx)
         except RuntimeError as err:
+            out_of_memory = isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
             candidates = [n for n in _WHEN_TORCH_FAILS.get(cfg.device_type, ()) if _runnable(n, cfg)]
-            if not candidates:
+            if out_of_memory or not candidates:
                 raise
             _torch_failures[key] = (candidates[0], str(err).splitlines()[0])
     backend, reason = _torch_failures[key]
@@ -283,7 +281,7 @@ class _FusedRNNBase(_BackendMixin):
             packed_index = (t_idx, b_idx)
         else:
             lengths, packed_index = None, None
-            x = data if is_batched else data.unsqueeze(1 if not self.batch_first else 0)
+            x = data if is_batched else data.unsqueeze(0 if self.batch_first else 1)
             x = x.transpose(0, 1) if self.batch_first else x
         if hx is None:
             h0 = x.new_zeros((LD, B, P), dtype=dtype)
