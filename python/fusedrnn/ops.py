@@ -8,7 +8,8 @@ states; the weight gradients are large GEMMs over all steps, done here once for 
 
 Shapes, dtypes and semantics of every op are those of ``fusedrnn.backends.reference`` (the spec).
 Each op has an explicit fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces
-through it, and an autograd formula, so ``torch.library.opcheck`` passes.
+through it, and an autograd formula, so ``torch.library.opcheck`` passes; callers use ``call``
+(see the autodiff section), which also covers torch.func transforms and forward-mode AD.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-
 from torch.autograd import forward_ad
 
 from . import backends
@@ -269,7 +269,6 @@ def _(dh_new, h, gates, backend):
     return h.new_empty((B, 3 * H)), h.new_empty((B, 3 * H)), torch.empty_like(h)
 
 
-
 # ======================================================================================= autodiff
 # How a call is differentiated (see the README's compatibility section):
 #
@@ -285,7 +284,9 @@ def _(dh_new, h, gates, backend):
 #   staticmethod") and forward-mode AD silently skips (its outputs get no tangent: zeros).  Calls
 #   made there go through an autograd.Function twin of the same op instead (``_TWINS``): its
 #   forward and backward run the same kernels, its ``jvp`` is the forward-mode derivative of the
-#   spec (computed by torch.func.jvp on ``backends.reference``), and its vmap rule is generated.
+#   spec (torch.func.jvp of ``backends.reference``), and its vmap rule runs one call per slice.
+#
+# The modules reach every op through ``call(op, *args)``, which picks the custom op or its twin.
 
 
 def _weight_grad(dgates: Tensor, inputs: Tensor) -> Tensor:
