@@ -45,8 +45,14 @@ def rnn(
     dropout: float,
     training: bool,
     backend: str,
+    packed_index: Optional[Tuple[Tensor, Tensor]] = None,
 ):
-    """Multi-layer (bi)directional LSTM ("LSTM") or GRU ("GRU") over padded time-major input."""
+    """Multi-layer (bi)directional LSTM ("LSTM") or GRU ("GRU") over padded time-major input.
+
+    ``packed_index`` (packed input only): the (t, b) position of every packed row, in packed
+    order.  Inter-layer dropout then draws its mask over those rows, as torch.nn draws it over
+    the packed data, so a seeded run consumes the random stream exactly as torch.nn does.
+    """
     num_dirs = 2 if bidirectional else 1
     if lengths is not None:
         lengths = lengths.to(device=x.device, dtype=torch.int64)
@@ -60,29 +66,47 @@ def rnn(
             idx = layer * num_dirs + d
             _, w_hh, _, b_hh, w_hr = dir_weights[d]
             if mode == "LSTM":
-                y, h, c, _, _ = ops.lstm_fwd(
-                    projections[d], w_hh, b_hh, hx[idx], cx[idx], w_hr, lengths, d == 1, backend
+                y, h, c, _, _ = ops.call(
+                    ops.lstm_fwd, projections[d], w_hh, b_hh, hx[idx], cx[idx], w_hr, lengths, d == 1, backend
                 )
                 c_n.append(c)
             else:
-                y, h, _ = ops.gru_fwd(projections[d], w_hh, b_hh, hx[idx], lengths, d == 1, backend)
+                y, h, _ = ops.call(ops.gru_fwd, projections[d], w_hh, b_hh, hx[idx], lengths, d == 1, backend)
             outputs.append(y)
             h_n.append(h)
         layer_input = outputs[0] if num_dirs == 1 else torch.cat(outputs, dim=-1)
         if dropout > 0 and training and layer < num_layers - 1:
-            layer_input = F.dropout(layer_input, p=dropout, training=True)
+            if packed_index is None:
+                layer_input = F.dropout(layer_input, p=dropout, training=True)
+            else:
+                rows = F.dropout(layer_input[packed_index], p=dropout, training=True)
+                layer_input = torch.zeros_like(layer_input).index_put(packed_index, rows)
     h_out = torch.stack(h_n, dim=0)
     c_out = torch.stack(c_n, dim=0) if mode == "LSTM" else None
     return layer_input, h_out, c_out
 
 
-def lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih, w_hh, b_ih, b_hh, backend: str):
-    """One LSTM step: x (B, I), h (B, H), c (B, H) -> (h_new, c_new)."""
-    h_new, c_new, _ = ops.lstm_cell_fwd(F.linear(x, w_ih), F.linear(h, w_hh), b_ih, b_hh, c, backend)
+def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    return t if t is None or dtype is None else t.to(dtype)
+
+
+def lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih, w_hh, b_ih, b_hh, backend: str,
+              dtype: Optional[torch.dtype] = None):
+    """One LSTM step: x (B, I), h (B, H), c (B, H) -> (h_new, c_new).
+
+    The GEMMs run in the weights' dtype; the fused step in ``dtype`` (default: the GEMMs'), the
+    dtype of c and of the results (a wider c promotes the step, as in torch.nn)."""
+    igates, hgates = _cast(F.linear(x, w_ih), dtype), _cast(F.linear(h, w_hh), dtype)
+    h_new, c_new, _ = ops.call(
+        ops.lstm_cell_fwd, igates, hgates, _cast(b_ih, dtype), _cast(b_hh, dtype), _cast(c, dtype), backend
+    )
     return h_new, c_new
 
 
-def gru_cell(x: Tensor, h: Tensor, w_ih, w_hh, b_ih, b_hh, backend: str):
-    """One GRU step: x (B, I), h (B, H) -> h_new."""
-    h_new, _ = ops.gru_cell_fwd(F.linear(x, w_ih), F.linear(h, w_hh), b_ih, b_hh, h, backend)
+def gru_cell(x: Tensor, h: Tensor, w_ih, w_hh, b_ih, b_hh, backend: str, dtype: Optional[torch.dtype] = None):
+    """One GRU step: x (B, I), h (B, H) -> h_new (GEMMs in the weights' dtype, the step in ``dtype``)."""
+    igates, hgates = _cast(F.linear(x, w_ih), dtype), _cast(F.linear(h.to(w_hh.dtype), w_hh), dtype)
+    h_new, _ = ops.call(
+        ops.gru_cell_fwd, igates, hgates, _cast(b_ih, dtype), _cast(b_hh, dtype), _cast(h, dtype), backend
+    )
     return h_new

@@ -1,25 +1,36 @@
 """Drop-in torch.nn modules: input handling only (packed, unbatched, batch_first, hx, autocast).
 
 ``fusedrnn.LSTM`` / ``GRU`` / ``LSTMCell`` / ``GRUCell`` subclass their torch.nn counterparts, so
-constructor, parameters (names, shapes, order, initialisation), ``state_dict``, ``repr`` and errors
-are torch's.  The only addition is the keyword-only ``backend`` argument (see ``fusedrnn.backends``).
+constructor, parameters (names, shapes, order, initialisation), ``state_dict`` and ``repr`` are
+torch's.  The only addition is the keyword-only ``backend`` argument (see ``fusedrnn.backends``).
 The compute goes through ``fusedrnn.functional`` -> ``fusedrnn.ops`` -> the chosen backend, except
-for ``backend="torch"`` (or ``auto`` falling back), which calls torch.nn's own forward.
+for ``backend="torch"`` (or ``auto`` choosing torch), which calls torch.nn's own forward.
+
+Bad input.  Every call is validated strictly first (shapes, dtypes, devices and the structure of
+``hx``).  A call found invalid is handed to torch.nn's own forward, so the exception raised is
+exactly torch's (type and message, on this device and torch version).  Where torch.nn would
+instead accept the call silently (a state batch larger than a packed batch, whose extra rows it
+drops; a Tensor where the tuple ``(h_0, c_0)`` is due, which it splits; extra tuple entries) or
+would crash the process (LSTMCell with an unbatched input and batched states), fusedrnn raises its
+own error naming the shapes and never calls torch.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import os
+import warnings
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from . import backends, functional
 from .backends import RecurrenceConfig
 
 
-# ---------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------ backend choice
 @torch.compiler.assume_constant_result
 def _resolve(requested: str, mode: str, device_type: str, device_index: int, dtype: torch.dtype,
              hidden_size: int, proj_size: int) -> str:
@@ -27,45 +38,333 @@ def _resolve(requested: str, mode: str, device_type: str, device_index: int, dty
     return backends.resolve(requested, cfg)
 
 
-def _compute_dtype(input: Tensor, weight: Tensor) -> Tuple[torch.dtype, bool]:
-    """(dtype the recurrence runs in, whether autocast is active) for this call.
+def _auto_requested(requested: str) -> bool:
+    """Whether ``requested`` leaves the choice to ``auto`` (FUSEDRNN_BACKEND unset or "auto")."""
+    return requested == "auto" and os.environ.get(backends.ENV_VAR, "") in ("", "auto")
 
-    torch.nn under CUDA autocast runs RNNs and cells in the autocast dtype; elsewhere the math runs
-    in the weights' dtype (torch's CPU GRU/cells return float32 under CPU autocast).
-    """
-    device_type = input.device.type
+
+# Kernel backends ``auto`` turns to, per device type, for a call torch.nn itself fails to run.
+_WHEN_TORCH_FAILS = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton")}
+_torch_failures: dict = {}  # call signature -> (backend, torch's error): torch is tried once
+
+
+def _runnable(name: str, cfg: RecurrenceConfig) -> bool:
+    if backends.unavailable_reason(name) is not None:
+        return False
+    return backends.get(name).unsupported(cfg) is None
+
+
+def _signature(module, cfg: RecurrenceConfig, input, hx):
+    """What decides whether torch.nn can run a call (not its sizes in time or batch)."""
+    data = input.data if isinstance(input, PackedSequence) else input
+    states = () if hx is None else (tuple(hx) if isinstance(hx, (tuple, list)) else (hx,))
+    return (
+        type(module), cfg, isinstance(input, PackedSequence), data.dim(), data.dtype,
+        tuple(s.dtype for s in states), _autocast(cfg.device_type), torch.backends.mkldnn.enabled,
+    )
+
+
+def _torch_or_fallback(module, torch_forward, input, hx, cfg: RecurrenceConfig) -> Tuple[Optional[str], object]:
+    """Run torch.nn's forward for an ``auto`` call; if torch.nn itself fails on this (valid)
+    call, e.g. oneDNN's "could not create a primitive descriptor" for an LSTM under CPU autocast
+    on a CPU without native fp16/bf16 support, return the kernel backend that runs it instead
+    (with a one-time warning quoting torch's error).  Returns (None, result) or (backend, None)."""
+    key = _signature(module, cfg, input, hx)
+    if key not in _torch_failures:
+        try:
+            return None, torch_forward(input, hx)
+        except RuntimeError as err:
+            out_of_memory = isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+            candidates = [n for n in _WHEN_TORCH_FAILS.get(cfg.device_type, ()) if _runnable(n, cfg)]
+            if out_of_memory or not candidates:
+                raise
+            _torch_failures[key] = (candidates[0], str(err).splitlines()[0])
+    backend, reason = _torch_failures[key]
+    backends._warn_once(
+        ("torch-failed", key),
+        f"fusedrnn: backend='auto' runs this {cfg.mode} call ({cfg.dtype}, {cfg.device_type}) with "
+        f"backend={backend!r} because torch.nn fails on it: {reason}",
+    )
+    return backend, None
+
+
+class _BackendMixin:
+    """The ``backend`` attribute shared by every fusedrnn module."""
+
+    def _set_backend(self, backend: str) -> None:
+        backends.check_backend_name(backend)
+        self.backend = backend
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.backend == "auto" else f"{s}, backend={self.backend!r}"
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this on every module before compiling: refuse clearly (and
+        before anything is compiled or swapped) instead of failing deep inside TorchScript."""
+        name = _twin_name(type(self))
+        raise RuntimeError(
+            f"fusedrnn.{name} cannot be compiled by torch.jit.script: its forward validates the call "
+            "and dispatches to the chosen backend's kernels in Python, which TorchScript does not "
+            "compile. Use torch.compile(model) (fullgraph works), or torch.jit.trace(model, "
+            "example_inputs) (it records fusedrnn's custom ops; the traced module saves, and loads "
+            "where fusedrnn is imported), or script the model before fusedrnn.convert (it then "
+            f"runs torch.nn.{name})."
+        )
+
+    def _config(self, mode: str, input: Tensor, dtype: torch.dtype, proj_size: int = 0) -> RecurrenceConfig:
+        dev = input.device
+        return RecurrenceConfig(mode, dev.type, -1 if dev.index is None else dev.index, dtype,
+                                self.hidden_size, proj_size)
+
+    def _choose_backend(self, cfg: RecurrenceConfig) -> str:
+        return _resolve(self.backend, cfg.mode, cfg.device_type, cfg.device_index, cfg.dtype,
+                        cfg.hidden_size, cfg.proj_size)
+
+    def _run_torch(self, torch_forward, input, hx, cfg: RecurrenceConfig):
+        """(backend to run instead, torch's result): torch.nn's forward for a call resolved to
+        "torch"; only ``auto`` may turn to a kernel backend when torch.nn fails."""
+        if not _auto_requested(self.backend) or torch.compiler.is_compiling():
+            return None, torch_forward(input, hx)
+        return _torch_or_fallback(self, torch_forward, input, hx, cfg)
+
+
+# --------------------------------------------------------------------------------- validation
+class _Refuse(str):
+    """A problem with a call that fusedrnn reports itself, without calling torch.nn (there,
+    torch.nn would crash the process)."""
+
+
+def _reject(torch_forward, args, problem: str, name: str):
+    """Raise torch.nn's own exception for a call fusedrnn found invalid (``problem`` says why),
+    or, where torch.nn would accept the call or crash on it, a RuntimeError naming ``problem``."""
+    if not isinstance(problem, _Refuse):
+        try:
+            torch_forward(*args)
+        except Exception as err:  # noqa: BLE001 - whatever torch.nn raises is the answer
+            raise err from None
+        problem = f"{problem} (torch.nn.{name} runs this call without an error; fusedrnn refuses it)"
+    raise RuntimeError(f"fusedrnn.{name}: {problem}")
+
+
+def _autocast(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype when autocast is on for ``device_type``, else None."""
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        if device_type == "cuda":
-            return torch.get_autocast_dtype(device_type), True
-        return weight.dtype, True
-    return weight.dtype, False
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
-def _check_same_device_and_dtype(input: Tensor, hiddens, params) -> None:
-    """The checks torch's native RNN ops make (same messages), before any kernel runs."""
-    for name, tensors, check_dtype in (("hidden", hiddens, True), ("parameter", params, False)):
-        for t in tensors:
-            if t is None:
-                continue
-            if t.device != input.device:
-                raise RuntimeError(
-                    f"Input and {name} tensors are not at the same device, found input tensor at "
-                    f"{input.device} and {name} tensor at {t.device}"
-                )
-            if check_dtype and t.dtype != input.dtype:
-                raise RuntimeError(
-                    f"Input and {name} tensors are not the same dtype, found input tensor with "
-                    f"{_scalar_name(input.dtype)} and {name} tensor with {_scalar_name(t.dtype)}"
-                )
+def _autocast_dtype_problem(tensors, autocast: torch.dtype, device_type: str) -> Optional[str]:
+    """Dtypes torch.nn runs under autocast: float32, float16 and bfloat16 (autocast casts them
+    for the GEMMs); float64 reaches the GEMMs uncast and fails there."""
+    allowed = {torch.float32, torch.float16, torch.bfloat16}
+    for t in tensors:
+        if t.dtype not in allowed:
+            return f"{t.dtype} tensor under {device_type} autocast ({autocast}): only {sorted(map(str, allowed))} run"
+    return None
 
 
-def _scalar_name(dtype: torch.dtype) -> str:
-    return {
-        torch.float32: "Float",
-        torch.float64: "Double",
-        torch.float16: "Half",
-        torch.bfloat16: "BFloat16",
-    }.get(dtype, str(dtype))
+def _device_problem(input: Tensor, tensors) -> Optional[str]:
+    for t in tensors:
+        if t is not None and t.device != input.device:
+            return f"tensors on {input.device} and {t.device}"
+    return None
+
+
+def _state_tuple(hx, n: int, mode: str):
+    """``hx`` as a tuple of ``n`` Tensors, or a problem: LSTM states are exactly (h, c), GRU's a
+    Tensor.  (torch.nn splits a Tensor given for (h, c) in some paths and ignores extra tuple
+    entries: fusedrnn does not guess.)"""
+    if n == 1:
+        return (hx,) if isinstance(hx, Tensor) else f"hx must be a Tensor for {mode}, got {type(hx).__name__}"
+    if not isinstance(hx, (tuple, list)) or len(hx) != n or not all(isinstance(t, Tensor) for t in hx):
+        what = f"a Tensor of shape {tuple(hx.shape)}" if isinstance(hx, Tensor) else (
+            f"a {type(hx).__name__} of {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__)
+        return f"hx must be a tuple (h_0, c_0) of two Tensors for {mode}, got {what}"
+    return tuple(hx)
+
+
+# ------------------------------------------------------------------------------------ LSTM / GRU
+class _RNNCall(NamedTuple):
+    """A validated RNN call, in the form functional.rnn takes."""
+
+    x: Tensor  # (T, B, I) time-major, padded (packed input scattered into the caller's batch order)
+    lengths: Optional[Tensor]  # (B,) per-sequence lengths of packed input, else None
+    packed_index: Optional[Tuple[Tensor, Tensor]]  # (t, b) of every packed row, in packed order
+    h0: Tensor  # (L*D, B, P)
+    c0: Optional[Tensor]  # (L*D, B, H) for LSTM
+    dtype: torch.dtype  # the recurrence runs in it
+    out_dtypes: Tuple[torch.dtype, torch.dtype]  # (output and h_n, c_n): torch.nn's under autocast
+    autocast: bool
+    is_batched: bool
+
+
+class _FusedRNNBase(_BackendMixin):
+    """Shared forward of LSTM and GRU; ``self.mode`` is "LSTM" or "GRU"."""
+
+    def _fused_forward(self, input, hx):
+        self._update_flat_weights()
+        torch_forward = super().forward
+        call = self._prepare(input, hx)
+        if isinstance(call, str):
+            _reject(torch_forward, (input, hx), call, self.mode)
+        data = input.data if isinstance(input, PackedSequence) else input
+        cfg = self._config(self.mode, data, call.dtype, self.proj_size)
+        backend = self._choose_backend(cfg)
+        if backend == "torch":
+            backend, result = self._run_torch(torch_forward, input, hx, cfg)
+            if backend is None:
+                return result
+        return self._run_kernels(input, call, backend)
+
+    def _prepare(self, input, hx):
+        """torch.nn's input handling, strict: a _RNNCall, or a string naming the problem."""
+        is_lstm = self.mode == "LSTM"
+        H = self.hidden_size
+        P = self.proj_size if self.proj_size > 0 else H
+        LD = self.num_layers * (2 if self.bidirectional else 1)
+        weight = self._flat_weights[0]
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            data, batch_sizes = input.data, input.batch_sizes
+            if data.dim() != 2:
+                return f"packed data must be 2-D (rows, input_size), got {data.dim()}-D"
+            is_batched = True
+            B = int(batch_sizes[0])
+        else:
+            if not isinstance(input, Tensor):
+                return f"input must be a Tensor or PackedSequence, got {type(input).__name__}"
+            if input.dim() not in (2, 3):
+                return f"{self.mode}: Expected input to be 2D or 3D, got {input.dim()}D instead"
+            data = input
+            is_batched = input.dim() == 3
+            B = (input.size(0) if self.batch_first else input.size(1)) if is_batched else 1
+            T = (input.size(1) if self.batch_first else input.size(0)) if is_batched else input.size(0)
+            if T == 0:
+                return "Expected sequence length to be larger than 0 in RNN"
+        if data.size(-1) != self.input_size:
+            return f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {data.size(-1)}"
+
+        states = ()
+        if hx is not None:
+            states = _state_tuple(hx, 2 if is_lstm else 1, self.mode)
+            if isinstance(states, str):
+                return states
+            expected = [(LD, B, P), (LD, B, H)] if is_lstm else [(LD, B, H)]
+            for k, (s, shape) in enumerate(zip(states, expected)):
+                shape = shape if is_batched else (shape[0], shape[2])
+                if tuple(s.shape) != shape:
+                    return f"Expected hidden[{k}] size {shape}, got {list(s.shape)}"
+
+        problem = _device_problem(data, states + tuple(self._flat_weights))
+        if problem:
+            return problem
+        autocast = _autocast(data.device.type)
+        if autocast is None:
+            for t in states + (data,):
+                if t.dtype != weight.dtype:
+                    return f"input, states and weights must share one dtype, got {t.dtype} and {weight.dtype}"
+            dtype, out_dtypes = weight.dtype, (weight.dtype, weight.dtype)
+        else:
+            problem = _autocast_dtype_problem(states + (data,), autocast, data.device.type)
+            if problem:
+                return problem
+            dtype, out_dtypes = self._autocast_dtypes(data, states, autocast, packed)
+
+        if packed:
+            t_idx, b_idx, lengths, T, _ = _packed_layout(batch_sizes, input.sorted_indices, data.device)
+            x = data.new_zeros((T, B, data.size(-1))).index_put((t_idx, b_idx), data)
+            packed_index = (t_idx, b_idx)
+        else:
+            lengths, packed_index = None, None
+            x = data if is_batched else data.unsqueeze(0 if self.batch_first else 1)
+            x = x.transpose(0, 1) if self.batch_first else x
+        if hx is None:
+            h0 = x.new_zeros((LD, B, P), dtype=dtype)
+            c0 = x.new_zeros((LD, B, H), dtype=dtype) if is_lstm else None
+        else:
+            h0 = states[0] if is_batched else states[0].unsqueeze(1)
+            c0 = None
+            if is_lstm:
+                c0 = states[1] if is_batched else states[1].unsqueeze(1)
+        return _RNNCall(x, lengths, packed_index, h0, c0, dtype, out_dtypes, autocast is not None, is_batched)
+
+    def _autocast_dtypes(self, data: Tensor, states, autocast: torch.dtype, packed: bool):
+        """(dtype the recurrence runs in, (output/h_n dtype, c_n dtype)) as torch.nn returns them.
+
+        CUDA (cuDNN): everything in the autocast dtype.  CPU: an LSTM that torch runs through
+        oneDNN (``_onednn_lstm``) returns the autocast dtype; otherwise torch's CPU recurrence
+        computes the gates' GEMMs in the autocast dtype and the state update in that dtype
+        promoted with the states' (the given c_0 / h_0, else the input's); a projection (a GEMM)
+        returns the autocast dtype.  (Read from ATen's RNN.cpp, checked on torch 2.11 and 2.14.)
+        """
+        if data.device.type != "cpu":
+            return autocast, (autocast, autocast)
+        is_lstm = self.mode == "LSTM"
+        if is_lstm and not packed and self.proj_size == 0 and _onednn_lstm(data):
+            return autocast, (autocast, autocast)
+        # c_0 for LSTM, h_0 for GRU, promoted with the gates (which are in the autocast dtype)
+        state = torch.promote_types(autocast, states[-1].dtype if states else data.dtype)
+        h_dtype = autocast if (is_lstm and self.proj_size > 0) else state
+        wide = torch.promote_types(h_dtype, state)
+        return wide, (h_dtype, state)
+
+    def _run_kernels(self, input, call: _RNNCall, backend: str):
+        is_lstm = self.mode == "LSTM"
+        per_direction = self._weights_per_direction()
+        flat = self._flat_weights
+        weights = [
+            _to_layer_weights(flat[i : i + per_direction], is_lstm, self.bias, self.proj_size)
+            for i in range(0, len(flat), per_direction)
+        ]
+        x, h0, c0 = call.x, call.h0, call.c0
+        if x.dtype != call.dtype or h0.dtype != call.dtype or flat[0].dtype != call.dtype:
+            x, h0 = x.to(call.dtype), h0.to(call.dtype)
+            c0 = c0.to(call.dtype) if c0 is not None else None
+            weights = [tuple(None if w is None else w.to(call.dtype) for w in lw) for lw in weights]
+        device_type = x.device.type
+        with torch.autocast(device_type, enabled=False) if call.autocast else _nullcontext():
+            y, h_n, c_n = functional.rnn(
+                self.mode, x, call.lengths, h0, c0, weights,
+                num_layers=self.num_layers, bidirectional=self.bidirectional,
+                dropout=float(self.dropout), training=self.training, backend=backend,
+                packed_index=call.packed_index,
+            )
+        out_dtype, c_dtype = call.out_dtypes
+        y, h_n = y.to(out_dtype), h_n.to(out_dtype)
+        c_n = c_n.to(c_dtype) if c_n is not None else None
+        if isinstance(input, PackedSequence):
+            t_idx, b_idx = call.packed_index
+            out = PackedSequence(y[t_idx, b_idx], input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+        else:
+            out = y.transpose(0, 1) if self.batch_first else y
+            if not call.is_batched:
+                out = out.squeeze(0 if self.batch_first else 1)
+                h_n = h_n.squeeze(1)
+                c_n = c_n.squeeze(1) if c_n is not None else None
+        return out, ((h_n, c_n) if is_lstm else h_n)
+
+    def _weights_per_direction(self) -> int:
+        n = 4 if self.bias else 2
+        return n + (1 if getattr(self, "proj_size", 0) > 0 else 0)
+
+
+def _onednn_lstm(data: Tensor) -> bool:
+    """Whether torch.nn runs this (unpacked, unprojected) CPU LSTM input through oneDNN: the
+    conditions of ATen's ``use_mkldnn`` (aten/src/ATen/native/RNN.cpp)."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled) or data.numel() == 0:
+        return False
+    if data.dtype == torch.float32:
+        return True
+    if data.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if data.dtype == torch.float16:
+        return not torch.is_grad_enabled() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
 
 
 def _packed_layout(batch_sizes: Tensor, sorted_indices: Optional[Tensor], device):
@@ -92,156 +391,6 @@ def _packed_layout(batch_sizes: Tensor, sorted_indices: Optional[Tensor], device
     return t_idx.to(device), b_idx.to(device), lengths, T, B
 
 
-class _BackendMixin:
-    """The ``backend`` attribute shared by every fusedrnn module."""
-
-    def _set_backend(self, backend: str) -> None:
-        backends.check_backend_name(backend)
-        self.backend = backend
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.__dict__.setdefault("backend", "auto")
-
-    def extra_repr(self) -> str:
-        s = super().extra_repr()
-        return s if self.backend == "auto" else f"{s}, backend={self.backend!r}"
-
-    def _choose_backend(self, mode: str, input: Tensor, dtype: torch.dtype, proj_size: int = 0) -> str:
-        dev = input.device
-        return _resolve(self.backend, mode, dev.type, -1 if dev.index is None else dev.index, dtype,
-                        self.hidden_size, proj_size)
-
-
-# ------------------------------------------------------------------------------------ LSTM / GRU
-class _FusedRNNBase(_BackendMixin):
-    """Shared forward of LSTM and GRU; ``self.mode`` is "LSTM" or "GRU"."""
-
-    def _fused_forward(self, input, hx):
-        self._update_flat_weights()
-        is_lstm = self.mode == "LSTM"
-        num_directions = 2 if self.bidirectional else 1
-        real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        orig_input = input
-        batch_sizes = None
-        is_batched = True
-        batch_dim = 0 if self.batch_first else 1
-
-        if isinstance(orig_input, PackedSequence):
-            input, batch_sizes, sorted_indices, unsorted_indices = orig_input
-            max_batch_size = int(batch_sizes[0])
-        else:
-            if input.dim() not in (2, 3):
-                raise ValueError(
-                    f"{self.mode}: Expected input to be 2D or 3D, got {input.dim()}D instead"
-                )
-            is_batched = input.dim() == 3
-            if not is_batched:
-                input = input.unsqueeze(batch_dim)
-            max_batch_size = input.size(0) if self.batch_first else input.size(1)
-            if hx is not None:
-                hx = self._check_hx_rank(hx, is_batched)
-
-        if hx is None:
-            zeros = lambda n: torch.zeros(  # noqa: E731
-                self.num_layers * num_directions, max_batch_size, n, dtype=input.dtype, device=input.device
-            )
-            hx = (zeros(real_hidden_size), zeros(self.hidden_size)) if is_lstm else zeros(self.hidden_size)
-        if is_lstm and batch_sizes is not None and input.size(-1) != self.input_size:
-            # torch.nn.LSTM skips its Python checks for packed input; its first GEMM raises this.
-            raise RuntimeError(
-                f"mat1 and mat2 shapes cannot be multiplied ({input.size(0)}x{input.size(-1)} and "
-                f"{self.input_size}x{4 * self.hidden_size})"
-            )
-        self.check_forward_args(input, hx, batch_sizes)
-
-        weights = [
-            tuple(self._flat_weights[i : i + self._weights_per_direction()])
-            for i in range(0, len(self._flat_weights), self._weights_per_direction())
-        ]
-        hiddens = list(hx) if is_lstm else [hx]
-        _check_same_device_and_dtype(input, hiddens, self._flat_weights)
-
-        dtype, autocast = _compute_dtype(input, self._flat_weights[0])
-        backend = self._choose_backend(self.mode, input, dtype, self.proj_size)
-        if backend == "torch":
-            # torch.nn takes hx in the caller's batch order and rank, as the user gave it
-            return super().forward(orig_input, self._restore_hx_rank(hx, is_batched))
-
-        if batch_sizes is not None:
-            t_idx, b_idx, lengths, T, B = _packed_layout(batch_sizes, sorted_indices, input.device)
-            x = input.new_zeros((T, B, input.size(-1)))
-            x = x.index_put((t_idx, b_idx), input)
-        else:
-            lengths = None
-            x = input.transpose(0, 1) if self.batch_first else input
-        if x.size(0) == 0:
-            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-
-        weights = [_to_layer_weights(w, is_lstm, self.bias, self.proj_size) for w in weights]
-        h0, c0 = (hx[0], hx[1]) if is_lstm else (hx, None)
-        if autocast:
-            x, h0 = x.to(dtype), h0.to(dtype)
-            c0 = c0.to(dtype) if c0 is not None else None
-            weights = [tuple(None if w is None else w.to(dtype) for w in lw) for lw in weights]
-        with torch.autocast(input.device.type, enabled=False) if autocast else _nullcontext():
-            y, h_n, c_n = functional.rnn(
-                self.mode, x, lengths, h0, c0, weights,
-                num_layers=self.num_layers, bidirectional=self.bidirectional,
-                dropout=float(self.dropout), training=self.training, backend=backend,
-            )
-
-        if batch_sizes is not None:
-            out = PackedSequence(y[t_idx, b_idx], batch_sizes, sorted_indices, unsorted_indices)
-        else:
-            out = y.transpose(0, 1) if self.batch_first else y
-            if not is_batched:
-                out = out.squeeze(batch_dim)
-                h_n = h_n.squeeze(1)
-                c_n = c_n.squeeze(1) if c_n is not None else None
-        return out, ((h_n, c_n) if is_lstm else h_n)
-
-    def _weights_per_direction(self) -> int:
-        n = 4 if self.bias else 2
-        return n + (1 if getattr(self, "proj_size", 0) > 0 else 0)
-
-    def _check_hx_rank(self, hx, is_batched: bool):
-        """torch.nn's rank checks for a user-given hx; returns hx with a batch dim."""
-        if self.mode == "LSTM":
-            if is_batched:
-                if hx[0].dim() != 3 or hx[1].dim() != 3:
-                    raise RuntimeError(
-                        "For batched 3-D input, hx and cx should "
-                        f"also be 3-D but got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
-                    )
-                return hx
-            if hx[0].dim() != 2 or hx[1].dim() != 2:
-                raise RuntimeError(
-                    "For unbatched 2-D input, hx and cx should "
-                    f"also be 2-D but got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
-                )
-            return (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        if is_batched:
-            if hx.dim() != 3:
-                raise RuntimeError(
-                    f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
-                )
-            return hx
-        if hx.dim() != 2:
-            raise RuntimeError(
-                f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
-            )
-        return hx.unsqueeze(1)
-
-    @staticmethod
-    def _restore_hx_rank(hx, is_batched: bool):
-        if is_batched:
-            return hx
-        if isinstance(hx, tuple):
-            return (hx[0].squeeze(1), hx[1].squeeze(1))
-        return hx.squeeze(1)
-
-
 def _to_layer_weights(w, is_lstm: bool, bias: bool, proj_size: int):
     """torch.nn's per-direction weight list -> (w_ih, w_hh, b_ih, b_hh, w_hr)."""
     w_ih, w_hh = w[0], w[1]
@@ -264,7 +413,9 @@ class LSTM(_FusedRNNBase, nn.LSTM):
     Same constructor as ``torch.nn.LSTM`` plus keyword-only ``backend`` in
     {"auto", "triton", "cuda", "cpp", "reference", "torch"} (``FUSEDRNN_BACKEND`` overrides "auto").
     Input (T, B, I) / (B, T, I) with ``batch_first`` / (T, I) unbatched / PackedSequence;
-    returns ``output, (h_n, c_n)`` exactly as torch.nn.LSTM.
+    ``hx`` a tuple (h_0 (L*D, B, P), c_0 (L*D, B, H)) or None; returns ``output, (h_n, c_n)``
+    exactly as torch.nn.LSTM (dtypes under autocast included).  Bad input raises torch.nn's
+    exception (see the module docstring for the cases fusedrnn refuses itself).
     """
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
@@ -287,122 +438,262 @@ class GRU(_FusedRNNBase, nn.GRU):
 
 
 # ------------------------------------------------------------------------------------------ cells
-def _check_cell_inputs(module, input: Tensor, hiddens, autocast: bool) -> None:
-    """The checks of torch's native cell ops (same messages)."""
-    if not autocast:
-        for t in (input, *hiddens):
-            if t.dtype != module.weight_ih.dtype:  # torch's first GEMM raises this
-                raise RuntimeError(
-                    f"mat1 and mat2 must have the same dtype, but got {_scalar_name(t.dtype)} "
-                    f"and {_scalar_name(module.weight_ih.dtype)}"
+class _CellCall(NamedTuple):
+    x: Tensor  # (B, I)
+    states: Tuple[Tensor, ...]  # (h,) or (h, c), each (B, H)
+    dtype: torch.dtype  # the fused cell runs in it; also the dtype of the results
+    gemm_dtype: torch.dtype  # x @ W_ih^T and h @ W_hh^T run in it
+    autocast: bool
+    is_batched: bool
+
+
+def _prepare_cell(module, input, hx, is_lstm: bool):
+    """torch.nn's cell input handling, strict: a _CellCall, or a string naming the problem."""
+    name = "LSTMCell" if is_lstm else "GRUCell"
+    H = module.hidden_size
+    if not isinstance(input, Tensor) or input.dim() not in (1, 2):
+        return f"{name}: Expected input to be 1D or 2D"
+    is_batched = input.dim() == 2
+    B = input.size(0) if is_batched else 1
+    states = ()
+    if hx is not None:
+        states = _state_tuple(hx, 2 if is_lstm else 1, name)
+        if isinstance(states, str):
+            return states
+        for k, s in enumerate(states):
+            if s.dim() != input.dim():
+                problem = (
+                    f"{'batched 2-D' if is_batched else 'unbatched 1-D'} input of shape "
+                    f"{tuple(input.shape)} with a {s.dim()}-D hidden{k} of shape {tuple(s.shape)}: "
+                    "input and states must both be batched or both unbatched"
                 )
-    if input.size(1) != module.input_size:
-        raise RuntimeError(
-            f"input has inconsistent input_size: got {input.size(1)} expected {module.input_size}"
-        )
-    for label, h in enumerate(hiddens):
-        if input.size(0) != h.size(0):
-            raise RuntimeError(
-                f"Input batch size {input.size(0)} doesn't match hidden{label} batch size {h.size(0)}"
-            )
-        if h.size(1) != module.hidden_size:
-            raise RuntimeError(
-                f"hidden{label} has inconsistent hidden_size: got {h.size(1)}, expected {module.hidden_size}"
-            )
+                if is_lstm and not is_batched and s.dim() == 2 and _torch_lstm_cell_checks_pass(module, input, states):
+                    return _Refuse(problem + " (torch.nn.LSTMCell crashes the process on this call)")
+                return problem
+    if input.size(-1) != module.input_size:
+        return f"input has inconsistent input_size: got {input.size(-1)} expected {module.input_size}"
+    for k, s in enumerate(states):
+        if tuple(s.shape) != ((B, H) if is_batched else (H,)):
+            return f"hidden{k} has shape {tuple(s.shape)}, expected {(B, H) if is_batched else (H,)}"
+    params = [module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh]
+    problem = _device_problem(input, states + tuple(params))
+    if problem:
+        return problem
+    weight_dtype = module.weight_ih.dtype
+    autocast = _autocast(input.device.type)
+    if autocast is None:
+        # the GEMMs need x and h in the weights' dtype; LSTM's c is promoted (c_new = f * c + i * g)
+        for t in (input, states[0]) if states else (input,):
+            if t.dtype != weight_dtype:
+                return f"mat1 and mat2 must have the same dtype, got {t.dtype} and {weight_dtype}"
+        dtype = torch.promote_types(weight_dtype, states[-1].dtype) if states else weight_dtype
+        gemm_dtype = weight_dtype
+    else:
+        problem = _autocast_dtype_problem(states + (input,), autocast, input.device.type)
+        if problem:
+            return problem
+        if input.device.type == "cpu":
+            # torch's CPU cells: GEMMs in the autocast dtype, the state update in that dtype
+            # promoted with the state's (the given c / h, else the input's)
+            dtype = torch.promote_types(autocast, states[-1].dtype if states else input.dtype)
+        else:
+            dtype = autocast  # CUDA autocast casts the whole cell
+        gemm_dtype = dtype
+    x = input if is_batched else input.unsqueeze(0)
+    if states:
+        states = states if is_batched else tuple(s.unsqueeze(0) for s in states)
+    else:
+        zeros = x.new_zeros((B, H), dtype=dtype)
+        states = (zeros, zeros) if is_lstm else (zeros,)
+    return _CellCall(x, states, dtype, gemm_dtype, autocast is not None, is_batched)
 
 
-class LSTMCell(_BackendMixin, nn.LSTMCell):
-    """Drop-in ``torch.nn.LSTMCell`` (fused bias + activations + state update)."""
+def _torch_lstm_cell_checks_pass(module, input: Tensor, states) -> bool:
+    """Whether torch's native lstm_cell checks would pass on an unbatched input with the states
+    torch.nn builds from ``states`` (each unsqueezed at dim 0): its state-update code then
+    crashes the process instead of raising, so fusedrnn must never hand it this call."""
+    if input.size(-1) != module.input_size:
+        return False
+    for s in states:
+        s = s.unsqueeze(0)
+        if s.dim() < 2 or s.size(0) != 1 or s.size(1) != module.hidden_size:
+            return False
+    return True
+
+
+class _FusedCellBase(_BackendMixin):
+    """Shared forward of LSTMCell and GRUCell; ``self._is_lstm`` says which."""
+
+    def _cell_forward(self, input, hx):
+        name = "LSTMCell" if self._is_lstm else "GRUCell"
+        torch_forward = super().forward
+        call = _prepare_cell(self, input, hx, self._is_lstm)
+        if isinstance(call, str):
+            _reject(torch_forward, (input, hx), call, name)
+        cfg = self._config(name, call.x, call.dtype)
+        backend = self._choose_backend(cfg)
+        if backend == "torch":
+            backend, result = self._run_torch(torch_forward, input, hx, cfg)
+            if backend is None:
+                return result
+        params = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
+        x, states = call.x, call.states
+        if call.gemm_dtype != self.weight_ih.dtype:
+            params = [None if p is None else p.to(call.gemm_dtype) for p in params]
+        x = x.to(call.gemm_dtype)
+        with torch.autocast(x.device.type, enabled=False) if call.autocast else _nullcontext():
+            if self._is_lstm:
+                h, c = states
+                out = functional.lstm_cell(x, h.to(call.gemm_dtype), c.to(call.dtype), *params,
+                                           backend=backend, dtype=call.dtype)
+            else:
+                (h,) = states
+                out = (functional.gru_cell(x, h.to(call.dtype), *params, backend=backend, dtype=call.dtype),)
+        if not call.is_batched:
+            out = tuple(o.squeeze(0) for o in out)
+        return out if self._is_lstm else out[0]
+
+
+class LSTMCell(_FusedCellBase, nn.LSTMCell):
+    """Drop-in ``torch.nn.LSTMCell`` (fused bias + activations + state update).
+
+    Input (B, I) or (I,); ``hx`` a tuple (h, c) of (B, H) / (H,) or None; returns (h', c').
+    A ``c`` in a wider dtype than the input promotes the results, as torch.nn does.
+    """
+
+    _is_lstm = True
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self._set_backend(backend)
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None):  # noqa: D102
-        if input.dim() not in (1, 2):
-            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        if hx is not None:
-            for idx, value in enumerate(hx):
-                if value.dim() not in (1, 2):
-                    raise ValueError(
-                        f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead"
-                    )
-        dtype, autocast = _compute_dtype(input, self.weight_ih)
-        backend = self._choose_backend("LSTMCell", input, dtype)
-        if backend == "torch":
-            return super().forward(input, hx)
-        is_batched = input.dim() == 2
-        if not is_batched:
-            input = input.unsqueeze(0)
-        if hx is None:
-            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
-            hx = (zeros, zeros)
-        else:
-            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0)) if not is_batched else hx
-        _check_cell_inputs(self, input, hx, autocast)
-        params = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
-        _check_same_device_and_dtype(input, [], params)
-        h, c = hx
-        if autocast:
-            input, h, c = input.to(dtype), h.to(dtype), c.to(dtype)
-            params = [None if p is None else p.to(dtype) for p in params]
-        with torch.autocast(input.device.type, enabled=False) if autocast else _nullcontext():
-            h_new, c_new = functional.lstm_cell(input, h, c, *params, backend=backend)
-        if not is_batched:
-            h_new, c_new = h_new.squeeze(0), c_new.squeeze(0)
-        return h_new, c_new
+        return self._cell_forward(input, hx)
 
 
-class GRUCell(_BackendMixin, nn.GRUCell):
+class GRUCell(_FusedCellBase, nn.GRUCell):
     """Drop-in ``torch.nn.GRUCell`` (fused bias + activations + state update)."""
+
+    _is_lstm = False
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self._set_backend(backend)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:  # noqa: D102
-        if input.dim() not in (1, 2):
-            raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        if hx is not None and hx.dim() not in (1, 2):
-            raise ValueError(f"GRUCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
-        dtype, autocast = _compute_dtype(input, self.weight_ih)
-        backend = self._choose_backend("GRUCell", input, dtype)
-        if backend == "torch":
-            return super().forward(input, hx)
-        is_batched = input.dim() == 2
-        if not is_batched:
-            input = input.unsqueeze(0)
-        if hx is None:
-            hx = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
-        else:
-            hx = hx.unsqueeze(0) if not is_batched else hx
-        _check_cell_inputs(self, input, [hx], autocast)
-        params = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
-        _check_same_device_and_dtype(input, [], params)
-        h = hx
-        if autocast:
-            input, h = input.to(dtype), h.to(dtype)
-            params = [None if p is None else p.to(dtype) for p in params]
-        with torch.autocast(input.device.type, enabled=False) if autocast else _nullcontext():
-            h_new = functional.gru_cell(input, h, *params, backend=backend)
-        return h_new if is_batched else h_new.squeeze(0)
+        return self._cell_forward(input, hx)
 
 
 # ---------------------------------------------------------------------------------------- convert
-_CONVERSIONS = {nn.LSTM: LSTM, nn.GRU: GRU, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell}
+_TWINS = {nn.LSTM: LSTM, nn.GRU: GRU, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell}
+_combined_classes: dict = {}  # (user subclass, fusedrnn twin) -> the class converted instances get
+
+
+def _twin_of(cls) -> Optional[type]:
+    """The fusedrnn twin of a subclass of nn.LSTM / GRU / LSTMCell / GRUCell, else None."""
+    for base, twin in _TWINS.items():
+        if issubclass(cls, base):
+            return twin
+    return None
+
+
+def _twin_name(cls) -> str:
+    twin = _twin_of(cls)
+    return twin.__name__ if twin is not None else cls.__name__
+
+
+def _new_converted(original: type, twin: type):
+    """Unpickling helper for instances of a converted subclass (see ``_converted_class``)."""
+    return object.__new__(_converted_class(original, twin))
+
+
+def _reduce_converted(self, protocol):
+    # the class is made at run time: pickle (and deepcopy) rebuild it from the user's class
+    return _new_converted, (self._fusedrnn_original, _twin_of(type(self))), self.__getstate__()
+
+
+def _converted_class(cls: type, twin: type) -> type:
+    """The class of a converted instance of ``cls``: ``cls`` itself first in the MRO, then the
+    fusedrnn twin, so a subclass's own forward (calling ``super().forward``) and attributes keep
+    working and reach fusedrnn's forward.  One class per (cls, twin), made on first use."""
+    if cls in _TWINS:
+        return twin
+    key = (cls, twin)
+    if key not in _combined_classes:
+        _combined_classes[key] = type(
+            cls.__name__,
+            (cls, twin),
+            {
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "_fusedrnn_original": cls,
+                "__reduce_ex__": _reduce_converted,
+            },
+        )
+    return _combined_classes[key]
+
+
+def _parametrized_class(module, twin: type) -> type:
+    """A parametrized module (torch.nn.utils.parametrize) has a class made for it over its
+    original class, holding the parametrized tensors as properties.  Its converted class is the
+    same over the converted original, so torch's bookkeeping (``type_before_parametrizations``,
+    ``remove_parametrizations``) sees the fusedrnn class as the original."""
+    cls = type(module)
+    original = cls.__bases__[0]
+    base = original if issubclass(original, _BackendMixin) else _converted_class(original, twin)
+    own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__", "__doc__")}
+    return type(cls.__name__, (base,), own)
+
+
+def _scripted_rnns(model) -> list:
+    """Names of TorchScript modules inside ``model`` compiled from an RNN torch.nn class."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            for sub_name, sub in module.named_modules():
+                if getattr(sub, "original_name", None) in ("LSTM", "GRU", "LSTMCell", "GRUCell"):
+                    found[".".join(n for n in (name, sub_name) if n)] = None
+    return list(found)
 
 
 def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Turn every torch.nn LSTM/GRU/LSTMCell/GRUCell inside ``model`` into its fusedrnn twin, in place.
+    """Make every LSTM / GRU / LSTMCell / GRUCell inside ``model`` a fusedrnn module, in place.
 
-    The modules keep their identity, parameters (same Parameter objects, so optimizers stay
-    valid), device, dtype, training mode and hooks; only their class changes.  Returns ``model``
-    (converted itself when it is one of those modules).
+    Every instance of the four torch.nn classes is converted, subclasses included (a subclass
+    keeps its own methods, first in the MRO, e.g. a ``forward`` that calls ``super().forward``),
+    and parametrized modules (``torch.nn.utils.parametrize``, e.g. ``weight_norm``) keep their
+    parametrizations.  The modules keep their identity, parameters (same Parameter objects, so
+    optimizers stay valid), device, dtype, training mode and hooks; only their class changes.
+    Modules already converted get ``backend``.  Returns ``model`` (converted itself when it is
+    one of those modules).
+
+    Raises TypeError for a TorchScript module (its code is compiled: convert before scripting);
+    warns when TorchScript submodules hold RNNs, which stay as they are.
     """
     backends.check_backend_name(backend)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            "fusedrnn.convert: the model is a TorchScript module (torch.jit.script / trace output); "
+            "its code is compiled and its modules cannot change class. Convert the nn.Module "
+            "before scripting or tracing it."
+        )
+    scripted = _scripted_rnns(model)
+    if scripted:
+        warnings.warn(
+            f"fusedrnn.convert: TorchScript submodules hold RNNs that cannot be converted and "
+            f"stay torch.nn's: {', '.join(scripted)}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     for module in model.modules():
-        target = _CONVERSIONS.get(type(module))
-        if target is not None:
-            module.__class__ = target
-            module.backend = backend
+        cls = type(module)
+        twin = _twin_of(cls)
+        if twin is None or isinstance(module, torch.jit.ScriptModule):
+            continue
+        if not isinstance(module, _BackendMixin):
+            if parametrize.is_parametrized(module):
+                module.__class__ = _parametrized_class(module, twin)
+            else:
+                module.__class__ = _converted_class(cls, twin)
+        module.backend = backend
     return model
