@@ -14,6 +14,12 @@ What is measured
     time.perf_counter.  Repetitions rotate over a few independent input sets so caches do not
     flatter a row.  Nothing in the harness changes TF32 flags, clocks or other device settings.
 
+Instruction counts (``--callgrind DIR`` in the CLI): the process runs under valgrind's callgrind and
+each row reports ``fwd_ir`` / ``fwdbwd_ir``, the instructions executed inside fusedrnn's C++ CPU ops
+per call (csrc/cpu: the recurrences and cells, not Python, not torch's GEMMs), with one thread.  They
+do not depend on the machine's load, so a change to the kernels can be compared A/B where timings on
+a shared machine cannot.  valgrind does not emulate AVX-512: the counts are those of the AVX2 kernels.
+
 Correctness: ``max_rel_err`` is the largest relative norm ||a - b|| / ||b|| over the outputs (output
 sequence, h_n, c_n; and the inference-forward output) and every gradient (input, h0, c0, each
 parameter), where b comes from ``torch.nn`` in float64 run on the row's own first input set with the
@@ -393,6 +399,8 @@ class TimingOptions:
             return cls(min_time_s=0.3, min_reps=10, max_reps=300, warmup=3, n_sets=4)
         if suite in ("quick", "tiny"):
             return cls(min_time_s=0.15, min_reps=3, max_reps=50, warmup=1, n_sets=2)
+        if suite == "cpu":
+            return cls(min_time_s=0.3, min_reps=3, max_reps=50, warmup=1, n_sets=2)
         return cls(min_time_s=0.5, min_reps=3, max_reps=30, warmup=1, n_sets=2)
 
 
@@ -430,6 +438,64 @@ def measure(fn: Callable[[int], object], device: torch.device, opts: TimingOptio
             call()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), reps, times
+
+
+# ======================================================================================= callgrind
+CALLGRIND_ENV = "FUSEDRNN_BENCH_CALLGRIND"  # set in the process valgrind runs: its dump directory
+# The ATen-facing CPU ops of csrc/cpu (callgrind collects inside these functions only).
+CALLGRIND_FUNCTIONS = tuple(
+    f"fusedrnn::{op}_cpu(*"
+    for op in ("lstm_fwd", "lstm_bwd", "gru_fwd", "gru_bwd", "lstm_cell_fwd", "lstm_cell_bwd", "gru_cell_fwd",
+               "gru_cell_bwd")
+)
+
+
+def callgrind_command(out_dir, argv: Sequence[str]) -> List[str]:
+    """valgrind command line that reruns ``python -m fusedrnn.bench argv`` under callgrind: nothing is
+    instrumented until the harness switches it on (imports run at valgrind's base speed), and only
+    the instructions inside ``CALLGRIND_FUNCTIONS`` are collected."""
+    return [
+        "valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
+        *[f"--toggle-collect={f}" for f in CALLGRIND_FUNCTIONS],
+        f"--callgrind-out-file={Path(out_dir).resolve()}/callgrind.out.%p",
+        sys.executable, "-m", "fusedrnn.bench", *argv,
+    ]
+
+
+class Callgrind:
+    """Counts the instructions of fusedrnn's C++ CPU ops per call, inside a process started by
+    ``callgrind_command`` (it talks to valgrind through ``callgrind_control``)."""
+
+    def __init__(self, out_dir):
+        self.dir = Path(out_dir)
+        self.pid = os.getpid()
+        self._ctl("--instr=on")
+
+    def _ctl(self, *args: str) -> None:
+        subprocess.run(["callgrind_control", *args, str(self.pid)], check=True, capture_output=True, text=True)
+
+    def _dumps(self):
+        return {p: int(p.name.rsplit(".", 1)[1]) for p in self.dir.glob(f"callgrind.out.{self.pid}.*")}
+
+    def count(self, fn: Callable[[int], object], reps: int = 2, n_sets: int = 1) -> float:
+        """Instructions per call of ``fn(i)`` (one untimed call first: lazy initialisation)."""
+        fn(0)
+        self._ctl("--zero")
+        for k in range(reps):
+            fn(k % n_sets)
+        before = self._dumps()
+        self._ctl("--dump=fusedrnn-bench")
+        new = {p: n for p, n in self._dumps().items() if p not in before}
+        if not new:
+            raise RuntimeError(f"callgrind wrote no dump to {self.dir}")
+        total = None
+        with open(max(new, key=new.get)) as f:
+            for line in f:
+                if line.startswith(("totals:", "summary:")):
+                    total = int(line.split()[1])
+        if total is None:
+            raise RuntimeError("callgrind dump without totals")
+        return total / reps
 
 
 # ============================================================================================ case
@@ -538,7 +604,7 @@ ROW_KEYS = (
     "packed", "tokens", "fwd_ms", "fwdbwd_ms", "fwd_reps", "fwdbwd_reps", "ratio_vs_torch",
     "fwd_ratio_vs_torch", "max_rel_err", "worst_tensor", "rel_errs", "tol", "err_vs_torch", "ok",
     "peak_mem_mb", "tokens_per_s", "per_step_us", "floor_ms", "floor_per_step_us", "fwd_over_floor",
-    "floor_fwdbwd_ms", "fwdbwd_over_floor", "error",
+    "floor_fwdbwd_ms", "fwdbwd_over_floor", "threads", "fwd_ir", "fwdbwd_ir", "error",
 )
 
 
@@ -578,9 +644,11 @@ def _steps(cfg: BenchConfig) -> int:
 
 def bench_row(cfg: BenchConfig, backend: str, device: torch.device, opts: TimingOptions,
               reference: torch.nn.Module, inputs: List[InputSet], ref64: Optional[dict],
-              dev_name: str, check: bool = True) -> dict:
-    """Measure one (config, backend); exceptions become the row's ``error``."""
+              dev_name: str, check: bool = True, counter: Optional[Callgrind] = None) -> dict:
+    """Measure one (config, backend); exceptions become the row's ``error``.  With ``counter``
+    the row gets instruction counts (fwd_ir, fwdbwd_ir) instead of timings."""
     row = empty_row(cfg, backend, dev_name)
+    row["threads"] = torch.get_num_threads() if device.type == "cpu" else None
     row["tokens"] = inputs[0].tokens
     tf32 = tf32_enabled(cfg, device)
     row["tol"] = tolerance(cfg.torch_dtype, tf32)
@@ -600,6 +668,11 @@ def bench_row(cfg: BenchConfig, backend: str, device: torch.device, opts: Timing
             row["worst_tensor"] = worst
             row["max_rel_err"] = errs[worst] if not math.isnan(errs[worst]) else math.inf
             del got
+        if counter is not None:
+            with case.eval_mode():
+                row["fwd_ir"] = counter.count(case.fwd, n_sets=opts.n_sets)
+            row["fwdbwd_ir"] = counter.count(case.fwdbwd, n_sets=opts.n_sets)
+            return row
         with case.eval_mode():
             row["fwd_ms"], row["fwd_reps"], _ = measure(case.fwd, device, opts)
         row["fwdbwd_ms"], row["fwdbwd_reps"], _ = measure(case.fwdbwd, device, opts)
@@ -707,6 +780,7 @@ def environment(device: torch.device) -> dict:
         "matmul_fp32_precision": _matmul_precision(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "torch_num_threads": torch.get_num_threads(),
+        "cpu_kernel_isa": _cpu_kernel_isa(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -717,6 +791,16 @@ def environment(device: torch.device) -> dict:
     else:
         env["floor_rates"] = None
     return env
+
+
+def _cpu_kernel_isa() -> Optional[str]:
+    """The instruction set of the cpp backend's CPU kernels in use (None without the extension)."""
+    try:
+        from ..backends import cpp  # noqa: PLC0415
+
+        return None if cpp.unavailable() else torch.ops.fusedrnn_ext.cpu_isa()
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def default_backends(device: torch.device) -> List[str]:
@@ -732,14 +816,32 @@ def default_backends(device: torch.device) -> List[str]:
 
 
 # =========================================================================================== suite
+@contextlib.contextmanager
+def cpu_threads(n: Optional[int]):
+    """torch.set_num_threads(n) inside the block (n None: unchanged), restored afterwards."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def run_suite(configs: Sequence[BenchConfig], backends: Sequence[str], device="cpu",
               opts: Optional[TimingOptions] = None, check: bool = True, seed: int = 0,
               time_budget_s: Optional[float] = None, progress=True,
-              on_config_done: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
+              on_config_done: Optional[Callable[[List[dict]], None]] = None,
+              counter: Optional[Callgrind] = None) -> List[dict]:
     """Every (config, backend) row; torch first within a config so ratios come from the same run.
 
     ``time_budget_s``: rows not started within the budget are recorded as skipped.
-    ``on_config_done(rows_so_far)`` is called after each config (the CLI writes its JSON there)."""
+    ``on_config_done(rows_so_far)`` is called after each config (the CLI writes its JSON there).
+    ``counter``: count instructions (``Callgrind``) instead of timing, with one thread; torch rows
+    are skipped (only fusedrnn's own ops are counted).
+    A config's ``threads`` sets torch.set_num_threads for its rows (CPU)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -769,7 +871,10 @@ def run_suite(configs: Sequence[BenchConfig], backends: Sequence[str], device="c
         for backend in backends:
             bar.set(f"{cfg.name} [{backend}]")
             row = None
-            if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
+            if counter is not None and backend == "torch":
+                row = empty_row(cfg, backend, dev_name)
+                row["error"] = "skipped: callgrind counts only fusedrnn's C++ CPU ops"
+            elif time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
                 row = empty_row(cfg, backend, dev_name)
                 row["error"] = f"skipped: time budget of {time_budget_s:.0f} s exhausted"
             elif setup_error is not None:
@@ -781,7 +886,10 @@ def run_suite(configs: Sequence[BenchConfig], backends: Sequence[str], device="c
                     row = empty_row(cfg, backend, dev_name)
                     row["error"] = reason
                 else:
-                    row = bench_row(cfg, backend, device, opts, reference, inputs, ref64, dev_name, check)
+                    threads = 1 if counter is not None else (cfg.threads if device.type == "cpu" else None)
+                    with cpu_threads(threads):
+                        row = bench_row(cfg, backend, device, opts, reference, inputs, ref64, dev_name, check,
+                                        counter)
             cfg_rows.append(row)
             bar.update(row)
         del reference, inputs, ref64
@@ -823,6 +931,9 @@ class _progress:
             return
         if row.get("error"):
             msg = f"{row['config']} [{row['backend']}]: {row['error'][:100]}"
+        elif row.get("fwd_ir") is not None:
+            msg = (f"{row['config']} [{row['backend']}]: fwd {row['fwd_ir'] / 1e6:.3f} M instr, "
+                   f"fwd+bwd {row['fwdbwd_ir'] / 1e6:.3f} M instr")
         else:
             msg = (f"{row['config']} [{row['backend']}]: fwd {row['fwd_ms']:.3f} ms, "
                    f"fwd+bwd {row['fwdbwd_ms']:.3f} ms, err {row['max_rel_err'] if row['max_rel_err'] is not None else float('nan'):.1e}")

@@ -25,6 +25,21 @@ COLUMNS = [
 ]
 
 
+# columns of a --callgrind run: instructions per call inside fusedrnn's C++ CPU ops
+CALLGRIND_COLUMNS = [
+    ("config", "config", "{}"),
+    ("backend", "backend", "{}"),
+    ("fwd Minstr", "fwd_ir", "{:.3f}"),
+    ("fwd+bwd Minstr", "fwdbwd_ir", "{:.3f}"),
+    ("max rel err", "max_rel_err", "{:.1e}"),
+    ("ok", "ok", "{}"),
+]
+
+
+def _columns(rows: List[dict]):
+    return CALLGRIND_COLUMNS if any(r.get("fwd_ir") is not None for r in rows) else COLUMNS
+
+
 def _si(x: float) -> str:
     for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= div:
@@ -40,23 +55,26 @@ def cell(row: dict, key: str, fmt: str) -> str:
         return "yes" if v else "NO"
     if key == "tokens_per_s":
         return _si(v)
+    if key in ("fwd_ir", "fwdbwd_ir"):
+        v = v / 1e6
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return fmt.format(v)
 
 
-def _cells(row: dict) -> List[str]:
+def _cells(row: dict, columns=COLUMNS) -> List[str]:
     if row.get("error"):
         return [row["config"], row["backend"], "error: " + row["error"]]
-    return [cell(row, k, f) for _, k, f in COLUMNS]
+    return [cell(row, k, f) for _, k, f in columns]
 
 
 def format_table(rows: List[dict], color: Optional[bool] = None) -> str:
     """Fixed-width table; rows failing the accuracy check are red on a terminal."""
     if color is None:
         color = os.isatty(1) and not os.environ.get("NO_COLOR")
-    headers = [h for h, _, _ in COLUMNS]
-    body = [_cells(r) for r in rows]
+    columns = _columns(rows)
+    headers = [h for h, _, _ in columns]
+    body = [_cells(r, columns) for r in rows]
     widths = [len(h) for h in headers]
     for cells in body:
         if len(cells) == len(headers):
@@ -90,7 +108,8 @@ def header_lines(meta: dict) -> List[str]:
         f"date: {meta.get('date')}  commit: {commit}  suite: {meta.get('suite')}",
         f"torch {meta.get('torch_version')}  triton {meta.get('triton_version')}  "
         f"CUDA {meta.get('cuda_version')}  cuDNN {meta.get('cudnn_version')}  "
-        f"python {meta.get('python_version')}  rnn_tf32={meta.get('rnn_tf32', meta.get('cudnn_allow_tf32'))}",
+        f"python {meta.get('python_version')}  rnn_tf32={meta.get('rnn_tf32', meta.get('cudnn_allow_tf32'))}"
+        + (f"  cpu kernels: {meta['cpu_kernel_isa']}" if meta.get("cpu_kernel_isa") else ""),
     ]
 
 
@@ -135,7 +154,8 @@ def to_markdown(meta: dict, rows: List[dict]) -> str:
     out = [f"### fusedrnn benchmarks: {meta.get('device')}", ""]
     out += [f"- {line}" for line in header_lines(meta)[1:]]
     out.append("")
-    headers = [h for h, _, _ in COLUMNS]
+    columns = _columns(rows)
+    headers = [h for h, _, _ in columns]
     out.append("| " + " | ".join(headers) + " |")
     out.append("|" + "|".join(["---", "---"] + ["---:"] * (len(headers) - 2)) + "|")
     for r in rows:
@@ -144,7 +164,7 @@ def to_markdown(meta: dict, rows: List[dict]) -> str:
             out.append(f"| {r['config']} | {r['backend']} | " + " | ".join(["-"] * (len(headers) - 3))
                        + f" | {err} |")
             continue
-        cells = [c.replace("|", "\\|") for c in _cells(r)]
+        cells = [c.replace("|", "\\|") for c in _cells(r, columns)]
         if r.get("ok") is False:
             cells[headers.index("ok")] = "**NO**"
             cells[headers.index("max rel err")] = f"**{cells[headers.index('max rel err')]}**"
