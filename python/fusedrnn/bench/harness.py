@@ -392,6 +392,9 @@ class TimingOptions:
     max_reps: int = 200
     warmup: int = 3
     n_sets: int = 4  # input sets rotated over
+    # timings per row, interleaved across the backends of a config; a row reports the fastest run's
+    # median (on a shared machine other work only ever adds time)
+    repeat: int = 1
 
     @classmethod
     def for_device(cls, device: torch.device, suite: str = "standard") -> "TimingOptions":
@@ -400,7 +403,7 @@ class TimingOptions:
         if suite in ("quick", "tiny"):
             return cls(min_time_s=0.15, min_reps=3, max_reps=50, warmup=1, n_sets=2)
         if suite == "cpu":
-            return cls(min_time_s=0.3, min_reps=3, max_reps=50, warmup=1, n_sets=2)
+            return cls(min_time_s=0.2, min_reps=3, max_reps=50, warmup=1, n_sets=2, repeat=3)
         return cls(min_time_s=0.5, min_reps=3, max_reps=30, warmup=1, n_sets=2)
 
 
@@ -604,7 +607,7 @@ ROW_KEYS = (
     "packed", "tokens", "fwd_ms", "fwdbwd_ms", "fwd_reps", "fwdbwd_reps", "ratio_vs_torch",
     "fwd_ratio_vs_torch", "max_rel_err", "worst_tensor", "rel_errs", "tol", "err_vs_torch", "ok",
     "peak_mem_mb", "tokens_per_s", "per_step_us", "floor_ms", "floor_per_step_us", "fwd_over_floor",
-    "floor_fwdbwd_ms", "fwdbwd_over_floor", "threads", "fwd_ir", "fwdbwd_ir", "error",
+    "floor_fwdbwd_ms", "fwdbwd_over_floor", "threads", "fwd_ms_runs", "fwdbwd_ms_runs", "fwd_ir", "fwdbwd_ir", "error",
 )
 
 
@@ -642,11 +645,20 @@ def _steps(cfg: BenchConfig) -> int:
     return cfg.T * (1 if cfg.is_cell else cfg.layers)
 
 
-def bench_row(cfg: BenchConfig, backend: str, device: torch.device, opts: TimingOptions,
+def _error_row(row: dict, e: BaseException) -> None:
+    row["error"] = _error_text(e)
+    if isinstance(e, NotImplementedError) or (isinstance(e, ValueError) and "does not support" in str(e)):
+        row["error"] = "unsupported: " + row["error"]
+    if os.environ.get("FUSEDRNN_BENCH_TRACEBACK"):
+        traceback.print_exc()
+
+
+def start_row(cfg: BenchConfig, backend: str, device: torch.device, opts: TimingOptions,
               reference: torch.nn.Module, inputs: List[InputSet], ref64: Optional[dict],
-              dev_name: str, check: bool = True, counter: Optional[Callgrind] = None) -> dict:
-    """Measure one (config, backend); exceptions become the row's ``error``.  With ``counter``
-    the row gets instruction counts (fwd_ir, fwdbwd_ir) instead of timings."""
+              dev_name: str, check: bool = True, counter: Optional[Callgrind] = None):
+    """A row's setup and accuracy check (and, with ``counter``, its instruction counts).
+
+    Returns (row, case): case is None when the row is complete (error or instruction counts)."""
     row = empty_row(cfg, backend, dev_name)
     row["threads"] = torch.get_num_threads() if device.type == "cpu" else None
     row["tokens"] = inputs[0].tokens
@@ -657,7 +669,6 @@ def bench_row(cfg: BenchConfig, backend: str, device: torch.device, opts: Timing
     row["floor_ms"] = None if fl["fwd_s"] is None else fl["fwd_s"] * 1e3
     row["floor_fwdbwd_ms"] = None if fl["fwdbwd_s"] is None else fl["fwdbwd_s"] * 1e3
     row["floor_per_step_us"] = None if fl["per_step_s"] is None else fl["per_step_s"] * 1e6
-    case = None
     try:
         case = Case(cfg, backend, device, reference=reference, inputs=inputs)
         if check and ref64 is not None:
@@ -672,10 +683,34 @@ def bench_row(cfg: BenchConfig, backend: str, device: torch.device, opts: Timing
             with case.eval_mode():
                 row["fwd_ir"] = counter.count(case.fwd, n_sets=opts.n_sets)
             row["fwdbwd_ir"] = counter.count(case.fwdbwd, n_sets=opts.n_sets)
-            return row
+            return row, None
+        return row, case
+    except Exception as e:  # noqa: BLE001  (a row never crashes the suite)
+        _error_row(row, e)
+        return row, None
+
+
+def time_row(row: dict, case: "Case", device: torch.device, opts: TimingOptions) -> bool:
+    """One timing of fwd and fwd+bwd appended to the row's runs; False (and the row's error) on failure."""
+    try:
         with case.eval_mode():
-            row["fwd_ms"], row["fwd_reps"], _ = measure(case.fwd, device, opts)
-        row["fwdbwd_ms"], row["fwdbwd_reps"], _ = measure(case.fwdbwd, device, opts)
+            ms, reps, _ = measure(case.fwd, device, opts)
+        row["fwd_ms_runs"] = (row["fwd_ms_runs"] or []) + [ms]
+        row["fwd_reps"] = (row["fwd_reps"] or 0) + reps
+        ms, reps, _ = measure(case.fwdbwd, device, opts)
+        row["fwdbwd_ms_runs"] = (row["fwdbwd_ms_runs"] or []) + [ms]
+        row["fwdbwd_reps"] = (row["fwdbwd_reps"] or 0) + reps
+        return True
+    except Exception as e:  # noqa: BLE001
+        _error_row(row, e)
+        return False
+
+
+def finish_row(cfg: BenchConfig, row: dict, case: "Case", device: torch.device) -> None:
+    """Times of the row: the fastest of its runs' medians (a shared machine only ever adds time)."""
+    try:
+        row["fwd_ms"] = min(row["fwd_ms_runs"])
+        row["fwdbwd_ms"] = min(row["fwdbwd_ms_runs"])
         if device.type == "cuda":
             _sync(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -688,14 +723,20 @@ def bench_row(cfg: BenchConfig, backend: str, device: torch.device, opts: Timing
         if row["floor_ms"]:
             row["fwd_over_floor"] = row["fwd_ms"] / row["floor_ms"]
             row["fwdbwd_over_floor"] = row["fwdbwd_ms"] / row["floor_fwdbwd_ms"]
-    except Exception as e:  # noqa: BLE001  (a row never crashes the suite)
-        row["error"] = _error_text(e)
-        if isinstance(e, NotImplementedError) or (isinstance(e, ValueError) and "does not support" in str(e)):
-            row["error"] = "unsupported: " + row["error"]
-        if os.environ.get("FUSEDRNN_BENCH_TRACEBACK"):
-            traceback.print_exc()
-    finally:
-        del case
+    except Exception as e:  # noqa: BLE001
+        _error_row(row, e)
+
+
+def bench_row(cfg: BenchConfig, backend: str, device: torch.device, opts: TimingOptions,
+              reference: torch.nn.Module, inputs: List[InputSet], ref64: Optional[dict],
+              dev_name: str, check: bool = True, counter: Optional[Callgrind] = None) -> dict:
+    """Measure one (config, backend); exceptions become the row's ``error``.  With ``counter``
+    the row gets instruction counts (fwd_ir, fwdbwd_ir) instead of timings."""
+    row, case = start_row(cfg, backend, device, opts, reference, inputs, ref64, dev_name, check, counter)
+    if case is not None:
+        if all(time_row(row, case, device, opts) for _ in range(opts.repeat)):
+            finish_row(cfg, row, case, device)
+    del case
     return row
 
 
@@ -860,6 +901,7 @@ def run_suite(configs: Sequence[BenchConfig], backends: Sequence[str], device="c
     bar = _progress(len(configs) * len(backends), progress)
     for cfg in configs:
         cfg_rows = []
+        threads = 1 if counter is not None else (cfg.threads if device.type == "cpu" else None)
         try:
             reference = torch_module(cfg, device, seed)
             inputs = [make_inputs(cfg, device, seed + 1000 * (k + 1)) for k in range(opts.n_sets)]
@@ -868,9 +910,10 @@ def run_suite(configs: Sequence[BenchConfig], backends: Sequence[str], device="c
         except Exception as e:  # noqa: BLE001
             reference = inputs = ref64 = None
             setup_error = _error_text(e)
+        started = []  # (row, case) per backend, in order
         for backend in backends:
             bar.set(f"{cfg.name} [{backend}]")
-            row = None
+            row, case = None, None
             if counter is not None and backend == "torch":
                 row = empty_row(cfg, backend, dev_name)
                 row["error"] = "skipped: callgrind counts only fusedrnn's C++ CPU ops"
@@ -886,12 +929,23 @@ def run_suite(configs: Sequence[BenchConfig], backends: Sequence[str], device="c
                     row = empty_row(cfg, backend, dev_name)
                     row["error"] = reason
                 else:
-                    threads = 1 if counter is not None else (cfg.threads if device.type == "cpu" else None)
                     with cpu_threads(threads):
-                        row = bench_row(cfg, backend, device, opts, reference, inputs, ref64, dev_name, check,
-                                        counter)
+                        row, case = start_row(cfg, backend, device, opts, reference, inputs, ref64, dev_name,
+                                              check, counter)
+            started.append((row, case))
+        # timings interleaved across backends: for r in repeats, each backend once
+        with cpu_threads(threads):
+            for _ in range(opts.repeat):
+                for row, case in started:
+                    if case is not None and not row.get("error"):
+                        time_row(row, case, device, opts)
+            for row, case in started:
+                if case is not None and not row.get("error"):
+                    finish_row(cfg, row, case, device)
+        for row, _ in started:
             cfg_rows.append(row)
             bar.update(row)
+        started.clear()
         del reference, inputs, ref64
         gc.collect()
         if device.type == "cuda":
