@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-time", type=float, default=None, metavar="S", help="seconds per measurement")
     p.add_argument("--max-reps", type=int, default=None, help="cap on repetitions per measurement")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before each measurement")
+    p.add_argument("--clock", choices=("auto", "wall", "thread"), default="auto",
+                   help="CPU clock: thread = CPU time of the calling thread (not disturbed by other processes on a "
+                        "shared machine; one-thread rows only), wall; auto (default): thread for rows on one thread")
     p.add_argument("--repeat", type=int, default=None, metavar="N",
                    help="timings per row, interleaved across the backends of each config; a row reports the "
                         "fastest run's median (default 3 for the cpu suite, else 1): for shared, noisy machines")
@@ -200,6 +203,7 @@ def _run(args, argv: List[str]) -> int:
         opts.warmup = max(0, args.warmup)
     if args.repeat is not None:
         opts.repeat = max(1, args.repeat)
+    opts.clock = args.clock
     if device.type == "cpu" and args.suite not in ("quick", "tiny", "cpu"):
         print(f"fusedrnn.bench: suite {args.suite!r} on CPU uses GPU-sized configs and can take very long",
               file=sys.stderr)

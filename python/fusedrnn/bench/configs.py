@@ -5,9 +5,9 @@ lists of configs:
 
     quick      small CPU-friendly configs (seconds on a 2-core CPU); on CUDA two standard configs
                are added.
-    cpu        the CPU suite: LSTM and GRU over H 64..1024 x B 1..64 at T=64, T 16 and 256, two bf16
-               rows, each at 1 and 2 threads (minutes on a 2-core CPU); every row times inference
-               (fwd) and training (fwd+bwd).
+    cpu        the CPU suite: LSTM and GRU over H 64..1024 x B 1..64 at T=64, T 16 and 256, and
+               bf16 / fp16 / fp64 at H 128 and 512, each at 1 and 2 threads (minutes on a 2-core
+               CPU); every row times inference (fwd) and training (fwd+bwd).
     standard   the GPU suite whose names are quoted in BENCHMARKS.md (keep the names stable).
     full       standard + sweeps over B, H and T for LSTM and GRU + LSTMCell / GRUCell rows.
     tiny       the smallest configs, for the Triton interpreter and the tests.
@@ -165,8 +165,8 @@ QUICK_CUDA_EXTRA = ["fastrnns-lstm-fp32", "lstm-h768-b16-t1024-bf16"]
 
 # ------------------------------------------------------------------------------------------ CPU
 # The CPU suite behind the `auto` rule on CPU (python/fusedrnn/backends/__init__.py): single-layer
-# LSTM and GRU, I = H, over the H x B grid at T = 64 plus T = 16 / 256 and bf16 points, each at 1
-# and 2 threads.  Every row times inference (fwd) and training (fwd+bwd) against torch.nn.
+# LSTM and GRU, I = H, over the H x B grid at T = 64 plus T = 16 / 256 and the other dtypes, each at
+# 1 and 2 threads.  Every row times inference (fwd) and training (fwd+bwd) against torch.nn.
 CPU_H = (64, 128, 256, 512, 1024)
 CPU_B = (1, 4, 16, 64)
 CPU_T = 64
@@ -182,8 +182,9 @@ def _cpu_suite() -> List[BenchConfig]:
                     out.append(make(mode, H, B, CPU_T, "fp32", threads=threads))
             for T in (16, 256):
                 out.append(make(mode, 256, 4, T, "fp32", threads=threads))
-            for H in (128, 512):
-                out.append(make(mode, H, 4, CPU_T, "bf16", threads=threads))
+            for dtype in ("bf16", "fp16", "fp64"):
+                for H in (128, 512):
+                    out.append(make(mode, H, 4, CPU_T, dtype, threads=threads))
     return out
 
 

@@ -11,7 +11,10 @@ What is measured
     fwdbwd_ms    median of forward (train mode) + torch.autograd.grad of every output (random
                  cotangents) with respect to the input, h0, c0 and every parameter
     CUDA timing uses torch.cuda.Event pairs around each repetition after warm-up; CPU timing uses
-    time.perf_counter.  Repetitions rotate over a few independent input sets so caches do not
+    the calling thread's CPU time (time.thread_time) for rows on one thread, which on a shared
+    machine does not count the time other processes take from it, else time.perf_counter
+    (``TimingOptions.clock``).  ``repeat`` > 1 times each row several times, interleaved across the
+    backends of a config, and keeps the fastest run's median.  Repetitions rotate over a few independent input sets so caches do not
     flatter a row.  Nothing in the harness changes TF32 flags, clocks or other device settings.
 
 Instruction counts (``--callgrind DIR`` in the CLI): the process runs under valgrind's callgrind and
@@ -395,6 +398,10 @@ class TimingOptions:
     # timings per row, interleaved across the backends of a config; a row reports the fastest run's
     # median (on a shared machine other work only ever adds time)
     repeat: int = 1
+    # CPU clock: "wall" (time.perf_counter), "thread" (time.thread_time: CPU time of the calling
+    # thread, blind to time spent descheduled by other processes' work), "auto": thread when the
+    # row runs on one thread (then both equal on an idle machine), else wall
+    clock: str = "auto"
 
     @classmethod
     def for_device(cls, device: torch.device, suite: str = "standard") -> "TimingOptions":
@@ -407,10 +414,24 @@ class TimingOptions:
         return cls(min_time_s=0.5, min_reps=3, max_reps=30, warmup=1, n_sets=2)
 
 
+def clock_name(device: torch.device, opts: TimingOptions) -> str:
+    """The clock ``measure`` uses: "cuda-events", "thread" or "wall"."""
+    if device.type == "cuda":
+        return "cuda-events"
+    if opts.clock not in ("wall", "auto", "thread"):
+        raise ValueError(f"unknown clock {opts.clock!r} (auto, wall, thread)")
+    # one thread's CPU time is the call's time only when the call runs on that thread alone
+    if opts.clock in ("thread", "auto") and torch.get_num_threads() == 1:
+        return "thread"
+    return "wall"
+
+
 def measure(fn: Callable[[int], object], device: torch.device, opts: TimingOptions):
-    """Median milliseconds of ``fn(i)`` over repetitions (i rotates over the input sets).
+    """Median milliseconds of ``fn(i)`` over repetitions (i rotates over the input sets), on the
+    clock ``clock_name`` names.
 
     Returns (median_ms, reps, times_ms)."""
+    clock = time.thread_time if clock_name(device, opts) == "thread" else time.perf_counter
     counter = [0]
 
     def call():
@@ -437,9 +458,9 @@ def measure(fn: Callable[[int], object], device: torch.device, opts: TimingOptio
     else:
         times = []
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t0 = clock()
             call()
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append((clock() - t0) * 1e3)
     return statistics.median(times), reps, times
 
 
@@ -607,7 +628,7 @@ ROW_KEYS = (
     "packed", "tokens", "fwd_ms", "fwdbwd_ms", "fwd_reps", "fwdbwd_reps", "ratio_vs_torch",
     "fwd_ratio_vs_torch", "max_rel_err", "worst_tensor", "rel_errs", "tol", "err_vs_torch", "ok",
     "peak_mem_mb", "tokens_per_s", "per_step_us", "floor_ms", "floor_per_step_us", "fwd_over_floor",
-    "floor_fwdbwd_ms", "fwdbwd_over_floor", "threads", "fwd_ms_runs", "fwdbwd_ms_runs", "fwd_ir", "fwdbwd_ir", "error",
+    "floor_fwdbwd_ms", "fwdbwd_over_floor", "threads", "clock", "fwd_ms_runs", "fwdbwd_ms_runs", "fwd_ir", "fwdbwd_ir", "error",
 )
 
 
@@ -693,6 +714,7 @@ def start_row(cfg: BenchConfig, backend: str, device: torch.device, opts: Timing
 def time_row(row: dict, case: "Case", device: torch.device, opts: TimingOptions) -> bool:
     """One timing of fwd and fwd+bwd appended to the row's runs; False (and the row's error) on failure."""
     try:
+        row["clock"] = clock_name(device, opts)
         with case.eval_mode():
             ms, reps, _ = measure(case.fwd, device, opts)
         row["fwd_ms_runs"] = (row["fwd_ms_runs"] or []) + [ms]
