@@ -238,7 +238,7 @@ def _check_finite_and_close(outs, refs, names, dtype):
     assert_close(outs, refs, dtype, names)
 
 
-@pytest.mark.parametrize("magnitude", EXTREMES, ids=lambda m: f"{m:g}")
+@pytest.mark.parametrize("magnitude", [30.0, 1e4, math.inf], ids=lambda m: f"{m:g}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["lstm", "lstm_proj", "gru"])
 def test_recurrence_extreme_preactivations(isa, mode, dtype, magnitude):
@@ -394,10 +394,9 @@ def _run_all(mode, dtype, T, B, H, P, lengths, reverse, seed=5):
     return list(fwd) + list(bwd)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mode,H,P", [("lstm", 96, 96), ("lstm", 100, 50), ("gru", 130, 130)])
-@pytest.mark.parametrize("B,lengths", [(40, "unsorted"), (64, None), (3, "unsorted")])
-@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("B,lengths,reverse", [(40, "unsorted", True), (64, None, False), (3, "unsorted", False)])
 def test_two_threads_bitwise_equal_one(isa, dtype, mode, H, P, B, lengths, reverse):
     """Work is split by column groups and row tiles: the same arithmetic per element, any split."""
     T = 7
