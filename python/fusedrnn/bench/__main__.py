@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write rows + environment as JSON (rewritten after every config)")
     p.add_argument("--plot", metavar="FILE.png", help="speed-up bar chart; sweeps go to FILE_vs_{H,B,T}.png")
     p.add_argument("--markdown", metavar="FILE.md", help="markdown table for BENCHMARKS.md")
+    p.add_argument("--ratios", metavar="FILE.md",
+                   help="compact markdown table of the ratios vs torch.nn (times, x fwd, x fwd+bwd, accuracy)")
     p.add_argument("--no-check", action="store_true", help="skip the float64 accuracy check")
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="start no new row after S seconds (the rest are recorded as skipped)")
@@ -75,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _write_reports(args, meta, rows, cfgs) -> None:
+    if args.ratios:
+        from pathlib import Path  # noqa: PLC0415
+
+        Path(args.ratios).write_text(report.ratio_markdown(meta, rows))
+        print(f"wrote {args.ratios}")
     if args.markdown:
         report.write_markdown(args.markdown, meta, rows)
         print(f"wrote {args.markdown}")

@@ -173,6 +173,45 @@ def to_markdown(meta: dict, rows: List[dict]) -> str:
     return "\n".join(out)
 
 
+def ratio_markdown(meta: dict, rows: List[dict]) -> str:
+    """Compact table: per config and non-torch backend, torch's and the backend's times and their
+    ratio (torch / backend, > 1 is faster) for the forward and forward+backward, and the accuracy.
+    The header gives the run's spread: max / min of each row's repeated timings (``--repeat``)."""
+    torch_rows = {r["config"]: r for r in rows if r["backend"] == "torch" and not r.get("error")}
+    spreads = sorted(
+        max(runs) / min(runs)
+        for r in rows
+        for runs in (r.get("fwd_ms_runs"), r.get("fwdbwd_ms_runs"))
+        if runs and len(runs) > 1 and min(runs) > 0
+    )
+    out = [f"- {line}" for line in header_lines(meta)]
+    if spreads:
+        mid = spreads[len(spreads) // 2]
+        out.append(f"- timing spread (max/min of each row's {len(rows[0].get('fwd_ms_runs') or [])} runs): "
+                   f"median {mid:.2f}, worst {spreads[-1]:.2f}")
+    out += ["", "| config | backend | threads | torch fwd ms | fwd ms | x fwd | torch fwd+bwd ms | fwd+bwd ms "
+            "| x fwd+bwd | max rel err | ok |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+
+    def f(v, fmt):
+        return "-" if v is None else fmt.format(v)
+
+    for r in rows:
+        if r["backend"] == "torch":
+            continue
+        t = torch_rows.get(r["config"], {})
+        if r.get("error"):
+            out.append(f"| {r['config']} | {r['backend']} | | | | | | | | | {r['error'][:60]} |")
+            continue
+        out.append(
+            f"| {r['config']} | {r['backend']} | {f(r.get('threads'), '{}')} | {f(t.get('fwd_ms'), '{:.3f}')} "
+            f"| {f(r['fwd_ms'], '{:.3f}')} | **{f(r.get('fwd_ratio_vs_torch'), '{:.2f}')}** "
+            f"| {f(t.get('fwdbwd_ms'), '{:.3f}')} | {f(r['fwdbwd_ms'], '{:.3f}')} "
+            f"| **{f(r.get('ratio_vs_torch'), '{:.2f}')}** | {f(r.get('max_rel_err'), '{:.1e}')} "
+            f"| {'yes' if r.get('ok') else ('NO' if r.get('ok') is False else '-')} |"
+        )
+    return "\n".join(out) + "\n"
+
+
 def write_markdown(path, meta: dict, rows: List[dict]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(to_markdown(meta, rows))
