@@ -52,9 +52,11 @@ inline at::Tensor valid_steps(const c10::optional<at::Tensor>& lengths, int64_t 
   return valid;
 }
 
-// Multiply-adds per thread and step below which a second thread costs more than it saves: a step
-// then takes a few microseconds on one core, about what the team's barrier and the extra thread's
-// cache traffic cost (measured on a 2-core AMD EPYC (Zen 4); see README "CPU").
+// Multiply-adds per thread and step below which a second thread costs more than it saves: 2^18 is
+// 16K AVX-512 FMAs, about 5 us on one core, against about 1 us for the team's barrier on an idle
+// 2-core AMD EPYC (Zen 4), where an LSTM with H = 256, B = 4 (2^20 per step) ran its recurrence in
+// 1.1 ms on two threads instead of 1.6 ms on one.  A first estimate: the machine it was tuned on
+// was too busy to time two-thread runs finely (BENCHMARKS.md "CPU").
 constexpr int64_t kMinStepMacsPerThread = int64_t(1) << 18;
 
 // Threads for a recurrence whose step GEMM is (B x K) @ (K x N): torch.get_num_threads() at most.

@@ -336,6 +336,7 @@ void lstm_fwd_impl(const LstmFwdArgs& args) {
   constexpr int L = kLanes<A>;
   constexpr int NVP = 4;  // column blocks per group of the projection GEMM
   const RnnShape& s = args.s;
+  if (s.B == 0) return;  // nothing to compute (and no zero-size buffers to copy)
   const int64_t T = s.T, B = s.B, H = s.H, P = s.P, G = 4 * H;
   const bool proj = args.w_hr != nullptr;
   const int64_t unit_blocks = div_up(H, L);            // gates GEMM: K = P, 4 gate vectors per block
@@ -457,6 +458,7 @@ void lstm_bwd_impl(const LstmBwdArgs& args) {
   using V = Vec<A>;
   constexpr int NV = 4;  // column blocks per group of the backward GEMMs
   const RnnShape& s = args.s;
+  if (s.B == 0) return;  // nothing to compute (and no zero-size buffers to copy)
   const int64_t T = s.T, B = s.B, H = s.H, P = s.P, G = 4 * H;
   const bool proj = args.w_hr != nullptr;
   const int64_t h_groups = div_up(P, NV * kLanes<A>);               // dh = dpre @ W_hh: K = G, N = P
@@ -630,6 +632,7 @@ void gru_fwd_impl(const GruFwdArgs& args) {
   using V = Vec<A>;
   constexpr int L = kLanes<A>;
   const RnnShape& s = args.s;
+  if (s.B == 0) return;  // nothing to compute (and no zero-size buffers to copy)
   const int64_t T = s.T, B = s.B, H = s.H, G = 3 * H;
   const int64_t unit_blocks = div_up(H, L);  // K = H, 3 gate vectors per block
   Scratch<A> panel(unit_blocks * panel_group_elems<A, 3>(H));
@@ -701,6 +704,7 @@ void gru_bwd_impl(const GruBwdArgs& args) {
   using V = Vec<A>;
   constexpr int NV = 4;
   const RnnShape& s = args.s;
+  if (s.B == 0) return;  // nothing to compute (and no zero-size buffers to copy)
   const int64_t T = s.T, B = s.B, H = s.H, G = 3 * H;
   const int64_t groups = div_up(H, NV * kLanes<A>);  // dh = dhp @ W_hh: K = 3H, N = H
   Scratch<A> panel(groups * panel_group_elems<A, NV>(G));
