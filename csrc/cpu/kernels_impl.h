@@ -155,12 +155,6 @@ inline void vzero(S* p, int n) {
   vstore<A>(p, Vec<A>(A(0)), n);
 }
 
-// The per-step tensors (xproj, gates, cs, dy, outputs) stream through memory once, T x B x G: each
-// epilogue asks for its rows of the next step while this step's GEMMs run (without it, the loads
-// of xproj were the hottest instructions of the forward's epilogue at H = 256).
-inline void prefetch_read(const void* p) { __builtin_prefetch(p, 0, 3); }
-inline void prefetch_write(const void* p) { __builtin_prefetch(p, 1, 3); }
-
 // ---- packing of the step GEMM operands ------------------------------------------------------
 // panel[group][k][v][lane] = Bmat(k, column(group, v) + lane), zero where the lane is past the
 // column run.  Two column schemes:
@@ -379,20 +373,10 @@ void lstm_fwd_impl(const LstmFwdArgs& args) {
       S* y_t = y_all + t * B * P;
       S* g_t = gates_all + t * B * G;
       A* cs_t = cs_all + t * B * H;
-      const int64_t t_next = step + 1 < T ? (s.reverse ? t - 1 : t + 1) : -1;
 
       auto cell = [&](int64_t b, int64_t block, const V* acc) {
         const int64_t j0 = block * L;
         const int n = static_cast<int>(std::min<int64_t>(L, H - j0));
-        if (t_next >= 0) {
-          const int64_t o = (t_next * B + b) * G + j0;
-          for (int k = 0; k < 4; ++k) {
-            prefetch_read(x_all + o + k * H);
-            prefetch_write(gates_all + o + k * H);
-          }
-          prefetch_write(cs_all + (t_next * B + b) * H + j0);
-          if (!proj) prefetch_write(y_all + (t_next * B + b) * P + j0);
-        }
         S* g_b = g_t + b * G + j0;
         if (!valid[b]) {  // padded step: state unchanged, zeros out
           for (int k = 0; k < 4; ++k) vzero<A>(g_b + k * H, n);
@@ -528,22 +512,8 @@ void lstm_bwd_impl(const LstmBwdArgs& args) {
       const S* g_t = gates_all + t * B * G;
       const A* cs_t = cs_all + t * B * H;
       S* dx_t = dx_all + t * B * G;
-      const int64_t t_next = step + 1 < T ? (s.reverse ? t + 1 : t - 1) : -1;  // processed next
-      auto prefetch_next = [&](int64_t b, int64_t j0) {
-        if (t_next < 0) return;
-        const int64_t o = (t_next * B + b) * G + j0;
-        for (int k = 0; k < 4; ++k) {
-          prefetch_read(gates_all + o + k * H);
-          prefetch_write(dx_all + o + k * H);
-        }
-        prefetch_read(cs_all + (t_next * B + b) * H + j0);
-        const int64_t t_prev_of_next = s.reverse ? t_next + 1 : t_next - 1;  // its c_{t-1}
-        if (t_prev_of_next >= 0 && t_prev_of_next < T) prefetch_read(cs_all + (t_prev_of_next * B + b) * H + j0);
-        prefetch_read(dy_all + (t_next * B + b) * P + j0);
-      };
       // cell backward of step t for units [j0, j0 + n) of row b, given the gradient dm reaching m_t
       auto cell_bwd = [&](int64_t b, int64_t j0, int n, const V& dm) {
-        prefetch_next(b, j0);
         A* dp_b = dpre_cur + b * G + j0;
         S* dx_b = dx_t + b * G + j0;
         const S* g_b = g_t + b * G + j0;
@@ -659,15 +629,9 @@ void gru_fwd_impl(const GruFwdArgs& args) {
       const S* x_t = x_all + t * B * G;
       S* y_t = y_all + t * B * H;
       S* g_t = gates_all + t * B * 4 * H;
-      const int64_t t_next = step + 1 < T ? (s.reverse ? t - 1 : t + 1) : -1;
       auto cell = [&](int64_t b, int64_t block, const V* acc) {
         const int64_t j0 = block * L;
         const int n = static_cast<int>(std::min<int64_t>(L, H - j0));
-        if (t_next >= 0) {
-          for (int k = 0; k < 3; ++k) prefetch_read(x_all + (t_next * B + b) * G + j0 + k * H);
-          for (int k = 0; k < 4; ++k) prefetch_write(gates_all + (t_next * B + b) * 4 * H + j0 + k * H);
-          prefetch_write(y_all + (t_next * B + b) * H + j0);
-        }
         S* g_b = g_t + b * 4 * H + j0;
         if (!valid[b]) {  // padded step: state unchanged, zeros out
           for (int k = 0; k < 4; ++k) vzero<A>(g_b + k * H, n);
@@ -758,21 +722,12 @@ void gru_bwd_impl(const GruBwdArgs& args) {
       const S* g_t = gates_all + t * B * 4 * H;
       S* dx_t = dx_all + t * B * G;
       S* dhn_t = dhn_all + t * B * H;
-      const int64_t t_next = step + 1 < T ? (s.reverse ? t + 1 : t - 1) : -1;  // processed next
       auto fused = [&](int64_t b, int64_t group, const V* acc) {
         for (int v = 0; v < NV; ++v) {
           const Column col = block_column<A, NV>(group, v, H);
           if (col.n == 0) break;
           const int64_t j0 = col.base;
           const int n = col.n;
-          if (t_next >= 0) {
-            for (int k = 0; k < 4; ++k) prefetch_read(gates_all + (t_next * B + b) * 4 * H + j0 + k * H);
-            for (int k = 0; k < 3; ++k) prefetch_write(dx_all + (t_next * B + b) * G + j0 + k * H);
-            prefetch_read(dy_all + (t_next * B + b) * H + j0);
-            const int64_t t_prev_of_next = s.reverse ? t_next + 1 : t_next - 1;  // its h_{t-1}
-            if (t_prev_of_next >= 0 && t_prev_of_next < T) prefetch_read(y_all + (t_prev_of_next * B + b) * H + j0);
-            prefetch_write(dhn_all + (t_next * B + b) * H + j0);
-          }
           const V d_in = dh_in(b, acc[v], j0, n);
           A* dp_b = dhp_cur + b * G + j0;
           S* dx_b = dx_t + b * G + j0;
