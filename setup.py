@@ -152,9 +152,13 @@ def build_extension():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cpp_sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
     cu_sources = _sources("csrc/cuda/*.cu")
-    # -fno-trapping-math lets the compiler if-convert the branch-free exp/tanh of csrc/cpu/simd.h
-    # into vector selects (results are unchanged: it only drops FP-exception side effects).
-    cxx_flags = ["-O3", "-Wall", "-Wno-unused-function", "-fno-trapping-math"]
+    # -fno-trapping-math lets the compiler if-convert lane loops into vector selects (results are
+    # unchanged: it only drops FP-exception side effects).  -fopenmp: the CPU recurrences run one
+    # OpenMP team per call (csrc/cpu/parallel.cpp); at run time libgomp resolves to the copy torch
+    # already loaded, so torch.set_num_threads and torch's thread pool are shared.
+    # -Wno-unknown-pragmas: ATen's vector headers carry clang/nvcc loop pragmas GCC ignores.
+    cxx_flags = ["-O3", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas", "-fno-trapping-math", "-fopenmp"]
+    link_flags = ["-fopenmp"]
 
     with_cuda = (
         torch.version.cuda is not None
@@ -170,7 +174,8 @@ def build_extension():
 
     if not with_cuda:
         ext = cpp_extension.CppExtension(
-            "fusedrnn._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+            "fusedrnn._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
         _log(f"CPU-only extension from {len(cpp_sources)} sources")
         return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
@@ -210,6 +215,7 @@ def build_extension():
         cpp_sources + cu_sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags + defines, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
     _log(
         f"CUDA extension: CUDA_HOME={cuda_home}, nvcc {version[0]}.{version[1]}, archs {archs_macro} "

@@ -123,12 +123,48 @@ def _warn_once(key, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+# CPU: smallest hidden size from which the ``cpp`` backend is faster than torch.nn, per (mode, dtype,
+# pass), measured with ``python -m fusedrnn.bench --suite cpu`` (BENCHMARKS.md "CPU"; README "CPU").
+# "inference": grad mode off; "training": forward + backward.  A missing entry: torch.nn is faster
+# at every size measured (cells: their per-call Python path costs more than torch's fused cell).
+# The batch size is not part of the call's config: for fp32 LSTM torch.nn (oneDNN) is at the
+# machine's FMA peak from B = 16 on, where cpp wins only at H = 1024 and small batches.
+_CPU_CPP_FROM_HIDDEN = {
+    ("GRU", torch.float32, "inference"): 1,
+    ("GRU", torch.float32, "training"): 1,
+    ("GRU", torch.bfloat16, "inference"): 1,
+    ("GRU", torch.bfloat16, "training"): 1,
+    ("GRU", torch.float16, "inference"): 1,
+    ("GRU", torch.float16, "training"): 1,
+    ("GRU", torch.float64, "inference"): 1,
+    ("GRU", torch.float64, "training"): 1,
+    ("LSTM", torch.float32, "inference"): 1024,
+    ("LSTM", torch.float32, "training"): 1024,
+    ("LSTM", torch.bfloat16, "training"): 512,  # inference: oneDNN's bf16 dot products win
+    ("LSTM", torch.float16, "inference"): 1,
+    ("LSTM", torch.float16, "training"): 1,
+    ("LSTM", torch.float64, "inference"): 1,
+    ("LSTM", torch.float64, "training"): 1,
+}
+
+
+def _cpu_candidates(cfg: RecurrenceConfig):
+    """``("cpp",)`` where the measured rule says cpp is faster (or torch.nn cannot run), else ()."""
+    if cfg.mode == "LSTM" and torch.is_autocast_enabled("cpu"):
+        # torch.nn's LSTM fails under CPU autocast on some machines (oneDNN "could not create a
+        # primitive descriptor" for fp32 input under bf16 autocast): ours runs it
+        return ("cpp",)
+    phase = "training" if torch.is_grad_enabled() else "inference"
+    start = _CPU_CPP_FROM_HIDDEN.get((cfg.mode, cfg.dtype, phase))
+    return ("cpp",) if start is not None and cfg.hidden_size >= start else ()
+
+
 def _auto_candidates(cfg: RecurrenceConfig):
     """Order in which ``auto`` tries backends.  The rule lives here, once."""
     if cfg.device_type == "cuda":
         return ("cuda", "triton")
-    # On CPU torch's native kernels (oneDNN) are the sane default for now; the cpp backend is
-    # chosen explicitly.
+    if cfg.device_type == "cpu":
+        return _cpu_candidates(cfg)
     return ()
 
 

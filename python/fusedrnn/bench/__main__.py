@@ -5,6 +5,8 @@ Examples
     python -m fusedrnn.bench --suite standard --json bench.json --plot speedup.png --markdown bench.md
     python -m fusedrnn.bench --suite full --backends torch cuda triton --filter 'lstm-*'
     python -m fusedrnn.bench --suite tiny --device cpu --backends torch triton   # Triton interpreter
+    python -m fusedrnn.bench --suite cpu --json cpu.json --markdown cpu.md       # CPU suite, 1 and 2 threads
+    python -m fusedrnn.bench --quick --callgrind cg/ --backends cpp    # instruction counts (valgrind)
 
 Exit status: 0 when every row ran and passed its accuracy check (rows skipped as unavailable or
 unsupported count as passed), 1 when some row errored or failed the check, 2 on bad arguments.
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import os
+import shutil
+import subprocess
 import sys
 import time
 from typing import List, Optional
@@ -41,17 +45,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write rows + environment as JSON (rewritten after every config)")
     p.add_argument("--plot", metavar="FILE.png", help="speed-up bar chart; sweeps go to FILE_vs_{H,B,T}.png")
     p.add_argument("--markdown", metavar="FILE.md", help="markdown table for BENCHMARKS.md")
+    p.add_argument("--ratios", metavar="FILE.md",
+                   help="compact markdown table of the ratios vs torch.nn (times, x fwd, x fwd+bwd, accuracy)")
     p.add_argument("--no-check", action="store_true", help="skip the float64 accuracy check")
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="start no new row after S seconds (the rest are recorded as skipped)")
     p.add_argument("--min-time", type=float, default=None, metavar="S", help="seconds per measurement")
     p.add_argument("--max-reps", type=int, default=None, help="cap on repetitions per measurement")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before each measurement")
+    p.add_argument("--clock", choices=("auto", "wall", "thread"), default="auto",
+                   help="CPU clock: thread = CPU time of the calling thread (not disturbed by other processes on a "
+                        "shared machine; one-thread rows only), wall; auto (default): thread for rows on one thread")
+    p.add_argument("--repeat", type=int, default=None, metavar="N",
+                   help="timings per row, interleaved across the backends of each config; a row reports the "
+                        "fastest run's median (default 3 for the cpu suite, else 1): for shared, noisy machines")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for the run (default: 1 for the quick/tiny suites on CPU, whose "
                         "sizes gain nothing from threads and whose timings threads make noisy on a shared "
                         "machine; 0: torch's default)")
+    p.add_argument("--callgrind", metavar="DIR",
+                   help="count instructions instead of timing: rerun under valgrind's callgrind (dumps in DIR) "
+                        "and report, per row, the instructions executed inside fusedrnn's C++ CPU ops per call "
+                        "(one thread; AVX2 kernels, valgrind has no AVX-512).  Deterministic, for A/B comparisons "
+                        "of kernel changes on a noisy machine.  Default backends: cpp")
     p.add_argument("--list", action="store_true", help="list the suite's configs and exit")
     p.add_argument("--no-progress", action="store_true", help="plain per-row lines instead of a progress bar")
     p.add_argument("--from-json", metavar="FILE",
@@ -60,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _write_reports(args, meta, rows, cfgs) -> None:
+    if args.ratios:
+        from pathlib import Path  # noqa: PLC0415
+
+        Path(args.ratios).write_text(report.ratio_markdown(meta, rows))
+        print(f"wrote {args.ratios}")
     if args.markdown:
         report.write_markdown(args.markdown, meta, rows)
         print(f"wrote {args.markdown}")
@@ -120,11 +142,26 @@ def _triton_interpreter(device: torch.device, backends: List[str], argv: List[st
         os.execv(sys.executable, [sys.executable, "-m", "fusedrnn.bench", *argv])
 
 
+def _rerun_under_callgrind(args, argv: List[str]) -> int:
+    missing = [t for t in ("valgrind", "callgrind_control") if shutil.which(t) is None]
+    if missing:
+        print(f"fusedrnn.bench: --callgrind needs {' and '.join(missing)} on PATH", file=sys.stderr)
+        return 2
+    os.makedirs(args.callgrind, exist_ok=True)
+    cmd = harness.callgrind_command(args.callgrind, argv)
+    env = dict(os.environ, **{harness.CALLGRIND_ENV: os.path.abspath(args.callgrind)})
+    print("fusedrnn.bench: running under callgrind (imports take a minute): " + " ".join(cmd[:5]) + " ...",
+          flush=True)
+    return subprocess.run(cmd, env=env).returncode
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     if args.from_json:
         return _render(args)
+    if args.callgrind and not os.environ.get(harness.CALLGRIND_ENV):
+        return _rerun_under_callgrind(args, argv)
     threads = torch.get_num_threads()
     try:
         return _run(args, argv)
@@ -141,7 +178,13 @@ def _run(args, argv: List[str]) -> int:
         print("fusedrnn.bench: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
     cfgs = _select(args, device)
-    if args.threads is None and device.type == "cpu" and args.suite in ("quick", "tiny"):
+    counter = None
+    if args.callgrind:
+        if device.type != "cpu":
+            print("fusedrnn.bench: --callgrind counts CPU kernels: use --device cpu", file=sys.stderr)
+            return 2
+        args.threads = 1
+    elif args.threads is None and device.type == "cpu" and args.suite in ("quick", "tiny"):
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -156,7 +199,7 @@ def _run(args, argv: List[str]) -> int:
     if backends:
         _triton_interpreter(device, backends, argv)
     else:
-        backends = harness.default_backends(device)
+        backends = ["cpp"] if args.callgrind else harness.default_backends(device)
     opts = harness.TimingOptions.for_device(device, args.suite)
     if args.min_time is not None:
         opts.min_time_s = args.min_time
@@ -165,11 +208,17 @@ def _run(args, argv: List[str]) -> int:
         opts.min_reps = min(opts.min_reps, opts.max_reps)
     if args.warmup is not None:
         opts.warmup = max(0, args.warmup)
-    if device.type == "cpu" and args.suite not in ("quick", "tiny"):
+    if args.repeat is not None:
+        opts.repeat = max(1, args.repeat)
+    opts.clock = args.clock
+    if device.type == "cpu" and args.suite not in ("quick", "tiny", "cpu"):
         print(f"fusedrnn.bench: suite {args.suite!r} on CPU uses GPU-sized configs and can take very long",
               file=sys.stderr)
 
     meta = harness.environment(device)
+    if args.callgrind:
+        counter = harness.Callgrind(os.environ[harness.CALLGRIND_ENV])
+        meta["callgrind"] = True
     meta.update(suite=args.suite, backends=list(backends),
                 configs={c.name: c.to_dict() for c in cfgs},
                 timing=dict(vars(opts)), command="python -m fusedrnn.bench " + " ".join(argv))
@@ -183,7 +232,7 @@ def _run(args, argv: List[str]) -> int:
     t0 = time.perf_counter()
     rows = harness.run_suite(cfgs, backends, device, opts=opts, check=not args.no_check, seed=args.seed,
                              time_budget_s=args.time_budget, progress="lines" if args.no_progress else True,
-                             on_config_done=checkpoint)
+                             on_config_done=checkpoint, counter=counter)
     meta["elapsed_s"] = round(time.perf_counter() - t0, 2)
     print()
     print(report.format_table(rows))

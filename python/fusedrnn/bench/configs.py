@@ -5,11 +5,14 @@ lists of configs:
 
     quick      small CPU-friendly configs (seconds on a 2-core CPU); on CUDA two standard configs
                are added.
+    cpu        the CPU suite: LSTM and GRU over H 64..1024 x B 1..64 at T=64, T 16 and 256, and
+               bf16 / fp16 / fp64 at H 128 and 512, each at 1 and 2 threads (minutes on a 2-core
+               CPU); every row times inference (fwd) and training (fwd+bwd).
     standard   the GPU suite whose names are quoted in BENCHMARKS.md (keep the names stable).
     full       standard + sweeps over B, H and T for LSTM and GRU + LSTMCell / GRUCell rows.
     tiny       the smallest configs, for the Triton interpreter and the tests.
 
-Names spell the config: ``<mode><layers>[-bidir]-h<H>-b<B>-t<T>[-packed]-<dtype>``.
+Names spell the config: ``<mode><layers>[-bidir]-h<H>-b<B>-t<T>[-packed]-<dtype>[-thr<N>]``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class BenchConfig:
     lengths     (lo, hi): packed input with per-sequence lengths drawn uniformly in [lo, hi]
                 (packed with ``enforce_sorted=False``), T is then ``hi``; None: a dense batch
     sweep       axis name ("B", "H", "T") when the config is a point of a sweep (for the plots)
+    threads     CPU threads for the row (torch.set_num_threads, restored afterwards); None: the
+                process setting (the CLI's --threads)
     """
 
     name: str
@@ -56,12 +61,15 @@ class BenchConfig:
     dtype: str = "fp32"
     lengths: Optional[Tuple[int, int]] = None
     sweep: Optional[str] = None
+    threads: Optional[int] = None
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {tuple(DTYPES)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -86,7 +94,7 @@ class BenchConfig:
         return d
 
 
-def _name(mode, H, B, T, dtype, layers=1, bidir=False, packed=False, I=None) -> str:
+def _name(mode, H, B, T, dtype, layers=1, bidir=False, packed=False, I=None, threads=None) -> str:
     s = mode.lower()
     if layers > 1:
         s += str(layers)
@@ -100,17 +108,21 @@ def _name(mode, H, B, T, dtype, layers=1, bidir=False, packed=False, I=None) -> 
         s += f"-t{T}"
     if packed:
         s += "-packed"
-    return f"{s}-{dtype}"
+    s += f"-{dtype}"
+    if threads is not None:
+        s += f"-thr{threads}"
+    return s
 
 
 def make(mode, H, B, T, dtype="fp32", I=None, layers=1, bidirectional=False, lengths=None,
-         sweep=None, name=None) -> BenchConfig:
+         sweep=None, name=None, threads=None) -> BenchConfig:
     I = H if I is None else I
     if lengths is not None:
         T = lengths[1]
-    name = name or _name(mode, H, B, T, dtype, layers, bidirectional, lengths is not None, I)
+    name = name or _name(mode, H, B, T, dtype, layers, bidirectional, lengths is not None, I, threads)
     return BenchConfig(name=name, mode=mode, T=T, B=B, I=I, H=H, layers=layers,
-                       bidirectional=bidirectional, dtype=dtype, lengths=lengths, sweep=sweep)
+                       bidirectional=bidirectional, dtype=dtype, lengths=lengths, sweep=sweep,
+                       threads=threads)
 
 
 # ------------------------------------------------------------------------------------- standard
@@ -151,6 +163,30 @@ TINY: List[BenchConfig] = [
 
 QUICK_CUDA_EXTRA = ["fastrnns-lstm-fp32", "lstm-h768-b16-t1024-bf16"]
 
+# ------------------------------------------------------------------------------------------ CPU
+# The CPU suite behind the `auto` rule on CPU (python/fusedrnn/backends/__init__.py): single-layer
+# LSTM and GRU, I = H, over the H x B grid at T = 64 plus T = 16 / 256 and the other dtypes, each at
+# 1 and 2 threads.  Every row times inference (fwd) and training (fwd+bwd) against torch.nn.
+CPU_H = (64, 128, 256, 512, 1024)
+CPU_B = (1, 4, 16, 64)
+CPU_T = 64
+CPU_THREADS = (1, 2)
+
+
+def _cpu_suite() -> List[BenchConfig]:
+    out: List[BenchConfig] = []
+    for threads in CPU_THREADS:
+        for mode in ("LSTM", "GRU"):
+            for H in CPU_H:
+                for B in CPU_B:
+                    out.append(make(mode, H, B, CPU_T, "fp32", threads=threads))
+            for T in (16, 256):
+                out.append(make(mode, 256, 4, T, "fp32", threads=threads))
+            for dtype in ("bf16", "fp16", "fp64"):
+                for H in (128, 512):
+                    out.append(make(mode, H, 4, CPU_T, dtype, threads=threads))
+    return out
+
 
 def _sweeps() -> List[BenchConfig]:
     out: List[BenchConfig] = []
@@ -177,7 +213,7 @@ def _dedup(configs: List[BenchConfig]) -> List[BenchConfig]:
     return out
 
 
-SUITES = ("quick", "standard", "full", "tiny")
+SUITES = ("quick", "cpu", "standard", "full", "tiny")
 
 
 def suite(name: str, device_type: str = "cpu") -> List[BenchConfig]:
@@ -189,6 +225,8 @@ def suite(name: str, device_type: str = "cpu") -> List[BenchConfig]:
             std = {c.name: c for c in STANDARD}
             return QUICK_CPU + [std[n] for n in QUICK_CUDA_EXTRA]
         return list(QUICK_CPU)
+    if name == "cpu":
+        return _cpu_suite()
     if name == "standard":
         return list(STANDARD)
     if name == "full":
@@ -197,7 +235,7 @@ def suite(name: str, device_type: str = "cpu") -> List[BenchConfig]:
 
 
 def by_name(name: str) -> BenchConfig:
-    for c in _dedup(TINY + QUICK_CPU + STANDARD + _sweeps()):
+    for c in _dedup(TINY + QUICK_CPU + _cpu_suite() + STANDARD + _sweeps()):
         if c.name == name:
             return c
     raise KeyError(name)

@@ -11,8 +11,17 @@ What is measured
     fwdbwd_ms    median of forward (train mode) + torch.autograd.grad of every output (random
                  cotangents) with respect to the input, h0, c0 and every parameter
     CUDA timing uses torch.cuda.Event pairs around each repetition after warm-up; CPU timing uses
-    time.perf_counter.  Repetitions rotate over a few independent input sets so caches do not
+    the calling thread's CPU time (time.thread_time) for rows on one thread, which on a shared
+    machine does not count the time other processes take from it, else time.perf_counter
+    (``TimingOptions.clock``).  ``repeat`` > 1 times each row several times, interleaved across the
+    backends of a config, and keeps the fastest run's median.  Repetitions rotate over a few independent input sets so caches do not
     flatter a row.  Nothing in the harness changes TF32 flags, clocks or other device settings.
+
+Instruction counts (``--callgrind DIR`` in the CLI): the process runs under valgrind's callgrind and
+each row reports ``fwd_ir`` / ``fwdbwd_ir``, the instructions executed inside fusedrnn's C++ CPU ops
+per call (csrc/cpu: the recurrences and cells, not Python, not torch's GEMMs), with one thread.  They
+do not depend on the machine's load, so a change to the kernels can be compared A/B where timings on
+a shared machine cannot.  valgrind does not emulate AVX-512: the counts are those of the AVX2 kernels.
 
 Correctness: ``max_rel_err`` is the largest relative norm ||a - b|| / ||b|| over the outputs (output
 sequence, h_n, c_n; and the inference-forward output) and every gradient (input, h0, c0, each
@@ -386,6 +395,13 @@ class TimingOptions:
     max_reps: int = 200
     warmup: int = 3
     n_sets: int = 4  # input sets rotated over
+    # timings per row, interleaved across the backends of a config; a row reports the fastest run's
+    # median (on a shared machine other work only ever adds time)
+    repeat: int = 1
+    # CPU clock: "wall" (time.perf_counter), "thread" (time.thread_time: CPU time of the calling
+    # thread, blind to time spent descheduled by other processes' work), "auto": thread when the
+    # row runs on one thread (then both equal on an idle machine), else wall
+    clock: str = "auto"
 
     @classmethod
     def for_device(cls, device: torch.device, suite: str = "standard") -> "TimingOptions":
@@ -393,13 +409,29 @@ class TimingOptions:
             return cls(min_time_s=0.3, min_reps=10, max_reps=300, warmup=3, n_sets=4)
         if suite in ("quick", "tiny"):
             return cls(min_time_s=0.15, min_reps=3, max_reps=50, warmup=1, n_sets=2)
+        if suite == "cpu":
+            return cls(min_time_s=0.2, min_reps=3, max_reps=50, warmup=1, n_sets=2, repeat=3)
         return cls(min_time_s=0.5, min_reps=3, max_reps=30, warmup=1, n_sets=2)
 
 
+def clock_name(device: torch.device, opts: TimingOptions) -> str:
+    """The clock ``measure`` uses: "cuda-events", "thread" or "wall"."""
+    if device.type == "cuda":
+        return "cuda-events"
+    if opts.clock not in ("wall", "auto", "thread"):
+        raise ValueError(f"unknown clock {opts.clock!r} (auto, wall, thread)")
+    # one thread's CPU time is the call's time only when the call runs on that thread alone
+    if opts.clock in ("thread", "auto") and torch.get_num_threads() == 1:
+        return "thread"
+    return "wall"
+
+
 def measure(fn: Callable[[int], object], device: torch.device, opts: TimingOptions):
-    """Median milliseconds of ``fn(i)`` over repetitions (i rotates over the input sets).
+    """Median milliseconds of ``fn(i)`` over repetitions (i rotates over the input sets), on the
+    clock ``clock_name`` names.
 
     Returns (median_ms, reps, times_ms)."""
+    clock = time.thread_time if clock_name(device, opts) == "thread" else time.perf_counter
     counter = [0]
 
     def call():
@@ -426,10 +458,68 @@ def measure(fn: Callable[[int], object], device: torch.device, opts: TimingOptio
     else:
         times = []
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t0 = clock()
             call()
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append((clock() - t0) * 1e3)
     return statistics.median(times), reps, times
+
+
+# ======================================================================================= callgrind
+CALLGRIND_ENV = "FUSEDRNN_BENCH_CALLGRIND"  # set in the process valgrind runs: its dump directory
+# The ATen-facing CPU ops of csrc/cpu (callgrind collects inside these functions only).
+CALLGRIND_FUNCTIONS = tuple(
+    f"fusedrnn::{op}_cpu(*"
+    for op in ("lstm_fwd", "lstm_bwd", "gru_fwd", "gru_bwd", "lstm_cell_fwd", "lstm_cell_bwd", "gru_cell_fwd",
+               "gru_cell_bwd")
+)
+
+
+def callgrind_command(out_dir, argv: Sequence[str]) -> List[str]:
+    """valgrind command line that reruns ``python -m fusedrnn.bench argv`` under callgrind: nothing is
+    instrumented until the harness switches it on (imports run at valgrind's base speed), and only
+    the instructions inside ``CALLGRIND_FUNCTIONS`` are collected."""
+    return [
+        "valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
+        *[f"--toggle-collect={f}" for f in CALLGRIND_FUNCTIONS],
+        f"--callgrind-out-file={Path(out_dir).resolve()}/callgrind.out.%p",
+        sys.executable, "-m", "fusedrnn.bench", *argv,
+    ]
+
+
+class Callgrind:
+    """Counts the instructions of fusedrnn's C++ CPU ops per call, inside a process started by
+    ``callgrind_command`` (it talks to valgrind through ``callgrind_control``)."""
+
+    def __init__(self, out_dir):
+        self.dir = Path(out_dir)
+        self.pid = os.getpid()
+        self._ctl("--instr=on")
+
+    def _ctl(self, *args: str) -> None:
+        subprocess.run(["callgrind_control", *args, str(self.pid)], check=True, capture_output=True, text=True)
+
+    def _dumps(self):
+        return {p: int(p.name.rsplit(".", 1)[1]) for p in self.dir.glob(f"callgrind.out.{self.pid}.*")}
+
+    def count(self, fn: Callable[[int], object], reps: int = 2, n_sets: int = 1) -> float:
+        """Instructions per call of ``fn(i)`` (one untimed call first: lazy initialisation)."""
+        fn(0)
+        self._ctl("--zero")
+        for k in range(reps):
+            fn(k % n_sets)
+        before = self._dumps()
+        self._ctl("--dump=fusedrnn-bench")
+        new = {p: n for p, n in self._dumps().items() if p not in before}
+        if not new:
+            raise RuntimeError(f"callgrind wrote no dump to {self.dir}")
+        total = None
+        with open(max(new, key=new.get)) as f:
+            for line in f:
+                if line.startswith(("totals:", "summary:")):
+                    total = int(line.split()[1])
+        if total is None:
+            raise RuntimeError("callgrind dump without totals")
+        return total / reps
 
 
 # ============================================================================================ case
@@ -538,7 +628,7 @@ ROW_KEYS = (
     "packed", "tokens", "fwd_ms", "fwdbwd_ms", "fwd_reps", "fwdbwd_reps", "ratio_vs_torch",
     "fwd_ratio_vs_torch", "max_rel_err", "worst_tensor", "rel_errs", "tol", "err_vs_torch", "ok",
     "peak_mem_mb", "tokens_per_s", "per_step_us", "floor_ms", "floor_per_step_us", "fwd_over_floor",
-    "floor_fwdbwd_ms", "fwdbwd_over_floor", "error",
+    "floor_fwdbwd_ms", "fwdbwd_over_floor", "threads", "clock", "fwd_ms_runs", "fwdbwd_ms_runs", "fwd_ir", "fwdbwd_ir", "error",
 )
 
 
@@ -576,11 +666,22 @@ def _steps(cfg: BenchConfig) -> int:
     return cfg.T * (1 if cfg.is_cell else cfg.layers)
 
 
-def bench_row(cfg: BenchConfig, backend: str, device: torch.device, opts: TimingOptions,
+def _error_row(row: dict, e: BaseException) -> None:
+    row["error"] = _error_text(e)
+    if isinstance(e, NotImplementedError) or (isinstance(e, ValueError) and "does not support" in str(e)):
+        row["error"] = "unsupported: " + row["error"]
+    if os.environ.get("FUSEDRNN_BENCH_TRACEBACK"):
+        traceback.print_exc()
+
+
+def start_row(cfg: BenchConfig, backend: str, device: torch.device, opts: TimingOptions,
               reference: torch.nn.Module, inputs: List[InputSet], ref64: Optional[dict],
-              dev_name: str, check: bool = True) -> dict:
-    """Measure one (config, backend); exceptions become the row's ``error``."""
+              dev_name: str, check: bool = True, counter: Optional[Callgrind] = None):
+    """A row's setup and accuracy check (and, with ``counter``, its instruction counts).
+
+    Returns (row, case): case is None when the row is complete (error or instruction counts)."""
     row = empty_row(cfg, backend, dev_name)
+    row["threads"] = torch.get_num_threads() if device.type == "cpu" else None
     row["tokens"] = inputs[0].tokens
     tf32 = tf32_enabled(cfg, device)
     row["tol"] = tolerance(cfg.torch_dtype, tf32)
@@ -589,7 +690,6 @@ def bench_row(cfg: BenchConfig, backend: str, device: torch.device, opts: Timing
     row["floor_ms"] = None if fl["fwd_s"] is None else fl["fwd_s"] * 1e3
     row["floor_fwdbwd_ms"] = None if fl["fwdbwd_s"] is None else fl["fwdbwd_s"] * 1e3
     row["floor_per_step_us"] = None if fl["per_step_s"] is None else fl["per_step_s"] * 1e6
-    case = None
     try:
         case = Case(cfg, backend, device, reference=reference, inputs=inputs)
         if check and ref64 is not None:
@@ -600,9 +700,39 @@ def bench_row(cfg: BenchConfig, backend: str, device: torch.device, opts: Timing
             row["worst_tensor"] = worst
             row["max_rel_err"] = errs[worst] if not math.isnan(errs[worst]) else math.inf
             del got
+        if counter is not None:
+            with case.eval_mode():
+                row["fwd_ir"] = counter.count(case.fwd, n_sets=opts.n_sets)
+            row["fwdbwd_ir"] = counter.count(case.fwdbwd, n_sets=opts.n_sets)
+            return row, None
+        return row, case
+    except Exception as e:  # noqa: BLE001  (a row never crashes the suite)
+        _error_row(row, e)
+        return row, None
+
+
+def time_row(row: dict, case: "Case", device: torch.device, opts: TimingOptions) -> bool:
+    """One timing of fwd and fwd+bwd appended to the row's runs; False (and the row's error) on failure."""
+    try:
+        row["clock"] = clock_name(device, opts)
         with case.eval_mode():
-            row["fwd_ms"], row["fwd_reps"], _ = measure(case.fwd, device, opts)
-        row["fwdbwd_ms"], row["fwdbwd_reps"], _ = measure(case.fwdbwd, device, opts)
+            ms, reps, _ = measure(case.fwd, device, opts)
+        row["fwd_ms_runs"] = (row["fwd_ms_runs"] or []) + [ms]
+        row["fwd_reps"] = (row["fwd_reps"] or 0) + reps
+        ms, reps, _ = measure(case.fwdbwd, device, opts)
+        row["fwdbwd_ms_runs"] = (row["fwdbwd_ms_runs"] or []) + [ms]
+        row["fwdbwd_reps"] = (row["fwdbwd_reps"] or 0) + reps
+        return True
+    except Exception as e:  # noqa: BLE001
+        _error_row(row, e)
+        return False
+
+
+def finish_row(cfg: BenchConfig, row: dict, case: "Case", device: torch.device) -> None:
+    """Times of the row: the fastest of its runs' medians (a shared machine only ever adds time)."""
+    try:
+        row["fwd_ms"] = min(row["fwd_ms_runs"])
+        row["fwdbwd_ms"] = min(row["fwdbwd_ms_runs"])
         if device.type == "cuda":
             _sync(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -615,14 +745,20 @@ def bench_row(cfg: BenchConfig, backend: str, device: torch.device, opts: Timing
         if row["floor_ms"]:
             row["fwd_over_floor"] = row["fwd_ms"] / row["floor_ms"]
             row["fwdbwd_over_floor"] = row["fwdbwd_ms"] / row["floor_fwdbwd_ms"]
-    except Exception as e:  # noqa: BLE001  (a row never crashes the suite)
-        row["error"] = _error_text(e)
-        if isinstance(e, NotImplementedError) or (isinstance(e, ValueError) and "does not support" in str(e)):
-            row["error"] = "unsupported: " + row["error"]
-        if os.environ.get("FUSEDRNN_BENCH_TRACEBACK"):
-            traceback.print_exc()
-    finally:
-        del case
+    except Exception as e:  # noqa: BLE001
+        _error_row(row, e)
+
+
+def bench_row(cfg: BenchConfig, backend: str, device: torch.device, opts: TimingOptions,
+              reference: torch.nn.Module, inputs: List[InputSet], ref64: Optional[dict],
+              dev_name: str, check: bool = True, counter: Optional[Callgrind] = None) -> dict:
+    """Measure one (config, backend); exceptions become the row's ``error``.  With ``counter``
+    the row gets instruction counts (fwd_ir, fwdbwd_ir) instead of timings."""
+    row, case = start_row(cfg, backend, device, opts, reference, inputs, ref64, dev_name, check, counter)
+    if case is not None:
+        if all(time_row(row, case, device, opts) for _ in range(opts.repeat)):
+            finish_row(cfg, row, case, device)
+    del case
     return row
 
 
@@ -707,6 +843,7 @@ def environment(device: torch.device) -> dict:
         "matmul_fp32_precision": _matmul_precision(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "torch_num_threads": torch.get_num_threads(),
+        "cpu_kernel_isa": _cpu_kernel_isa(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -717,6 +854,16 @@ def environment(device: torch.device) -> dict:
     else:
         env["floor_rates"] = None
     return env
+
+
+def _cpu_kernel_isa() -> Optional[str]:
+    """The instruction set of the cpp backend's CPU kernels in use (None without the extension)."""
+    try:
+        from ..backends import cpp  # noqa: PLC0415
+
+        return None if cpp.unavailable() else torch.ops.fusedrnn_ext.cpu_isa()
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def default_backends(device: torch.device) -> List[str]:
@@ -732,14 +879,32 @@ def default_backends(device: torch.device) -> List[str]:
 
 
 # =========================================================================================== suite
+@contextlib.contextmanager
+def cpu_threads(n: Optional[int]):
+    """torch.set_num_threads(n) inside the block (n None: unchanged), restored afterwards."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def run_suite(configs: Sequence[BenchConfig], backends: Sequence[str], device="cpu",
               opts: Optional[TimingOptions] = None, check: bool = True, seed: int = 0,
               time_budget_s: Optional[float] = None, progress=True,
-              on_config_done: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
+              on_config_done: Optional[Callable[[List[dict]], None]] = None,
+              counter: Optional[Callgrind] = None) -> List[dict]:
     """Every (config, backend) row; torch first within a config so ratios come from the same run.
 
     ``time_budget_s``: rows not started within the budget are recorded as skipped.
-    ``on_config_done(rows_so_far)`` is called after each config (the CLI writes its JSON there)."""
+    ``on_config_done(rows_so_far)`` is called after each config (the CLI writes its JSON there).
+    ``counter``: count instructions (``Callgrind``) instead of timing, with one thread; torch rows
+    are skipped (only fusedrnn's own ops are counted).
+    A config's ``threads`` sets torch.set_num_threads for its rows (CPU)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -758,6 +923,7 @@ def run_suite(configs: Sequence[BenchConfig], backends: Sequence[str], device="c
     bar = _progress(len(configs) * len(backends), progress)
     for cfg in configs:
         cfg_rows = []
+        threads = 1 if counter is not None else (cfg.threads if device.type == "cpu" else None)
         try:
             reference = torch_module(cfg, device, seed)
             inputs = [make_inputs(cfg, device, seed + 1000 * (k + 1)) for k in range(opts.n_sets)]
@@ -766,10 +932,14 @@ def run_suite(configs: Sequence[BenchConfig], backends: Sequence[str], device="c
         except Exception as e:  # noqa: BLE001
             reference = inputs = ref64 = None
             setup_error = _error_text(e)
+        started = []  # (row, case) per backend, in order
         for backend in backends:
             bar.set(f"{cfg.name} [{backend}]")
-            row = None
-            if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
+            row, case = None, None
+            if counter is not None and backend == "torch":
+                row = empty_row(cfg, backend, dev_name)
+                row["error"] = "skipped: callgrind counts only fusedrnn's C++ CPU ops"
+            elif time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
                 row = empty_row(cfg, backend, dev_name)
                 row["error"] = f"skipped: time budget of {time_budget_s:.0f} s exhausted"
             elif setup_error is not None:
@@ -781,9 +951,23 @@ def run_suite(configs: Sequence[BenchConfig], backends: Sequence[str], device="c
                     row = empty_row(cfg, backend, dev_name)
                     row["error"] = reason
                 else:
-                    row = bench_row(cfg, backend, device, opts, reference, inputs, ref64, dev_name, check)
+                    with cpu_threads(threads):
+                        row, case = start_row(cfg, backend, device, opts, reference, inputs, ref64, dev_name,
+                                              check, counter)
+            started.append((row, case))
+        # timings interleaved across backends: for r in repeats, each backend once
+        with cpu_threads(threads):
+            for _ in range(opts.repeat):
+                for row, case in started:
+                    if case is not None and not row.get("error"):
+                        time_row(row, case, device, opts)
+            for row, case in started:
+                if case is not None and not row.get("error"):
+                    finish_row(cfg, row, case, device)
+        for row, _ in started:
             cfg_rows.append(row)
             bar.update(row)
+        started.clear()
         del reference, inputs, ref64
         gc.collect()
         if device.type == "cuda":
@@ -823,6 +1007,9 @@ class _progress:
             return
         if row.get("error"):
             msg = f"{row['config']} [{row['backend']}]: {row['error'][:100]}"
+        elif row.get("fwd_ir") is not None:
+            msg = (f"{row['config']} [{row['backend']}]: fwd {row['fwd_ir'] / 1e6:.3f} M instr, "
+                   f"fwd+bwd {row['fwdbwd_ir'] / 1e6:.3f} M instr")
         else:
             msg = (f"{row['config']} [{row['backend']}]: fwd {row['fwd_ms']:.3f} ms, "
                    f"fwd+bwd {row['fwdbwd_ms']:.3f} ms, err {row['max_rel_err'] if row['max_rel_err'] is not None else float('nan'):.1e}")

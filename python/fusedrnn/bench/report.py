@@ -25,6 +25,21 @@ COLUMNS = [
 ]
 
 
+# columns of a --callgrind run: instructions per call inside fusedrnn's C++ CPU ops
+CALLGRIND_COLUMNS = [
+    ("config", "config", "{}"),
+    ("backend", "backend", "{}"),
+    ("fwd Minstr", "fwd_ir", "{:.3f}"),
+    ("fwd+bwd Minstr", "fwdbwd_ir", "{:.3f}"),
+    ("max rel err", "max_rel_err", "{:.1e}"),
+    ("ok", "ok", "{}"),
+]
+
+
+def _columns(rows: List[dict]):
+    return CALLGRIND_COLUMNS if any(r.get("fwd_ir") is not None for r in rows) else COLUMNS
+
+
 def _si(x: float) -> str:
     for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= div:
@@ -40,23 +55,26 @@ def cell(row: dict, key: str, fmt: str) -> str:
         return "yes" if v else "NO"
     if key == "tokens_per_s":
         return _si(v)
+    if key in ("fwd_ir", "fwdbwd_ir"):
+        v = v / 1e6
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return fmt.format(v)
 
 
-def _cells(row: dict) -> List[str]:
+def _cells(row: dict, columns=COLUMNS) -> List[str]:
     if row.get("error"):
         return [row["config"], row["backend"], "error: " + row["error"]]
-    return [cell(row, k, f) for _, k, f in COLUMNS]
+    return [cell(row, k, f) for _, k, f in columns]
 
 
 def format_table(rows: List[dict], color: Optional[bool] = None) -> str:
     """Fixed-width table; rows failing the accuracy check are red on a terminal."""
     if color is None:
         color = os.isatty(1) and not os.environ.get("NO_COLOR")
-    headers = [h for h, _, _ in COLUMNS]
-    body = [_cells(r) for r in rows]
+    columns = _columns(rows)
+    headers = [h for h, _, _ in columns]
+    body = [_cells(r, columns) for r in rows]
     widths = [len(h) for h in headers]
     for cells in body:
         if len(cells) == len(headers):
@@ -90,7 +108,8 @@ def header_lines(meta: dict) -> List[str]:
         f"date: {meta.get('date')}  commit: {commit}  suite: {meta.get('suite')}",
         f"torch {meta.get('torch_version')}  triton {meta.get('triton_version')}  "
         f"CUDA {meta.get('cuda_version')}  cuDNN {meta.get('cudnn_version')}  "
-        f"python {meta.get('python_version')}  rnn_tf32={meta.get('rnn_tf32', meta.get('cudnn_allow_tf32'))}",
+        f"python {meta.get('python_version')}  rnn_tf32={meta.get('rnn_tf32', meta.get('cudnn_allow_tf32'))}"
+        + (f"  cpu kernels: {meta['cpu_kernel_isa']}" if meta.get("cpu_kernel_isa") else ""),
     ]
 
 
@@ -135,7 +154,8 @@ def to_markdown(meta: dict, rows: List[dict]) -> str:
     out = [f"### fusedrnn benchmarks: {meta.get('device')}", ""]
     out += [f"- {line}" for line in header_lines(meta)[1:]]
     out.append("")
-    headers = [h for h, _, _ in COLUMNS]
+    columns = _columns(rows)
+    headers = [h for h, _, _ in columns]
     out.append("| " + " | ".join(headers) + " |")
     out.append("|" + "|".join(["---", "---"] + ["---:"] * (len(headers) - 2)) + "|")
     for r in rows:
@@ -144,13 +164,52 @@ def to_markdown(meta: dict, rows: List[dict]) -> str:
             out.append(f"| {r['config']} | {r['backend']} | " + " | ".join(["-"] * (len(headers) - 3))
                        + f" | {err} |")
             continue
-        cells = [c.replace("|", "\\|") for c in _cells(r)]
+        cells = [c.replace("|", "\\|") for c in _cells(r, columns)]
         if r.get("ok") is False:
             cells[headers.index("ok")] = "**NO**"
             cells[headers.index("max rel err")] = f"**{cells[headers.index('max rel err')]}**"
         out.append("| " + " | ".join(cells) + " |")
     out += ["", MD_LEGEND, ""]
     return "\n".join(out)
+
+
+def ratio_markdown(meta: dict, rows: List[dict]) -> str:
+    """Compact table: per config and non-torch backend, torch's and the backend's times and their
+    ratio (torch / backend, > 1 is faster) for the forward and forward+backward, and the accuracy.
+    The header gives the run's spread: max / min of each row's repeated timings (``--repeat``)."""
+    torch_rows = {r["config"]: r for r in rows if r["backend"] == "torch" and not r.get("error")}
+    spreads = sorted(
+        max(runs) / min(runs)
+        for r in rows
+        for runs in (r.get("fwd_ms_runs"), r.get("fwdbwd_ms_runs"))
+        if runs and len(runs) > 1 and min(runs) > 0
+    )
+    out = [f"- {line}" for line in header_lines(meta)]
+    if spreads:
+        mid = spreads[len(spreads) // 2]
+        out.append(f"- timing spread (max/min of each row's {len(rows[0].get('fwd_ms_runs') or [])} runs): "
+                   f"median {mid:.2f}, worst {spreads[-1]:.2f}")
+    out += ["", "| config | backend | threads | torch fwd ms | fwd ms | x fwd | torch fwd+bwd ms | fwd+bwd ms "
+            "| x fwd+bwd | max rel err | ok |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+
+    def f(v, fmt):
+        return "-" if v is None else fmt.format(v)
+
+    for r in rows:
+        if r["backend"] == "torch":
+            continue
+        t = torch_rows.get(r["config"], {})
+        if r.get("error"):
+            out.append(f"| {r['config']} | {r['backend']} | | | | | | | | | {r['error'][:60]} |")
+            continue
+        out.append(
+            f"| {r['config']} | {r['backend']} | {f(r.get('threads'), '{}')} | {f(t.get('fwd_ms'), '{:.3f}')} "
+            f"| {f(r['fwd_ms'], '{:.3f}')} | **{f(r.get('fwd_ratio_vs_torch'), '{:.2f}')}** "
+            f"| {f(t.get('fwdbwd_ms'), '{:.3f}')} | {f(r['fwdbwd_ms'], '{:.3f}')} "
+            f"| **{f(r.get('ratio_vs_torch'), '{:.2f}')}** | {f(r.get('max_rel_err'), '{:.1e}')} "
+            f"| {'yes' if r.get('ok') else ('NO' if r.get('ok') is False else '-')} |"
+        )
+    return "\n".join(out) + "\n"
 
 
 def write_markdown(path, meta: dict, rows: List[dict]) -> None:

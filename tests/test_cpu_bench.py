@@ -1,0 +1,111 @@
+"""The CPU parts of the benchmark harness: the cpu suite, per-config threads, repeated interleaved
+timings, the thread clock, the ratio table and the callgrind plumbing (timings are never asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from fusedrnn.bench import configs as C
+from fusedrnn.bench import harness, report
+from fusedrnn.bench.__main__ import main
+
+FAST = ["--min-time", "0.002", "--max-reps", "2", "--warmup", "0", "--device", "cpu"]
+
+
+def test_cpu_suite_grid():
+    cfgs = C.suite("cpu")
+    names = [c.name for c in cfgs]
+    assert len(names) == len(set(names))
+    assert {c.threads for c in cfgs} == set(C.CPU_THREADS) == {1, 2}
+    assert {c.mode for c in cfgs} == {"LSTM", "GRU"}
+    fp32 = [c for c in cfgs if c.dtype == "fp32" and c.T == C.CPU_T]
+    assert {c.H for c in fp32} == set(C.CPU_H) and {c.B for c in fp32} == set(C.CPU_B)
+    assert {c.T for c in cfgs} == {16, 64, 256}
+    assert {c.dtype for c in cfgs} == {"fp32", "bf16", "fp16", "fp64"}
+    assert C.by_name("gru-h1024-b64-t64-fp32-thr2").threads == 2
+    assert all(re.search(r"-thr[12]$", n) for n in names)
+    with pytest.raises(ValueError, match="threads"):
+        C.make("LSTM", 8, 1, 1, threads=0)
+
+
+def test_config_threads_apply_to_rows_and_are_restored(tmp_path):
+    before = torch.get_num_threads()
+    cfgs = [C.make("GRU", 8, 2, 3, threads=1), C.make("GRU", 8, 2, 3, threads=2)]
+    opts = harness.TimingOptions(min_time_s=0.001, min_reps=1, max_reps=2, warmup=0, n_sets=1, repeat=2)
+    rows = harness.run_suite(cfgs, ["torch", "reference"], "cpu", opts=opts, progress=False)
+    assert torch.get_num_threads() == before
+    by = {(r["config"], r["backend"]): r for r in rows}
+    for c in cfgs:
+        for b in ("torch", "reference"):
+            r = by[(c.name, b)]
+            assert r["error"] is None and r["threads"] == c.threads
+            assert len(r["fwd_ms_runs"]) == 2 and r["fwd_ms"] == min(r["fwd_ms_runs"])
+            assert len(r["fwdbwd_ms_runs"]) == 2 and r["fwdbwd_ms"] == min(r["fwdbwd_ms_runs"])
+            assert r["clock"] == ("thread" if c.threads == 1 else "wall")
+
+
+def test_clock_choice():
+    opts = harness.TimingOptions()
+    cpu = torch.device("cpu")
+    with harness.cpu_threads(1):
+        assert harness.clock_name(cpu, opts) == "thread"
+        opts.clock = "wall"
+        assert harness.clock_name(cpu, opts) == "wall"
+    with harness.cpu_threads(2):
+        opts.clock = "thread"  # one thread's CPU time is not the call's time on two
+        assert harness.clock_name(cpu, opts) == "wall"
+    opts.clock = "bogus"
+    with pytest.raises(ValueError, match="clock"):
+        harness.clock_name(cpu, opts)
+
+
+def test_ratio_table_cli(tmp_path):
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    rc = main(["--suite", "tiny", "--filter", "gru-*", "--backends", "torch", "reference", *FAST,
+               "--repeat", "2", "--json", str(out), "--ratios", str(md)])
+    assert rc == 0
+    text = md.read_text()
+    assert "| config | backend | threads |" in text and "timing spread" in text
+    rows = json.loads(out.read_text())["rows"]
+    ref = [r for r in rows if r["backend"] == "reference"][0]
+    assert f"**{ref['ratio_vs_torch']:.2f}**" in text
+
+
+def test_callgrind_command_and_counter(tmp_path, monkeypatch):
+    cmd = harness.callgrind_command(tmp_path, ["--quick", "--filter", "gru-*"])
+    assert cmd[:2] == ["valgrind", "--tool=callgrind"] and "--instr-atstart=no" in cmd
+    toggles = [a for a in cmd if a.startswith("--toggle-collect=")]
+    assert len(toggles) == len(harness.CALLGRIND_FUNCTIONS) == 8
+    assert "--toggle-collect=fusedrnn::gru_bwd_cpu(*" in toggles
+    assert cmd[-5:] == ["-m", "fusedrnn.bench", "--quick", "--filter", "gru-*"]
+
+    # the counter: zero, run, dump, read the totals of the new dump (callgrind_control faked)
+    calls = []
+    pid = os.getpid()
+
+    def fake_ctl(self, *args):
+        calls.append(args)
+        if args[0].startswith("--dump"):
+            n = len(list(tmp_path.glob(f"callgrind.out.{pid}.*"))) + 1
+            (tmp_path / f"callgrind.out.{pid}.{n}").write_text("events: Ir\nsummary: 3000\ntotals: 3000\n")
+
+    monkeypatch.setattr(harness.Callgrind, "_ctl", fake_ctl)
+    counter = harness.Callgrind(tmp_path)
+    seen = []
+    assert counter.count(seen.append, reps=3, n_sets=2) == 1000.0
+    assert seen == [0, 0, 1, 0]  # one untimed call, then 3 rotating over 2 input sets
+    assert [c[0] for c in calls] == ["--instr=on", "--zero", "--dump=fusedrnn-bench"]
+
+
+def test_callgrind_rows_report_instructions():
+    """A --callgrind run's rows (instruction counts, no times) render with their own columns."""
+    rows = [dict(harness.empty_row(C.TINY[0], "cpp", "CPU x"), fwd_ir=1.5e6, fwdbwd_ir=3e6, max_rel_err=1e-7, ok=True),
+            dict(harness.empty_row(C.TINY[0], "torch", "CPU x"),
+                 error="skipped: callgrind counts only fusedrnn's C++ CPU ops")]
+    text = report.format_table(rows, color=False)
+    assert "fwd Minstr" in text and "1.500" in text and "3.000" in text
