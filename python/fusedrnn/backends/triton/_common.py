@@ -499,30 +499,34 @@ def regs_per_thread(cell: CellSpec, v: Variant, H: int, P: int, dtype: torch.dty
 # ---- per-step cost model ------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class CostModel:
-    """Constants of the per-step cost model of one architecture (ns, bytes, FLOP, cycles).
+    """Constants of the per-step cost model of one architecture.
 
-    Calibrated on the first H200 run (BENCHMARKS.md Run 1: the CUDA backend's 4.3 us per forward
-    step at H=768 B=16 bf16 puts barrier + exchange latency near 3 us; the Triton kernels then ran
-    at ~1 ns per warp-instruction of their time loop).  It ranks candidates; it does not promise
-    absolute times (BENCHMARKS.md "Triton design round 2" has the predictions to check)."""
+    The time loop of these kernels is latency bound with little instruction-level overlap: on the
+    first H200 run (BENCHMARKS.md Run 1) the four recurrence kernels of the first Triton version
+    took 0.86-1.12 ns per warp-instruction of their time loop (SASS loop length x warps, as
+    ``tools/triton_aot.py`` reports it).  The model estimates that count for a variant (a
+    least-squares fit to triton 3.6 sm_90 builds of these kernels, within ~15 %) and converts it
+    with ``ns_per_warp_instr``; a second co-resident program on an SM costs ``extra_program`` of
+    its own time (its latencies overlap the first one's); the exchanged operands of all programs
+    must also cross L2 (``l2_bytes_per_ns``).  It ranks candidates; BENCHMARKS.md "Triton design
+    round 2" lists the predictions the next GPU run checks."""
 
-    clock_ghz: float
-    barrier_ns: float  # one grid barrier: arrive atomic, polls, acquire
-    l2_latency_ns: float  # a dependent L2 round trip (exchange load after the barrier)
-    sm_l2_bytes_per_cycle: float  # L2 -> one SM
-    l2_bytes_per_ns: float  # L2 -> all SMs together
-    smem_bytes_per_cycle: float
-    mma_flop_per_cycle: dict  # per SM, per operand class ("tc16", "tf32", "fma32", "fma64")
-    cell_cycles: float  # instructions per (cell element x gate slot) of the pointwise part
-    warp_cycles: float  # instructions per warp per step independent of the tile (loop, addresses)
-    fixed_cycles: float  # CTA barriers and dependent latencies inside a step
+    ns_per_warp_instr: float
+    per_warp: float  # warp-instructions per warp per step: loop, barrier, addresses, loads/stores
+    per_mma: float  # per m16n8k16-equivalent MMA (operand fragments, the MMA itself)
+    per_partial: float  # per split-K partial element read back in the reduction (per 32 lanes)
+    per_cell: float  # per (cell x gate slot) of the pointwise math (per 32 lanes, replicated)
+    per_vector: float  # per 16-byte load of the exchanged operand (per 32 lanes)
+    extra_program: float
+    l2_bytes_per_ns: float
+    barrier_ns: float  # per grid barrier (split variants; one per phase with an exchange)
 
 
+# Run 1: old kernels at 10.6K-24.7K warp-instructions per step took 9.1-27.7 us per step with one
+# or two barriers: 0.9 ns per warp-instruction + 1 us per barrier fits them within 20 %.
 COST = {
-    90: CostModel(1.75, 1500.0, 700.0, 64.0, 5500.0, 128.0,
-                  {"tc16": 2048.0, "tf32": 1024.0, "fma32": 256.0, "fma64": 128.0}, 12.0, 150.0, 1200.0),
-    80: CostModel(1.41, 1500.0, 700.0, 64.0, 3500.0, 128.0,
-                  {"tc16": 2048.0, "tf32": 1024.0, "fma32": 256.0, "fma64": 128.0}, 12.0, 150.0, 1200.0),
+    90: CostModel(0.9, 222.0, 2.12, 8.95, 19.7, 7.85, 0.5, 5500.0, 1000.0),
+    80: CostModel(1.26, 222.0, 2.12, 8.95, 19.7, 7.85, 0.5, 4000.0, 1200.0),  # A100 clock 1.41 vs 1.98 GHz
 }
 
 
@@ -534,39 +538,48 @@ def _mma_class(dtype: torch.dtype, precision: str) -> str:
     return "fma64"
 
 
-def step_cost_ns(cell: CellSpec, v: Variant, H: int, P: int, dtype: torch.dtype, info: DeviceInfo,
-                 precision: str = "ieee") -> float:
-    """Predicted time of one recurrence step of one launch (ns): a grid barrier per phase with an
-    exchange (split variants), the dependent L2 load of the exchanged state (latency + bytes through
-    one SM's port or the whole L2, whichever binds), the GEMMs and the W re-read from shared memory
-    (per SM: ``progs_per_sm`` programs share it), the cell math, and a fixed per-step part."""
-    cm = COST[90 if info.capability >= (9, 0) else 80]
-    cyc = 1.0 / cm.clock_ghz
+# MMA-instruction equivalents per (16 x 8 x 16) block of a GEMM, by operand class: TF32 mma is
+# m16n8k8 (twice the instructions), FMA dots issue one FMA per 32 multiply-adds (64 per block
+# and warp-instruction... 2048 MACs / 32 lanes), fp64 FMAs at half rate
+_MMA_WEIGHT = {"tc16": 1.0, "tf32": 2.0, "fma32": 64.0, "fma64": 128.0}
+
+
+def warp_instructions(cell: CellSpec, v: Variant, H: int, P: int, dtype: torch.dtype, precision: str = "ieee") -> float:
+    """Estimated warp-instructions one program issues per step (the static count of its loop x warps)."""
+    cm = COST[90]
     e = elt_size(dtype)
-    pps = v.progs_per_sm
-    rate = cm.mma_flop_per_cycle[_mma_class(dtype, precision)]
-    t = cm.fixed_cycles * cyc
+    w = cm.per_warp * v.num_warps
     for i, (g, sp) in enumerate(zip(_gemms(cell, v.backward, H, P, v.block_u, v.block_p), (v.split_a, v.split_b))):
         if g is None:
             continue
         K, N = g
-        kp = sp.k_padded
-        flop = 2.0 * v.block_b * N * kp
-        t += pps * (flop / rate + kp * N * e / cm.smem_bytes_per_cycle) * cyc
+        blocks = v.block_b / 16 * N / 8 * sp.k_padded / 16
+        w += cm.per_mma * blocks * _MMA_WEIGHT[_mma_class(dtype, precision)]
+        w += cm.per_partial * sp.ks * v.block_b * N / 32
         if not (v.h_in_regs and i == 0):
-            x_bytes = v.block_b * kp * e  # exchanged operand read by one program
-            total = x_bytes * v.grid_size
-            t += cm.l2_latency_ns + max(pps * x_bytes / cm.sm_l2_bytes_per_cycle * cyc, total / cm.l2_bytes_per_ns)
-    phases = (2 if (P != H) else 1)
+            w += cm.per_vector * v.block_b * sp.k_padded * e / 16 / 32
+    cells = v.block_b * max(v.block_u, v.block_p)
+    rep = max(1.0, 32 * v.num_warps / cells)
+    w += cm.per_cell * cells * (cell.gates if v.backward else cell.slots) / 32 * rep
+    return w
+
+
+def step_cost_ns(cell: CellSpec, v: Variant, H: int, P: int, dtype: torch.dtype, info: DeviceInfo,
+                 precision: str = "ieee") -> float:
+    """Predicted time of one recurrence step of one launch (ns): the estimated warp-instructions of
+    one program (:func:`warp_instructions`) at the calibrated rate, the co-resident programs of an
+    SM adding ``extra_program`` each, one grid barrier per exchange phase (split variants), bounded
+    below by the exchange traffic through L2."""
+    cm = COST[90 if info.capability >= (9, 0) else 80]
+    t = warp_instructions(cell, v, H, P, dtype, precision) * cm.ns_per_warp_instr
+    t *= 1.0 + cm.extra_program * (v.progs_per_sm - 1)
     if v.n_unit_progs > 1:
-        t += phases * cm.barrier_ns * (1.0 + v.grid_size / 1024.0)
-    # cell math: instructions per (cell x gate slot) over 32 lanes x 4 schedulers, replicated when
-    # the program has more threads than cells; plus a per-warp share of loop / address work
-    cells = v.block_b * max(v.block_u, v.block_p) * cell.slots
-    threads = 32 * v.num_warps
-    replication = max(1.0, threads / (v.block_b * max(v.block_u, v.block_p)))
-    t += pps * (cells * replication * cm.cell_cycles / 128.0 + v.num_warps * cm.warp_cycles / 4.0) * cyc
-    return t
+        t += cm.barrier_ns * (2 if P != H else 1)
+    x_bytes = 0.0
+    for i, (g, sp) in enumerate(zip(_gemms(cell, v.backward, H, P, v.block_u, v.block_p), (v.split_a, v.split_b))):
+        if g is not None and not (v.h_in_regs and i == 0):
+            x_bytes += v.block_b * sp.k_padded * elt_size(dtype) * v.grid_size
+    return max(t, x_bytes / cm.l2_bytes_per_ns)
 
 
 # ---- candidates ---------------------------------------------------------------------------------
@@ -581,6 +594,8 @@ def _fits(cell: CellSpec, v: Variant, H: int, P: int, dtype: torch.dtype, info: 
     regs = regs_per_thread(cell, v, H, P, dtype)
     if regs > REG_BUDGET:
         return f"{regs} registers per thread > budget {REG_BUDGET}"
+    if v.num_warps > 4 and 32 * v.num_warps > v.block_b * max(v.block_u, v.block_p):
+        return f"{v.num_warps} warps for {v.block_b * max(v.block_u, v.block_p)} cells (cell math replicated per warp)"
     threads = 32 * v.num_warps * v.progs_per_sm
     if threads > info.max_threads_per_sm or regs * threads > info.regs_per_sm:
         return f"{v.progs_per_sm} programs x {v.num_warps} warps x {regs} registers > the SM's {info.regs_per_sm}"
@@ -703,21 +718,25 @@ def select_variant(gates_per_unit: int, H: int, P: int, B: int, dtype: torch.dty
     return cands[0]
 
 
-def supports(gates_per_unit: int, H: int, P: int, dtype: torch.dtype, info: DeviceInfo) -> bool:
-    """Whether forward and backward have a fitting variant for hidden size H with h size P."""
+def supports(gates_per_unit: int, H: int, P: int, dtype: torch.dtype, info: DeviceInfo,
+             version: Optional[tuple] = None) -> bool:
+    """Whether forward and backward have a fitting variant for hidden size H with h size P
+    (under the shared-memory model of triton ``version``, default the running one)."""
     cell = LSTM_CELL if gates_per_unit == 4 else GRU_CELL
     precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)  # the TF32 flag may change
     return all(
-        candidates(cell, bwd, H, P, MIN_TILE, dtype, info, interpret=False, precision=prec, forced=(None, None, None))
+        candidates(cell, bwd, H, P, MIN_TILE, dtype, info, interpret=False, precision=prec, version=version,
+                   forced=(None, None, None))
         for bwd in (False, True) for prec in precisions
     )
 
 
 @functools.lru_cache(maxsize=256)
-def _max_hidden_size(gates_per_unit: int, dtype: torch.dtype, info: DeviceInfo, proj_size: int) -> int:
+def _max_hidden_size(gates_per_unit: int, dtype: torch.dtype, info: DeviceInfo, proj_size: int,
+                     version: Optional[tuple]) -> int:
     def ok(h):
         P = proj_size if proj_size else h
-        return (not proj_size or proj_size < h) and supports(gates_per_unit, h, P, dtype, info)
+        return (not proj_size or proj_size < h) and supports(gates_per_unit, h, P, dtype, info, version)
 
     lo, hi = 0, 1
     while hi <= (1 << 15) and ok(hi):
@@ -733,11 +752,13 @@ def _max_hidden_size(gates_per_unit: int, dtype: torch.dtype, info: DeviceInfo, 
 
 
 def max_hidden_size(gates_per_unit: int, dtype: torch.dtype, device=None, proj_size: int = 0,
-                    info: Optional[DeviceInfo] = None) -> int:
+                    info: Optional[DeviceInfo] = None, version: Optional[tuple] = None) -> int:
     """Largest H the kernels support for ``dtype`` on ``device`` (a torch.device, a DeviceInfo or
-    a properties-like object; see :func:`device_info`), with ``proj_size`` if given."""
+    a properties-like object; see :func:`device_info`), with ``proj_size`` if given, under the
+    running triton (``version`` overrides: triton 3.6 keeps more shared memory live)."""
     info = info or device_info(device)
-    return _max_hidden_size(gates_per_unit, dtype, dataclasses.replace(info, index=-1, name=""), int(proj_size))
+    return _max_hidden_size(gates_per_unit, dtype, dataclasses.replace(info, index=-1, name=""), int(proj_size),
+                            version)
 
 
 def _limit_message(cell: CellSpec, hidden_size: int, proj_size: int, dtype: torch.dtype, info: DeviceInfo) -> str:
@@ -1117,6 +1138,20 @@ if triton is not None:
         g0, g2 = tl.split(even)
         g1, g3 = tl.split(odd)
         return g0, g1, g2, g3
+
+    @triton.jit
+    def spread(x):
+        """x [BB, BN] unchanged in value, laid out over all threads of the program.
+
+        The split-K reduction leaves its result replicated in every warp; cell math done in that
+        layout runs once per warp (8x the instructions at 8 warps, plus a layout conversion of
+        every other operand, every step).  An identity ``tl.gather`` along the columns takes its
+        output layout from the index tensor, a plain blocked layout: one conversion per step
+        (tools/triton_aot.py: LSTM backward H=768 bf16 loop 856 -> 520 SASS instructions/warp)."""
+        BB: tl.constexpr = x.shape[0]
+        BN: tl.constexpr = x.shape[1]
+        idx = tl.zeros([BB, BN], dtype=tl.int32) + tl.arange(0, BN)[None, :]
+        return tl.gather(x, idx, 1)
 
     @triton.jit
     def barrier_arrive(sync_ptr, N_PROGS):

@@ -315,8 +315,8 @@ if triton is not None:
             if SYNC:
                 C.barrier_wait(sync, cur, n_bar * N_U, err_ptr, N_U, MAX_SPINS)
             if PHASE_B:
-                dh_own += C.gemm(xb_ptr + slot, rows * G3, row_ok, xb_ptr, wb1, wb2, wb3, wb4, G3, B_KS,
-                                 B_KC1, B_KC2, B_KC3, B_KC4, False, OP, ACC, DOT_PRECISION, UPCAST)
+                dh_own += C.spread(C.gemm(xb_ptr + slot, rows * G3, row_ok, xb_ptr, wb1, wb2, wb3, wb4, G3, B_KS,
+                                          B_KC1, B_KC2, B_KC3, B_KC4, False, OP, ACC, DOT_PRECISION, UPCAST))
             r += 1
 
         tl.store(dst_ptr + own, dh_own, mask=m_bu)

@@ -208,8 +208,8 @@ if triton is not None:
                 C.barrier_wait(sync, cur, n_bar * N_U, err_ptr, N_U, MAX_SPINS)
             if HAS_PROJ:
                 if PHASE_B:
-                    hp = C.gemm(mbuf_ptr, rows * H, row_ok, mbuf_ptr, wb1, wb2, wb3, wb4, H, B_KS,
-                                B_KC1, B_KC2, B_KC3, B_KC4, False, OP, ACC, DOT_PRECISION, UPCAST)  # [BB, BP]
+                    hp = C.spread(C.gemm(mbuf_ptr, rows * H, row_ok, mbuf_ptr, wb1, wb2, wb3, wb4, H, B_KS,
+                                         B_KC1, B_KC2, B_KC3, B_KC4, False, OP, ACC, DOT_PRECISION, UPCAST))
                     h_own_p = tl.where(valid, hp, h_own_p)
                     tl.store(hbuf_ptr + slot_nxt + own_pp, h_own_p.to(WDT), mask=m_bp)
                 if SYNC:
@@ -356,9 +356,9 @@ if triton is not None:
             valid = (t < lens)[:, None]
             if PHASE_A:
                 if HAS_PROJ:
-                    dm = C.gemm(dhbuf_ptr + (r % 2).to(tl.int64) * B64 * P, rows * P, row_ok, dy_ptr + t64 * B64 * P,
-                                wa1, wa2, wa3, wa4, P, A_KS, A_KC1, A_KC2, A_KC3, A_KC4, True, OP, ACC,
-                                DOT_PRECISION, UPCAST)  # [BB, BU]
+                    dm = C.spread(C.gemm(dhbuf_ptr + (r % 2).to(tl.int64) * B64 * P, rows * P, row_ok,
+                                         dy_ptr + t64 * B64 * P, wa1, wa2, wa3, wa4, P, A_KS, A_KC1, A_KC2, A_KC3,
+                                         A_KC4, True, OP, ACC, DOT_PRECISION, UPCAST))  # [BB, BU]
                 else:
                     dm = dh_own + dy_c
                 tc = tanh(cc_n)
@@ -391,8 +391,8 @@ if triton is not None:
             if SYNC:
                 C.barrier_wait(sync, cur, n_bar * N_U, err_ptr, N_U, MAX_SPINS)
             if PHASE_B:
-                dh_new = C.gemm(xb_ptr + slot_x, rows * G, row_ok, xb_ptr, wb1, wb2, wb3, wb4, G, B_KS,
-                                B_KC1, B_KC2, B_KC3, B_KC4, False, OP, ACC, DOT_PRECISION, UPCAST)
+                dh_new = C.spread(C.gemm(xb_ptr + slot_x, rows * G, row_ok, xb_ptr, wb1, wb2, wb3, wb4, G, B_KS,
+                                         B_KC1, B_KC2, B_KC3, B_KC4, False, OP, ACC, DOT_PRECISION, UPCAST))
                 if HAS_PROJ:
                     dy_p = tl.load(dy_ptr + t64 * B64 * P + own_pp, mask=m_bp, other=0.0).to(ACC)
                     dh_tot_p = dh_p + dy_p
