@@ -249,6 +249,12 @@ def test_gpu_large_persistent():
 
 
 @GPU
+def test_gpu_issue8_register_budget():
+    # issue 8: GRU bf16 H=130 B=1456 compiled to 32 registers with 33 KB of spills before
+    _check(T=2, B=1456, H=130, dtype=torch.bfloat16, device=_device())
+
+
+@GPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtname)
 def test_gpu_cell(dtype):
     _check_cell(5, 300, dtype, _device(), True)

@@ -324,6 +324,19 @@ def test_cost_model_uses_the_chip_and_sides_batches():
     assert C.select_variant(4, 16, 16, 16, torch.bfloat16, info=info, interpret=False).mode == "single"
 
 
+def test_readme_limits_table_is_the_function():
+    """README's Triton limits rows are max_hidden_size for H100/H200 (A100) under triton 3.6."""
+    import re
+
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")).read()
+    for gates, name in ((4, "LSTM"), (3, "GRU")):
+        row = re.search(rf"\| `triton` {name}, H100/H200 \(A100\) \|([^\n]*)", readme).group(1)
+        cells = re.findall(r"(\d+) \((\d+)\)", row)[:3]
+        for (h90, h80), dtype in zip(cells, (torch.bfloat16, torch.float32, torch.float64)):
+            assert int(h90) == C.max_hidden_size(gates, dtype, info=C.AOT_TARGETS[90], version=(3, 6)), (name, dtype)
+            assert int(h80) == C.max_hidden_size(gates, dtype, info=C.AOT_TARGETS[80], version=(3, 6)), (name, dtype)
+
+
 _COMPILE_CHECK = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
@@ -490,6 +503,24 @@ def test_gpu_projection(dtype, no_tf32):
 def test_gpu_large_batch_chunks():
     # more batch tiles than fit one co-resident grid: several launches over batch chunks
     check_lstm(T=3, B=300, H=512, dtype=torch.bfloat16, device="cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("H,B", [(300, 512), (200, 1024)])
+def test_gpu_issue8_large_batches(H, B):
+    # issue 8: these picked kernels over the device's shared memory (sequential chunks now)
+    check_lstm(T=2, B=B, H=H, dtype=torch.bfloat16, device="cuda")
+
+
+@gpu
+@needs_cuda
+def test_gpu_programs_side_by_side_checked():
+    # B = 64 at H = 768: the cost model runs several programs per SM (one cooperative grid); the
+    # compiled kernels were checked against the device before the first launch
+    C._CHECKED.clear()
+    check_lstm(T=6, B=64, H=768, dtype=torch.bfloat16, device="cuda", lengths=[6, 2, 5, 1] * 16, reverse=True)
+    assert C._CHECKED and any(reason is None for reason in C._CHECKED.values())
 
 
 @gpu

@@ -163,11 +163,6 @@ class DeviceInfo:
     def smem_sm(self) -> int:
         return self.smem_per_sm or (self.smem_optin + SMEM_RESERVED)
 
-    # name kept for callers of the first version
-    @property
-    def smem_bytes(self) -> int:
-        return self.smem_optin
-
 
 # H100 SXM / H200 (sm_90) and A100 (sm_80): the AOT targets, and the interpreter's nominal device
 AOT_TARGETS = {
@@ -422,7 +417,8 @@ def _acc_elt(dtype: torch.dtype) -> int:
 
 
 def _gemms(cell: CellSpec, backward: bool, H: int, P: int, v_bu: int, v_bp: int):
-    """[(K, N, W on chip)] of the GEMMs a kernel runs per step, phase A first (None if absent)."""
+    """(K, N) of the phase-A and phase-B GEMMs a kernel runs per step (None where absent); N is the
+    width of the on-chip W^T slice, K its height."""
     proj = P != H
     if not backward:
         a = (P, cell.slots * v_bu)
@@ -659,6 +655,13 @@ def candidates(cell: CellSpec, backward: bool, H: int, P: int, B: int, dtype: to
     interpret = interpret_mode() if interpret is None else interpret
     if forced is None:
         forced = _FORCED[-1] if _FORCED else (None, None, None)
+    return list(_candidates(cell, backward, H, P, B, dtype, dataclasses.replace(info, index=-1, name=""),
+                            bool(interpret), precision, version or TRITON_VERSION, tuple(forced)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _candidates(cell: CellSpec, backward: bool, H: int, P: int, B: int, dtype: torch.dtype, info: DeviceInfo,
+                interpret: bool, precision: str, version: tuple, forced: tuple) -> tuple:
     forced_mode, forced_u, forced_b = forced
     min_u_fwd = max(1, MIN_TILE // cell.slots)  # forward GEMM N = slots * block_u >= 16
     h_pad = next_pow2(H)
@@ -700,7 +703,7 @@ def candidates(cell: CellSpec, backward: bool, H: int, P: int, B: int, dtype: to
                         cost = launches * step_cost_ns(cell, v, H, P, dtype, info, precision)
                         out.append((cost, len(out), v))
     out.sort(key=lambda c: (c[0], c[1]))
-    return [v for _, _, v in out]
+    return tuple(v for _, _, v in out)
 
 
 def select_variant(gates_per_unit: int, H: int, P: int, B: int, dtype: torch.dtype, device=None,
@@ -720,6 +723,12 @@ def select_variant(gates_per_unit: int, H: int, P: int, B: int, dtype: torch.dty
 
 def supports(gates_per_unit: int, H: int, P: int, dtype: torch.dtype, info: DeviceInfo,
              version: Optional[tuple] = None) -> bool:
+    return _supports(gates_per_unit, H, P, dtype, dataclasses.replace(info, index=-1, name=""), version)
+
+
+@functools.lru_cache(maxsize=1024)
+def _supports(gates_per_unit: int, H: int, P: int, dtype: torch.dtype, info: DeviceInfo,
+              version: Optional[tuple] = None) -> bool:
     """Whether forward and backward have a fitting variant for hidden size H with h size P
     (under the shared-memory model of triton ``version``, default the running one)."""
     cell = LSTM_CELL if gates_per_unit == 4 else GRU_CELL
@@ -885,25 +894,24 @@ def aot_spec(name: str, fn, ptr_types: dict, constexprs: dict, num_warps: int, n
 
 
 def aot_shapes(cell: CellSpec, dtype: torch.dtype, info: DeviceInfo) -> list:
-    """(H, P, B) the AOT check compiles per dtype: odd small H, the largest single-program H and
-    the next one, 512 / 768 / 1024 where supported, the limit; batches 16, 64, 256 and a batch so
-    large that the rule forms its widest chunk; for the LSTM, projections (P = H / 2 at several
-    sizes and at the limit with that projection)."""
+    """(H, P, B) the AOT check compiles per dtype: an odd small H, the largest single-program H and
+    the next one, 768 and 1024 where supported and the limit, at batches 16, 256 and one so large
+    that the rule forms its widest chunk (plus 64 at 768: programs side by side); for the LSTM,
+    projections (P = H / 2 at 200 and 1024, and the largest H with P = limit / 4)."""
     limit = max_hidden_size(cell.gates, dtype, info=info)
     single_max = 1
-    for h in range(1, limit + 1):
+    for h in range(1, min(limit, 256) + 1):
         c = candidates(cell, False, h, h, MIN_TILE, dtype, info, interpret=False)
         if c and c[0].mode == "single":
             single_max = h
-    hs = sorted({37, single_max, min(single_max + 1, limit), min(512, limit), min(768, limit), min(1024, limit), limit})
-    out = [(h, h, b) for h in hs for b in (16, 64, 256, 1 << 14)]
+    hs = sorted({37, single_max, min(single_max + 1, limit), min(768, limit), min(1024, limit), limit})
+    out = [(h, h, b) for h in hs for b in (16, 256, 1 << 14)] + [(min(768, limit),) * 2 + (64,)]
     if cell.gates == 4:
-        for h in sorted({200, min(512, limit), min(1024, limit)}):
+        for h in sorted({200, min(1024, limit)}):
             out += [(h, h // 2, b) for b in (16, 256)]
-        out += [(limit, max(16, limit // 4), 16)]
-        ph = max_hidden_size(cell.gates, dtype, info=info, proj_size=limit // 4)
+        ph = max_hidden_size(cell.gates, dtype, info=info, proj_size=max(16, limit // 4))
         if ph:
-            out += [(ph, limit // 4, 16)]
+            out += [(ph, max(16, limit // 4), 16)]
     return out
 
 
