@@ -324,6 +324,20 @@ def test_cost_model_uses_the_chip_and_sides_batches():
     assert C.select_variant(4, 16, 16, 16, torch.bfloat16, info=info, interpret=False).mode == "single"
 
 
+def test_limits_with_projection_and_other_devices():
+    info = C.AOT_TARGETS[90]
+    plain = C.max_hidden_size(4, torch.bfloat16, info=info)
+    proj = C.max_hidden_size(4, torch.bfloat16, info=info, proj_size=256)
+    assert 256 < proj <= plain + 256
+    assert C.supports(4, proj, 256, torch.bfloat16, info) and not C.supports(4, proj + 64, 256, torch.bfloat16, info)
+    # any object with the attributes of torch.cuda.get_device_properties describes a device
+    props = type("Props", (), dict(name="A100-SXM4-40GB", major=8, minor=0, multi_processor_count=108,
+                                   shared_memory_per_block_optin=163 * 1024,
+                                   shared_memory_per_multiprocessor=164 * 1024, regs_per_multiprocessor=65536,
+                                   max_threads_per_multi_processor=2048))()
+    assert C.max_hidden_size(4, torch.bfloat16, props) == C.max_hidden_size(4, torch.bfloat16, info=C.AOT_TARGETS[80])
+
+
 def test_readme_limits_table_is_the_function():
     """README's Triton limits rows are max_hidden_size for H100/H200 (A100) under triton 3.6."""
     import re

@@ -487,9 +487,14 @@ def regs_per_thread(cell: CellSpec, v: Variant, H: int, P: int, dtype: torch.dty
         a_all = v.block_b * sp.k_padded * e / 4 / threads
         w_piece = sp.ks * sp.kc_max * N * e / 4 / threads
         acc = sp.ks * v.block_b * N * ea / 4 / threads
-        big = max(big, fma * (c_a * a_all + c_w * w_piece) + c_acc * acc)
+        term = fma * (c_a * a_all + c_w * w_piece) + c_acc * acc
+        # the projected backward keeps both phases' operands in flight (AOT: fp64 H=200 P=100)
+        big = big + term if (v.backward and P != H) else max(big, term)
     cells = v.block_b * max(v.block_u, v.block_p) / threads
-    return int(40.0 + big + c_cell * cells * ea / 4 + 0.999)
+    extra = big + c_cell * cells * ea / 4
+    if dtype == torch.float64 and v.backward and P != H:  # AOT: fp64 projected backward, 1.4x the fit
+        extra *= 1.4
+    return int(40.0 + extra + 0.999)
 
 
 # ---- per-step cost model ------------------------------------------------------------------------
@@ -684,6 +689,8 @@ def _candidates(cell: CellSpec, backward: bool, H: int, P: int, B: int, dtype: t
             if forced_mode == "single" and n_u != 1:
                 continue
             mode = forced_mode
+        if mode == "single" and not backward and P == H and bu < MIN_TILE:
+            continue  # h from registers is the dot's K: >= 16 wide
         for bb in bbs:
             if bb > MIN_TILE and cdiv(max(B, 1), bb // 2) <= 1 and forced_b is None:
                 continue  # a narrower tile already holds the whole batch
@@ -747,7 +754,7 @@ def _max_hidden_size(gates_per_unit: int, dtype: torch.dtype, info: DeviceInfo, 
         P = proj_size if proj_size else h
         return (not proj_size or proj_size < h) and supports(gates_per_unit, h, P, dtype, info, version)
 
-    lo, hi = 0, 1
+    lo, hi = 0, proj_size + 1  # a projection needs hidden_size > proj_size
     while hi <= (1 << 15) and ok(hi):
         lo, hi = hi, hi * 2
     # largest h in [lo, hi) with ok(h); feasibility shrinks as h grows (more bytes per program)
