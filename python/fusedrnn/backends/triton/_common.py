@@ -487,7 +487,10 @@ def regs_per_thread(cell: CellSpec, v: Variant, H: int, P: int, dtype: torch.dty
         a_all = v.block_b * sp.k_padded * e / 4 / threads
         w_piece = sp.ks * sp.kc_max * N * e / 4 / threads
         acc = sp.ks * v.block_b * N * ea / 4 / threads
+        a_piece = sp.ks * v.block_b * sp.kc_max * e / 4 / threads
         term = fma * (c_a * a_all + c_w * w_piece) + c_acc * acc
+        if v.backward:  # long K (4H): big pieces add their own staging registers (AOT: GRU H=1584)
+            term += 0.25 * a_all + 0.5 * a_piece
         # the projected backward keeps both phases' operands in flight (AOT: fp64 H=200 P=100)
         big = big + term if (v.backward and P != H) else max(big, term)
     cells = v.block_b * max(v.block_u, v.block_p) / threads
