@@ -1110,6 +1110,22 @@ if triton is not None:
                        mask=(k < K) & col_ok[None, None, :], other=0.0)
 
     @triton.jit
+    def load_w(w_ptr, col_off, col_ok, K_STRIDE: tl.constexpr, K: tl.constexpr, KS: tl.constexpr,
+               KC1: tl.constexpr, KC2: tl.constexpr, KC3: tl.constexpr, KC4: tl.constexpr):
+        """All pieces of an on-chip W^T slice (:func:`load_w_piece`); absent pieces repeat the first."""
+        w1 = load_w_piece(w_ptr, col_off, col_ok, K_STRIDE, K, KS, KC1, 0)
+        w2 = w1
+        w3 = w1
+        w4 = w1
+        if KC2 > 0:
+            w2 = load_w_piece(w_ptr, col_off, col_ok, K_STRIDE, K, KS, KC2, KC1)
+        if KC3 > 0:
+            w3 = load_w_piece(w_ptr, col_off, col_ok, K_STRIDE, K, KS, KC3, KC1 + KC2)
+        if KC4 > 0:
+            w4 = load_w_piece(w_ptr, col_off, col_ok, K_STRIDE, K, KS, KC4, KC1 + KC2 + KC3)
+        return w1, w2, w3, w4
+
+    @triton.jit
     def _a_piece(a_ptr, row_off, row_ok, a2_ptr, K: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr,
                  OFF: tl.constexpr, ADD2: tl.constexpr, OP: tl.constexpr, ACC: tl.constexpr):
         """Piece [KS, BB, KC] of the A operand from global rows (``.cg``: exchanged data lives in

@@ -120,16 +120,8 @@ if triton is not None:
         w_u = pid_u * BU + n // 4
         w_col = ((n % 4) * H + w_u).to(tl.int64) * H
         w_ok = (w_u < H) & (n % 4 < 3)
-        wa1 = C.load_w_piece(w_ptr, w_col, w_ok, 1, H, A_KS, A_KC1, 0)
-        wa2 = wa1
-        wa3 = wa1
-        wa4 = wa1
-        if A_KC2 > 0:
-            wa2 = C.load_w_piece(w_ptr, w_col, w_ok, 1, H, A_KS, A_KC2, A_KC1)
-        if A_KC3 > 0:
-            wa3 = C.load_w_piece(w_ptr, w_col, w_ok, 1, H, A_KS, A_KC3, A_KC1 + A_KC2)
-        if A_KC4 > 0:
-            wa4 = C.load_w_piece(w_ptr, w_col, w_ok, 1, H, A_KS, A_KC4, A_KC1 + A_KC2 + A_KC3)
+        wa1, wa2, wa3, wa4 = C.load_w(w_ptr, w_col, w_ok, 1, H, A_KS, A_KC1,
+            A_KC2, A_KC3, A_KC4)
         if HAS_BIAS:
             b_r = tl.load(b_ptr + units, mask=unit_ok, other=0.0).to(ACC)
             b_z = tl.load(b_ptr + H + units, mask=unit_ok, other=0.0).to(ACC)
@@ -268,16 +260,8 @@ if triton is not None:
         if PHASE_B:
             # W_hh slice [3H, BU]: dh[:, u] = sum_k [dr|dz|dhn][:, k] * w_hh[k, u]
             wb_col = units.to(tl.int64)
-            wb1 = C.load_w_piece(w_ptr, wb_col, unit_ok, H, G3, B_KS, B_KC1, 0)
-            wb2 = wb1
-            wb3 = wb1
-            wb4 = wb1
-            if B_KC2 > 0:
-                wb2 = C.load_w_piece(w_ptr, wb_col, unit_ok, H, G3, B_KS, B_KC2, B_KC1)
-            if B_KC3 > 0:
-                wb3 = C.load_w_piece(w_ptr, wb_col, unit_ok, H, G3, B_KS, B_KC3, B_KC1 + B_KC2)
-            if B_KC4 > 0:
-                wb4 = C.load_w_piece(w_ptr, wb_col, unit_ok, H, G3, B_KS, B_KC4, B_KC1 + B_KC2 + B_KC3)
+            wb1, wb2, wb3, wb4 = C.load_w(w_ptr, wb_col, unit_ok, H, G3, B_KS, B_KC1,
+                B_KC2, B_KC3, B_KC4)
 
         n_bar = 0
         r = r_begin

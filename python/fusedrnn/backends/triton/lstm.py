@@ -102,16 +102,8 @@ if triton is not None:
             w_u = pid_u * BU + n // 4
             w_col = ((n % 4) * H + w_u).to(tl.int64) * P
             w_ok = w_u < H
-            wa1 = C.load_w_piece(w_hh_ptr, w_col, w_ok, 1, P, A_KS, A_KC1, 0)
-            wa2 = wa1
-            wa3 = wa1
-            wa4 = wa1
-            if A_KC2 > 0:
-                wa2 = C.load_w_piece(w_hh_ptr, w_col, w_ok, 1, P, A_KS, A_KC2, A_KC1)
-            if A_KC3 > 0:
-                wa3 = C.load_w_piece(w_hh_ptr, w_col, w_ok, 1, P, A_KS, A_KC3, A_KC1 + A_KC2)
-            if A_KC4 > 0:
-                wa4 = C.load_w_piece(w_hh_ptr, w_col, w_ok, 1, P, A_KS, A_KC4, A_KC1 + A_KC2 + A_KC3)
+            wa1, wa2, wa3, wa4 = C.load_w(w_hh_ptr, w_col, w_ok, 1, P, A_KS, A_KC1,
+                A_KC2, A_KC3, A_KC4)
             if HAS_BIAS:
                 b_i = tl.load(b_hh_ptr + units, mask=unit_ok, other=0.0).to(ACC)
                 b_f = tl.load(b_hh_ptr + H + units, mask=unit_ok, other=0.0).to(ACC)
@@ -140,16 +132,8 @@ if triton is not None:
                 own_pp = rows[:, None] * P + offs_p[None, :]
                 # W_hr^T slice [H, BP]: h[:, p] = sum_j m[:, j] * w_hr[p, j]
                 wp_col = offs_p.to(tl.int64) * H
-                wb1 = C.load_w_piece(w_hr_ptr, wp_col, p_ok, 1, H, B_KS, B_KC1, 0)
-                wb2 = wb1
-                wb3 = wb1
-                wb4 = wb1
-                if B_KC2 > 0:
-                    wb2 = C.load_w_piece(w_hr_ptr, wp_col, p_ok, 1, H, B_KS, B_KC2, B_KC1)
-                if B_KC3 > 0:
-                    wb3 = C.load_w_piece(w_hr_ptr, wp_col, p_ok, 1, H, B_KS, B_KC3, B_KC1 + B_KC2)
-                if B_KC4 > 0:
-                    wb4 = C.load_w_piece(w_hr_ptr, wp_col, p_ok, 1, H, B_KS, B_KC4, B_KC1 + B_KC2 + B_KC3)
+                wb1, wb2, wb3, wb4 = C.load_w(w_hr_ptr, wp_col, p_ok, 1, H, B_KS, B_KC1,
+                    B_KC2, B_KC3, B_KC4)
                 h_own_p = tl.load(hbuf_ptr + (s_begin % 2).to(tl.int64) * B64 * P + own_pp, mask=m_bp, other=0.0,
                                   cache_modifier=".cg").to(ACC)
 
@@ -312,16 +296,8 @@ if triton is not None:
             if HAS_PROJ:
                 # W_hr slice [P, BU]: dm[:, u] = sum_p dh_tot[:, p] * w_hr[p, u]
                 wr_col = units.to(tl.int64)
-                wa1 = C.load_w_piece(w_hr_ptr, wr_col, unit_ok, H, P, A_KS, A_KC1, 0)
-                wa2 = wa1
-                wa3 = wa1
-                wa4 = wa1
-                if A_KC2 > 0:
-                    wa2 = C.load_w_piece(w_hr_ptr, wr_col, unit_ok, H, P, A_KS, A_KC2, A_KC1)
-                if A_KC3 > 0:
-                    wa3 = C.load_w_piece(w_hr_ptr, wr_col, unit_ok, H, P, A_KS, A_KC3, A_KC1 + A_KC2)
-                if A_KC4 > 0:
-                    wa4 = C.load_w_piece(w_hr_ptr, wr_col, unit_ok, H, P, A_KS, A_KC4, A_KC1 + A_KC2 + A_KC3)
+                wa1, wa2, wa3, wa4 = C.load_w(w_hr_ptr, wr_col, unit_ok, H, P, A_KS, A_KC1,
+                    A_KC2, A_KC3, A_KC4)
             dy_c, gi_n, gf_n, gg_n, go_n, cc_n, cp_n = _bwd_inputs(
                 dy_ptr, gates_ptr, cs_ptr, c_init, lens, r_begin, r_end, T, B64, own_g, own_h, own_p, m_bu,
                 H, P, HAS_PROJ, REVERSE, ACC)
@@ -337,16 +313,8 @@ if triton is not None:
                 col_ok = unit_ok
             # W_hh slice [4H, cols]: dh[:, j] = sum_k dgates[:, k] * w_hh[k, j]
             wb_col = cols.to(tl.int64)
-            wb1 = C.load_w_piece(w_hh_ptr, wb_col, col_ok, P, G, B_KS, B_KC1, 0)
-            wb2 = wb1
-            wb3 = wb1
-            wb4 = wb1
-            if B_KC2 > 0:
-                wb2 = C.load_w_piece(w_hh_ptr, wb_col, col_ok, P, G, B_KS, B_KC2, B_KC1)
-            if B_KC3 > 0:
-                wb3 = C.load_w_piece(w_hh_ptr, wb_col, col_ok, P, G, B_KS, B_KC3, B_KC1 + B_KC2)
-            if B_KC4 > 0:
-                wb4 = C.load_w_piece(w_hh_ptr, wb_col, col_ok, P, G, B_KS, B_KC4, B_KC1 + B_KC2 + B_KC3)
+            wb1, wb2, wb3, wb4 = C.load_w(w_hh_ptr, wb_col, col_ok, P, G, B_KS, B_KC1,
+                B_KC2, B_KC3, B_KC4)
 
         r = r_begin
         while r < r_end:
