@@ -491,6 +491,8 @@ def regs_per_thread(cell: CellSpec, v: Variant, H: int, P: int, dtype: torch.dty
         term = fma * (c_a * a_all + c_w * w_piece) + c_acc * acc
         if v.backward:  # long K (4H): big pieces add their own staging registers (AOT: GRU H=1584)
             term += 0.25 * a_all + 0.5 * a_piece
+        else:  # each K piece past two keeps another staged load in flight (AOT: H=1152 244, 1365 spills)
+            term += 40.0 * max(0, sum(1 for c in sp.kc if c) - 2)
         # the projected backward keeps both phases' operands in flight (AOT: fp64 H=200 P=100)
         big = big + term if (v.backward and P != H) else max(big, term)
     cells = v.block_b * max(v.block_u, v.block_p) / threads
