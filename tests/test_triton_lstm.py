@@ -6,6 +6,7 @@ imported; the session conftest sets it too).  ``@pytest.mark.gpu`` tests run the
 Tolerances: relative norms from tests/tolerances.py (fp64 1e-10, fp32 1e-5, fp16 1e-2, bf16 2e-2).
 """
 
+import dataclasses
 import os
 import sys
 
@@ -136,7 +137,7 @@ def test_split_stepwise_many_programs(proj):
 @cpu_only
 def test_interpreter_selects_stepwise_for_large_h():
     assert C.select_variant(4, 129, 129, 2, torch.float32).mode == "stepwise"
-    assert C.select_variant(4, 37, 37, 2, torch.float32).mode == "single"
+    assert C.select_variant(4, 8, 8, 2, torch.float32).mode == "single"
 
 
 @cpu_only
@@ -219,6 +220,179 @@ def test_grid_barrier_reads_are_uniform(tmp_path):
     assert "tt.load" not in ttir, "grid_barrier reads memory with a per-thread load"
 
 
+# ------------------------------------------------------------------ plans, models, compiled check
+def test_k_pieces_cover_k_without_power_of_two_padding():
+    """K is padded to 16 * KS granularity in <= 4 power-of-two pieces per chunk, never to pow2(K)."""
+    sp = C.split_for(768, 4, 128)
+    assert sp.ks == 4 and sp.kc == (128, 64, 0, 0) and sp.k_padded == 768
+    for K in list(range(1, 300, 7)) + [768, 1000, 1536, 3072, 4096, 5120]:
+        for ks_max, kc_max in ((4, 128), (8, 128), (4, 64), (16, 32)):
+            sp = C.split_for(K, ks_max, kc_max)
+            pieces = [c for c in sp.kc if c]
+            assert sp.k_padded >= K and all(c >= 16 and c & (c - 1) == 0 for c in pieces)
+            assert sp.k_padded - K < max(16 * sp.ks, sp.k_padded // 7), (K, sp)
+
+
+@pytest.mark.parametrize("version", [(3, 6), (3, 8)])
+@pytest.mark.parametrize("cap", [80, 90])
+def test_selection_fits_the_device_under_each_triton(cap, version):
+    """Issue 8: the rule must never pick what the device cannot hold, under either triton (3.6
+    keeps the split-K reduction scratch beside the staged operand).  The first version picked
+    LSTM bf16 H=512 B=300 'persistent u=32 b=64 ks=16', 256 KiB on sm_90 (limit 227)."""
+    info = C.AOT_TARGETS[cap]
+    cases = [(C.LSTM_CELL, 512, 512, 300), (C.LSTM_CELL, 300, 300, 512), (C.LSTM_CELL, 200, 200, 1024),
+             (C.LSTM_CELL, 512, 512, 256), (C.GRU_CELL, 130, 130, 1456), (C.LSTM_CELL, 768, 768, 16),
+             (C.GRU_CELL, 768, 768, 64), (C.LSTM_CELL, 1024, 512, 64), (C.LSTM_CELL, 37, 37, 3)]
+    for cell, H, P, B in cases:
+        for dtype in (torch.bfloat16, torch.float32, torch.float64):
+            proj = P if P != H else 0
+            if H > C.max_hidden_size(cell.gates, dtype, info=info, proj_size=proj, version=version):
+                continue
+            for backward in (False, True):
+                cands = C.candidates(cell, backward, H, P, B, dtype, info, interpret=False, version=version)
+                assert cands, (cell.name, H, P, B, dtype, backward)
+                for v in cands:
+                    assert C.smem_bytes(cell, v, H, P, dtype, version) <= info.smem_optin
+                    assert v.progs_per_sm * (C.smem_bytes(cell, v, H, P, dtype, version) + C.SMEM_RESERVED) <= info.smem_sm
+                    assert C.regs_per_thread(cell, v, H, P, dtype) <= C.REG_BUDGET
+                    assert v.grid_size <= info.sms * v.progs_per_sm
+                    assert v.n_batch_tiles * v.block_b >= min(B, v.block_b)
+
+
+def test_smem_model_of_36_keeps_reduction_scratch():
+    v = C.select_variant(4, 768, 768, 16, torch.bfloat16, info=C.AOT_TARGETS[90], interpret=False)
+    m36 = C.smem_bytes(C.LSTM_CELL, v, 768, 768, torch.bfloat16, (3, 6))
+    m38 = C.smem_bytes(C.LSTM_CELL, v, 768, 768, torch.bfloat16, (3, 8))
+    assert m36 > m38 >= v.split_a.k_padded * 4 * v.block_u * 2  # W slice [768, 32] bf16 at least
+
+
+def test_register_budget_stops_tile_growth():
+    """Issue 8: GRU bf16 H=130 B=1456 grew to block_b=64 and compiled to 32 registers + 33 KB of
+    spills.  Tiles now stop at the modelled register budget; larger batches run side by side
+    (programs per SM) or in sequential chunks."""
+    info = C.AOT_TARGETS[90]
+    for g, H, B in ((3, 130, 1456), (4, 512, 300), (4, 768, 4096)):
+        for backward in (False, True):
+            v = C.select_variant(g, H, H, B, torch.bfloat16, info=info, interpret=False, backward=backward)
+            cell = C.LSTM_CELL if g == 4 else C.GRU_CELL
+            assert C.regs_per_thread(cell, v, H, H, torch.bfloat16) <= C.REG_BUDGET
+            assert v.block_b <= (16 if backward else 64)
+
+
+class _FakeCompiled:
+    def __init__(self, shared, regs, spills, warps=4):
+        self.metadata = type("M", (), {"shared": shared, "num_warps": warps})()
+        self.n_regs, self.n_spills = regs, spills
+
+
+def test_checked_variant_steps_down_and_caches(monkeypatch):
+    """Before the first launch the compiled kernel's shared memory, registers x warps and spills are
+    checked against the device; a candidate that does not fit is skipped, the decision cached."""
+    monkeypatch.setattr(C, "interpret_mode", lambda: False)
+    monkeypatch.setattr(C, "_CHECKED", {})
+    info = C.AOT_TARGETS[90]
+    cands = C.candidates(C.LSTM_CELL, False, 768, 768, 64, torch.bfloat16, info, interpret=False)[:3]
+    calls = []
+
+    def compile_fn(v):
+        calls.append(v)
+        if v is cands[0]:
+            return [_FakeCompiled(info.smem_optin + 1, 128, 0)]  # too much shared memory
+        if v is cands[1]:
+            return [_FakeCompiled(1024, 200, 512)]  # spills
+        return [_FakeCompiled(1024, 128, 0)]
+
+    assert C.checked_variant(cands, compile_fn, ("k",), info) is cands[2]
+    assert C.checked_variant(cands, compile_fn, ("k",), info) is cands[2]
+    assert calls == cands  # each compiled once, then cached
+    assert C.resources_reason(dict(shared=1024, regs=255, spill_bytes=0, num_warps=8),
+                              dataclasses.replace(cands[2], progs_per_sm=2), info) is not None  # 2 x 256 x 255 regs
+    with pytest.raises(ValueError, match="no variant fits"):
+        C.checked_variant(cands[:2], compile_fn, ("k2",), info)
+
+
+def test_cost_model_uses_the_chip_and_sides_batches():
+    info = C.AOT_TARGETS[90]
+    v = C.select_variant(4, 768, 768, 16, torch.bfloat16, info=info, interpret=False)
+    assert v.mode == "persistent" and v.n_unit_progs >= 96  # 8 units per program (was 48 programs)
+    v = C.select_variant(4, 1024, 1024, 4, torch.bfloat16, info=info, interpret=False)
+    assert v.n_unit_progs * v.n_batch_tiles >= 0.9 * info.sms
+    # B = 256 at H = 1024: at most a few sequential launches, never one per 16 rows
+    v = C.select_variant(4, 1024, 1024, 256, torch.bfloat16, info=info, interpret=False)
+    assert C.cdiv(C.cdiv(256, v.block_b), v.n_batch_tiles) <= 8
+    # small H: one program owns every unit (no grid barrier)
+    assert C.select_variant(4, 16, 16, 16, torch.bfloat16, info=info, interpret=False).mode == "single"
+
+
+def test_limits_with_projection_and_other_devices():
+    info = C.AOT_TARGETS[90]
+    plain = C.max_hidden_size(4, torch.bfloat16, info=info)
+    proj = C.max_hidden_size(4, torch.bfloat16, info=info, proj_size=256)
+    assert 256 < proj <= plain + 256
+    assert C.supports(4, proj, 256, torch.bfloat16, info) and not C.supports(4, proj + 64, 256, torch.bfloat16, info)
+    # any object with the attributes of torch.cuda.get_device_properties describes a device
+    props = type("Props", (), dict(name="A100-SXM4-40GB", major=8, minor=0, multi_processor_count=108,
+                                   shared_memory_per_block_optin=163 * 1024,
+                                   shared_memory_per_multiprocessor=164 * 1024, regs_per_multiprocessor=65536,
+                                   max_threads_per_multi_processor=2048))()
+    assert C.max_hidden_size(4, torch.bfloat16, props) == C.max_hidden_size(4, torch.bfloat16, info=C.AOT_TARGETS[80])
+
+
+def test_readme_limits_table_is_the_function():
+    """README's Triton limits rows are max_hidden_size for H100/H200 (A100) under triton 3.6."""
+    import re
+
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")).read()
+    for gates, name in ((4, "LSTM"), (3, "GRU")):
+        row = re.search(rf"\| `triton` {name}, H100/H200 \(A100\) \|([^\n]*)", readme).group(1)
+        cells = re.findall(r"(\d+) \((\d+)\)", row)[:3]
+        for (h90, h80), dtype in zip(cells, (torch.bfloat16, torch.float32, torch.float64)):
+            assert int(h90) == C.max_hidden_size(gates, dtype, info=C.AOT_TARGETS[90], version=(3, 6)), (name, dtype)
+            assert int(h80) == C.max_hidden_size(gates, dtype, info=C.AOT_TARGETS[80], version=(3, 6)), (name, dtype)
+
+
+_COMPILE_CHECK = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import triton_aot
+from fusedrnn.backends.triton import _common as C, lstm as L, gru as G
+cap = int(sys.argv[2])
+info = C.AOT_TARGETS[cap]
+for mod, cell, H, B in ((L, C.LSTM_CELL, 512, 300), (G, C.GRU_CELL, 130, 1456)):
+    for backward in (False, True):
+        cands = C.candidates(cell, backward, H, H, B, torch.bfloat16, info, interpret=False)
+        for v in cands:
+            res = [triton_aot._compile_spec(mod.aot_recurrence(v, H, H, torch.bfloat16, "ieee", pa, pb, "t"), cap, True)
+                   for pa, pb in C.phases(v, backward)]
+            reasons = [C.resources_reason(dict(shared=r["shared"], regs=r["regs"], spill_bytes=r["local"],
+                                               num_warps=r["warps"]), v, info) for r in res]
+            if all(x is None for x in reasons):
+                assert all(r["shared"] <= C.smem_bytes(cell, v, H, H, torch.bfloat16) for r in res)
+                print("OK", cell.name, H, B, backward, v.block_b, v.block_u, [(r["shared"], r["regs"], r["local"]) for r in res])
+                break
+        else:
+            raise SystemExit(f"nothing fits: {cell.name} H={H} B={B} backward={backward}")
+"""
+
+
+def test_issue_shapes_compile_within_the_device(tmp_path, cap=90):
+    """The shapes issue 8 found over the device's shared memory or spilling, compiled for the real
+    target (no GPU needed; a subprocess, since the interpreter is on here), stepped down exactly as
+    the launcher does before the first launch: the kernel that runs fits and its shared memory is
+    within the model.  (sm_80 and every other variant: tools/triton_aot.py.)"""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    env["PYTHONPATH"] = os.path.join(root, "python")
+    script = tmp_path / "check.py"
+    script.write_text(_COMPILE_CHECK)
+    out = subprocess.run([sys.executable, str(script), os.path.join(root, "tools"), str(cap)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.count("OK") == 4
+
+
 @cpu_only
 def test_kernels_really_run():
     """No silent fallback: every call launches the Triton kernels (counted by the launchers)."""
@@ -258,13 +432,13 @@ def test_zero_length_sequence():
 @cpu_only
 def test_unsupported_hidden_size_raises():
     limit = C.max_hidden_size(4, torch.float64)
-    assert limit == 256
+    assert limit == C.max_hidden_size(4, torch.float64, info=C.AOT_TARGETS[90]) >= 192  # nominal H100 here
     H = limit + 1
     cfg = RecurrenceConfig("LSTM", "cpu", -1, torch.float64, H)
     reason = TB.unsupported(cfg)
     assert reason is not None and str(limit) in reason
     assert TB.unsupported(RecurrenceConfig("LSTM", "cpu", -1, torch.float64, limit)) is None
-    assert "256" in TB.unsupported(RecurrenceConfig("LSTM", "cpu", -1, torch.float64, 64, proj_size=300))
+    assert str(limit) in TB.unsupported(RecurrenceConfig("LSTM", "cpu", -1, torch.float64, 64, proj_size=300))
     x = torch.zeros(1, 1, 4 * H, dtype=torch.float64)
     with pytest.raises(ValueError, match=str(limit)):
         L.lstm_fwd(x, torch.zeros(4 * H, H, dtype=torch.float64), None, torch.zeros(1, H, dtype=torch.float64),
@@ -343,6 +517,24 @@ def test_gpu_projection(dtype, no_tf32):
 def test_gpu_large_batch_chunks():
     # more batch tiles than fit one co-resident grid: several launches over batch chunks
     check_lstm(T=3, B=300, H=512, dtype=torch.bfloat16, device="cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("H,B", [(300, 512), (200, 1024)])
+def test_gpu_issue8_large_batches(H, B):
+    # issue 8: these picked kernels over the device's shared memory (sequential chunks now)
+    check_lstm(T=2, B=B, H=H, dtype=torch.bfloat16, device="cuda")
+
+
+@gpu
+@needs_cuda
+def test_gpu_programs_side_by_side_checked():
+    # B = 64 at H = 768: the cost model runs several programs per SM (one cooperative grid); the
+    # compiled kernels were checked against the device before the first launch
+    C._CHECKED.clear()
+    check_lstm(T=6, B=64, H=768, dtype=torch.bfloat16, device="cuda", lengths=[6, 2, 5, 1] * 16, reverse=True)
+    assert C._CHECKED and any(reason is None for reason in C._CHECKED.values())
 
 
 @gpu

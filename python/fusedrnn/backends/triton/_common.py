@@ -2,66 +2,78 @@
 
 Everything a cell module needs besides its own math lives here, once:
 
-* environment: :func:`interpret_mode`, :func:`unavailable_reason`, :func:`device_info`
+* environment and device: :func:`interpret_mode`, :func:`unavailable_reason`, :func:`device_info`
+  (a ``torch.device`` or any object with the attributes of ``torch.cuda.get_device_properties``)
 * dtypes: :func:`acc_dtype`, :func:`tl_dtype`, :func:`dot_precision` (TF32 only when
   ``torch.backends.cudnn.rnn.fp32_precision`` is "tf32", the flag that governs nn.LSTM/nn.GRU)
-* the variant-selection rule :func:`select_variant` and the size limit :func:`max_hidden_size` /
-  :func:`unsupported_reason` (both derive from the same budget, so they cannot disagree)
-* ``@triton.jit`` helpers: :func:`sigmoid`, :func:`tanh`, :func:`grid_barrier`
-* launch bookkeeping: :data:`LAUNCHES` (tests prove a kernel ran) and :func:`check_error_flag`
-* a test hook :func:`force_variant` to pin the variant (single / stepwise / persistent, units per
-  program) so the split logic is exercised at tiny sizes under the interpreter.
+* the plan of a launch (:class:`Variant`), the resource models (:func:`smem_bytes`,
+  :func:`regs_per_thread`), the per-step cost model (:func:`step_cost_ns`) and THE selection rule
+  (:func:`candidates` / :func:`select_variant`), the size limits (:func:`max_hidden_size`,
+  :func:`unsupported_reason`: both from the same candidates, so they cannot disagree)
+* the check of the compiled kernel against the device before its first launch
+  (:func:`checked_variant`), cached per (kernel, variant, device)
+* ``@triton.jit`` helpers: activations, the split-K GEMM over K pieces (:func:`gemm`), gate
+  extraction (:func:`split4`), the grid barrier split into :func:`barrier_arrive` /
+  :func:`barrier_wait` (and :func:`grid_barrier` = both)
+* the launch loop shared by both cells (:func:`launch_recurrence`), launch bookkeeping
+  (:data:`LAUNCHES`, tests prove a kernel ran) and a test hook :func:`force_variant`.
 
-Execution variants (one rule for LSTM and GRU, ``gates_per_unit`` = 4 / 3)
--------------------------------------------------------------------------
-A program owns ``block_u`` hidden units (all gates of each unit together) of ``block_b`` batch
-rows and keeps the matching rows of W_hh on chip, loaded once before the time loop.
+Kernel structure (both cells, forward and backward)
+---------------------------------------------------
+A program owns ``block_u`` hidden units (all gates of each) of ``block_b`` batch rows.  Its slice
+of the recurrent weights is loaded once, before the time loop, and stays in shared memory (the
+``tl.dot`` operand) for the whole sequence.  Per step every program needs the whole previous
+state of its batch tile (forward: h_{t-1}; backward: the gate gradients of every unit), exchanged
+through a double-buffered global buffer (L2, ``.cg`` loads) and a grid barrier.
 
-``single``      one program per batch tile owns every unit (``n_unit_progs == 1``): the whole
-                sequence in one launch, no grid barrier (h_{t-1} goes through a per-program
-                global ping-pong buffer with a CTA barrier, L1/L2 resident).
+The recurrent GEMM of a step is ONE ``tl.dot`` chain with ONE split-K reduction:
+
+* forward: ``pre[BB, 4 * BU] = h_{t-1}[BB, K] @ W_slice^T[K, 4 * BU]`` with the columns ordered
+  unit-major, gate-minor (column ``u * 4 + g``): the four gates of a unit come out of one reshape +
+  two ``tl.split`` (:func:`split4`).  GRU uses the same 4 gate slots (r, z, n and a zero slot: the
+  dot needs power-of-two shapes).  K = P (LSTM) or H (GRU).
+* backward: ``dh[BB, BU] = dgates[BB, G * H] @ W_hh[G * H, units]`` (K = all gate rows of W_hh).
+
+K is split over the warps (``KS`` chunks, the batch dimension of a 3-D ``tl.dot``: each warp
+reduces its own chunk, one reduction over the warps at the end) and each chunk is cut into at most
+4 power-of-two pieces (:func:`k_pieces`): K is padded to a multiple of 16 * KS, not to a power of
+two (768 = 4 x (128 + 64), no zero MMAs).  Pieces are loaded -> staged -> multiplied one after
+the other, so the staging buffer of one piece is reused by the next.
+
+Per step the critical path is: exchange load -> GEMM -> cell math -> exchange store -> barrier
+arrive; the stores nobody waits for (y, gates, c_t, dxproj) and the loads of the next step's
+inputs are issued after the arrive and before the wait (:func:`barrier_arrive` / `_wait`).
+
+Execution modes
+---------------
+``single``      one program per batch tile owns every unit (``n_unit_progs == 1``): no grid
+                barrier; the forward keeps h in registers (with a projection, and in the
+                backward, the exchange goes through the global buffer and a CTA barrier).
 ``persistent``  units split over ``n_unit_progs`` programs per batch tile; one launch covers the
-                whole sequence, programs exchange h every step through global memory (L2) and a
-                grid barrier on atomics (:func:`grid_barrier`).  The grid never exceeds the
-                co-resident limit (1 program per SM), so the barrier cannot deadlock; a bounded
-                spin turns a would-be hang into an error flag -> RuntimeError in the launcher.
-``stepwise``    same kernel and grid as ``persistent`` but launched once per step (the kernel
-                boundary is the barrier).  Used under TRITON_INTERPRET=1, where programs run one
-                after another and a multi-program spin barrier would deadlock; also a safe
-                fallback.  Tests use it to check the hidden-slice logic with > 1 program.
+                whole sequence, programs meet at a grid barrier on atomics.  The launch is
+                cooperative (the driver guarantees co-residency or refuses), the spin is bounded
+                (a timeout traps on a GPU, sets the error flag under the interpreter).
+``stepwise``    same kernel and grid as ``persistent`` but launched once per step and phase (the
+                kernel boundary is the barrier).  Used under TRITON_INTERPRET=1, where programs run
+                one after another and a multi-program spin barrier would deadlock.
 
-Selection rule (:func:`select_variant`)
----------------------------------------
-1. ``block_k = pow2(P)`` (K of the recurrent GEMM), ``block_h = pow2(H)``, ``block_b = 16`` (the
-   smallest ``tl.dot`` tile).  All tiles are powers of 2 >= 16, masked to H / P / B.
-2. ``single`` when one program can own every unit: W_hh slice ``gates * pow2(H) * pow2(P) * elt
-   <= SINGLE_BUDGET`` (64 KiB, beyond that the single program spills) and its shared memory fits.
-3. Else split: ``block_u`` = smallest power of two >= 16 with ``cdiv(H, block_u) <= SMs``,
-   doubled while the grid for all batch tiles exceeds the SMs and a bigger slice still fits.
-   ``persistent`` on a GPU, ``stepwise`` under the interpreter.  ``block_b`` doubles (to 64, for
-   16-bit dtypes only: fp32-IEEE / fp64 GEMMs run on FMA units and spill with bigger tiles) while
-   the grid is too big and shared memory allows; rows beyond one co-resident grid run as
-   further launches over batch chunks (batch rows never interact).
-4. ``num_warps`` keeps the weight slice at ~64 registers per thread (4..16); GEMMs with long K
-   run split-K over warps (``ksplit``: a batched ``tl.dot`` + sum) so no thread holds all of K.
-5. Nothing fits -> unsupported (:func:`supports`, the limit below).
+Selection rule (:func:`candidates`, :func:`select_variant`)
+-----------------------------------------------------------
+Every (block_b, block_u, num_warps, programs per SM) in a small grid of powers of two is a
+candidate.  A candidate is kept when it fits the device under the running triton version's
+shared-memory model (:func:`smem_bytes`, validated against the compiled kernels by
+``tools/triton_aot.py``), a per-thread register budget (:data:`REG_BUDGET`, :func:`regs_per_thread`:
+this is what stops block_b / block_u from growing into spills) and co-residency (the grid of
+one launch <= SMs x programs per SM).  Batch tiles beyond one co-resident grid run as sequential
+launches over batch chunks.  The kept candidates are ranked by the cost model
+``launches x step_cost_ns`` (:func:`step_cost_ns`: barrier + exchange + GEMM + cell math, per
+SM), which trades wider tiles against more programs against sequential chunks.  Before the
+first launch of a variant on a device, :func:`checked_variant` compiles it and checks its real
+shared memory, registers x warps x programs per SM and spills against the device, stepping down
+the ranked list otherwise.
 
-Limits (:func:`supports`): a program's recurrent weights (forward: W_hh slice
-[gates * block_u, pow2(P)], backward: W_hh^T slice [gates * pow2(H), block_p], plus the W_hr
-slices when projecting) must fit ``ONCHIP_WEIGHT_BUDGET`` = 128 KiB and the modelled shared
-memory (:func:`onchip_bytes`: weights + one staged GEMM operand) must fit the device (sm_80:
-163 KiB, sm_90: 227 KiB); the grid (1 program per SM) must fit the SMs.
-
-    dtype          elt  largest H (no projection)   units/program   programs at the limit
-    bf16 / fp16    2 B  1024                         16              64
-    fp32           4 B   512                         16              32
-    fp64           8 B   256                         16              16
-    (same on A100 / sm_80 and H100 / sm_90: the 128 KiB weight budget binds first; with a
-    projection the W_hr slice counts too, e.g. bf16 H=512 P=256 runs, H=1024 P=512 does not.)
-
-At the bf16 limit: 4 gates * 16 units * 1024 * 2 B = 128 KiB of W_hh per program in shared memory
-(Triton stages ``tl.dot`` operands there) + a 32 KiB staged h tile = 160 KiB, checked per variant
-by ``tools/triton_aot.py`` (registers, spills, shared memory for sm_80 and sm_90).
+Limits: the largest H with at least one fitting candidate for forward and backward
+(:func:`max_hidden_size`), per dtype / device / proj_size.
 """
 
 from __future__ import annotations
@@ -71,7 +83,8 @@ import contextlib
 import dataclasses
 import functools
 import os
-from typing import Optional
+import threading
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -80,18 +93,21 @@ try:  # the package must import without triton
     import triton.language as tl
 
     _TRITON_IMPORT_ERROR: Optional[str] = None
+    TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
 except Exception as _e:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
     _TRITON_IMPORT_ERROR = f"triton does not import ({_e})"
+    TRITON_VERSION = (0, 0)
 
 # ------------------------------------------------------------------------------------ constants
-ONCHIP_WEIGHT_BUDGET = 128 * 1024  # bytes of recurrent weights one program keeps on chip
 MIN_TILE = 16  # tl.dot needs every dimension >= 16
-MAX_BLOCK_B = 64
-MAX_SPIN = 1 << 22  # bounded spin of the grid barrier (~ seconds): then error flag, no hang
-NOMINAL_SMS = 132  # H100 SXM: used for limits/selection when no CUDA device is present
+MAX_SPIN = 1 << 22  # bounded spin of the grid barrier (~ seconds): then error flag / trap, no hang
 ERR_BARRIER_TIMEOUT = 1
+REG_BUDGET = 224  # modelled registers per thread a candidate may need (255 is the hardware cap)
+SPILL_BUDGET_BYTES = 64  # compiled local memory per thread tolerated (stack of a call, no loop spills)
+SMEM_RESERVED = 1024  # shared memory the driver reserves per CTA (sm_80 / sm_90)
+MAX_PIECES = 4  # K pieces per split chunk (each a power of two >= 16)
 
 # Kernel launches per kernel name (incremented by the launchers); tests read it to prove that a
 # Triton kernel ran (no silent fallback).
@@ -132,29 +148,72 @@ def device_unsupported_reason(device_type: str) -> Optional[str]:
 
 @dataclasses.dataclass(frozen=True)
 class DeviceInfo:
-    sms: int  # co-resident programs at 1 program per SM
-    smem_bytes: int  # opt-in shared memory per block
+    """What the selection rule needs to know about a device (bytes, counts)."""
+
+    sms: int
+    smem_optin: int  # shared memory one CTA may use (opt-in limit)
     capability: tuple
+    smem_per_sm: int = 0  # shared memory of one SM (CTAs on it share it); 0: = smem_optin + reserve
+    regs_per_sm: int = 65536
+    max_threads_per_sm: int = 2048
+    name: str = ""
+    index: int = -1  # CUDA device index (-1: a description, not a present device)
+
+    @property
+    def smem_sm(self) -> int:
+        return self.smem_per_sm or (self.smem_optin + SMEM_RESERVED)
+
+
+# H100 SXM / H200 (sm_90) and A100 (sm_80): the AOT targets, and the interpreter's nominal device
+AOT_TARGETS = {
+    80: DeviceInfo(108, 163 * 1024, (8, 0), 164 * 1024, 65536, 2048, "A100 (nominal)"),
+    90: DeviceInfo(132, 227 * 1024, (9, 0), 228 * 1024, 65536, 2048, "H100 (nominal)"),
+}
+NOMINAL_SMS = AOT_TARGETS[90].sms
+
+
+def info_from_properties(p, index: int = -1) -> DeviceInfo:
+    """DeviceInfo from ``torch.cuda.get_device_properties(...)`` or any object with its attributes
+    (``multi_processor_count``, ``shared_memory_per_block_optin``, ``shared_memory_per_multiprocessor``,
+    ``regs_per_multiprocessor``, ``max_threads_per_multi_processor``, ``major``, ``minor``, ``name``)."""
+    optin = int(getattr(p, "shared_memory_per_block_optin", 0) or 0)
+    cap = (int(p.major), int(p.minor))
+    if optin <= 0:  # older torch: fall back to the architecture's documented opt-in limit
+        optin = AOT_TARGETS[90 if cap >= (9, 0) else 80].smem_optin
+    return DeviceInfo(
+        sms=int(p.multi_processor_count),
+        smem_optin=optin,
+        capability=cap,
+        smem_per_sm=int(getattr(p, "shared_memory_per_multiprocessor", 0) or 0),
+        regs_per_sm=int(getattr(p, "regs_per_multiprocessor", 0) or 65536),
+        max_threads_per_sm=int(getattr(p, "max_threads_per_multi_processor", 0) or 2048),
+        name=str(getattr(p, "name", "")),
+        index=index,
+    )
 
 
 @functools.lru_cache(maxsize=None)
 def _cuda_device_info(index: int) -> DeviceInfo:
-    p = torch.cuda.get_device_properties(index)
-    smem = getattr(p, "shared_memory_per_block_optin", 0) or 0
-    return DeviceInfo(p.multi_processor_count, int(smem), (p.major, p.minor))
+    return info_from_properties(torch.cuda.get_device_properties(index), index)
 
 
 def device_info(device) -> DeviceInfo:
-    """SM count etc. of ``device``; a nominal H100 for the interpreter / no device."""
+    """Resources of ``device`` (a torch.device / str, a DeviceInfo, or a properties-like object);
+    a nominal H100 for CPU tensors (the interpreter) and when no device is present."""
+    if isinstance(device, DeviceInfo):
+        return device
+    if device is not None and hasattr(device, "multi_processor_count"):
+        return info_from_properties(device)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda" and torch.cuda.is_available() and not interpret_mode():
         return _cuda_device_info(device.index if device.index is not None else torch.cuda.current_device())
-    return DeviceInfo(NOMINAL_SMS, 227 * 1024, (9, 0))
+    return AOT_TARGETS[90]
 
 
 # --------------------------------------------------------------------------------------- dtypes
 _ELT = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
 SUPPORTED_DTYPES = tuple(_ELT)
+TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -174,6 +233,10 @@ def tl_dtype(dtype: torch.dtype):
         torch.float32: tl.float32,
         torch.float64: tl.float64,
     }[dtype]
+
+
+def acc_tl(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -199,8 +262,97 @@ def next_pow2(n: int, minimum: int = 1) -> int:
     return max(p, minimum)
 
 
+def prev_pow2(n: int) -> int:
+    p = 1
+    while p * 2 <= n:
+        p *= 2
+    return p
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# ------------------------------------------------------------------------------- GEMM geometry
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Split-K geometry of one recurrent GEMM: ``ks`` chunks (one per warp), each cut into the
+    power-of-two pieces ``kc`` (zeros = absent).  K index of element j of piece i in chunk s:
+    ``ks * sum(kc[:i]) + s * kc[i] + j`` (piece-major: every piece is one contiguous range)."""
+
+    ks: int = 1
+    kc: tuple = (16, 0, 0, 0)
+
+    @property
+    def chunk(self) -> int:
+        return sum(self.kc)
+
+    @property
+    def k_padded(self) -> int:
+        return self.ks * self.chunk
+
+    @property
+    def kc_max(self) -> int:
+        return max(self.kc)
+
+    def consts(self, prefix: str) -> dict:
+        d = {f"{prefix}_KS": self.ks}
+        d.update({f"{prefix}_KC{i + 1}": c for i, c in enumerate(self.kc)})
+        return d
+
+
+def k_pieces(chunk: int, kc_max: int) -> Optional[tuple]:
+    """``chunk`` (multiple of 16) as <= 4 powers of two in [16, kc_max], largest first, with the
+    least padding (the last piece rounds up); None if 4 pieces cannot cover it."""
+    pieces = []
+    rem = chunk
+    while rem > 0:
+        if len(pieces) == MAX_PIECES:
+            return None
+        if len(pieces) == MAX_PIECES - 1:
+            p = next_pow2(rem, MIN_TILE)
+            if p > kc_max:
+                return None
+        else:
+            p = max(MIN_TILE, min(kc_max, prev_pow2(rem)))
+        pieces.append(p)
+        rem -= p
+    return tuple(pieces + [0] * (MAX_PIECES - len(pieces)))
+
+
+MIN_CHUNK = 64  # K per split chunk below which splitting costs more (a bigger accumulator) than it saves
+
+
+def split_for(K: int, ks_max: int, kc_max: int) -> Split:
+    """Split-K geometry for a GEMM over K with at most ``ks_max`` chunks and pieces <= ``kc_max``:
+    as many chunks as keep >= MIN_CHUNK of K each (the split-K accumulator [KS, BB, N] grows with
+    KS, the dependent MMA chain of a warp shrinks), pieces grown when 4 cannot cover a chunk."""
+    K16 = cdiv(max(K, 1), MIN_TILE) * MIN_TILE
+    ks = max(1, prev_pow2(ks_max))
+    while ks > 1 and K16 < ks * MIN_CHUNK:
+        ks //= 2
+    chunk = cdiv(cdiv(K16, ks), MIN_TILE) * MIN_TILE
+    cap = max(MIN_TILE, kc_max)
+    while True:
+        kc = k_pieces(chunk, cap)
+        if kc is not None:
+            return Split(ks, kc)
+        cap *= 2
+
+
+# ------------------------------------------------------------------------------- cell / kernels
+@dataclasses.dataclass(frozen=True)
+class CellSpec:
+    """What the planner needs to know about a cell: gates per unit (LSTM 4, GRU 3) and the
+    projection (LSTM only).  Gate slots of the forward GEMM are always 4 (power of two)."""
+
+    name: str
+    gates: int
+    slots: int = 4
+
+
+LSTM_CELL = CellSpec("lstm", 4)
+GRU_CELL = CellSpec("gru", 3)
 
 
 # ------------------------------------------------------------------------------ variant selection
@@ -209,17 +361,18 @@ class Variant:
     """How one recurrence launch is organised (see the module docstring)."""
 
     mode: str  # "single" | "persistent" | "stepwise"
+    backward: bool
     block_b: int  # batch rows per program (pow2 >= 16)
-    block_u: int  # hidden units per program, all gates of each (pow2 >= 16)
-    block_k: int  # pow2(P): K of the forward recurrent GEMM
-    block_h: int  # pow2(H)
-    block_p: int  # slice of P per program for the second phase (projection fwd / dh in bwd)
+    block_u: int  # hidden units per program, all gates of each (pow2)
+    block_p: int  # slice of P per program for the projection phase (pow2 >= 16)
     n_unit_progs: int  # programs sharing one batch tile (barrier participants)
-    n_batch_tiles: int  # batch tiles per launch (grid = (n_batch_tiles, n_unit_progs))
+    n_batch_tiles: int  # batch tiles per launch (grid = (n_unit_progs, n_batch_tiles))
     num_warps: int
+    split_a: Split  # GEMM of phase A (forward: h @ W_hh^T; backward with projection: dh @ W_hr)
+    split_b: Split  # GEMM of phase B (forward: m @ W_hr^T; backward: dgates @ W_hh)
+    progs_per_sm: int = 1  # co-resident programs per SM the grid relies on
+    h_in_regs: bool = False  # single-program forward without projection: h never leaves registers
     num_stages: int = 1
-    ksplit_k: int = 1  # K chunks of the GEMMs over P (batched tl.dot, one chunk per warp)
-    ksplit_h: int = 1  # K chunks of the GEMMs over H (projection fwd, dh in bwd)
 
     @property
     def grid_size(self) -> int:
@@ -229,13 +382,24 @@ class Variant:
     def batch_per_launch(self) -> int:
         return self.n_batch_tiles * self.block_b
 
+    def compile_key(self) -> tuple:
+        """Fields that change the compiled kernel (not the grid)."""
+        return (self.mode == "stepwise", self.backward, self.block_b, self.block_u, self.block_p,
+                self.num_warps, self.split_a, self.split_b, self.h_in_regs, self.num_stages)
+
+    def consts(self) -> dict:
+        d = dict(BB=self.block_b, BU=self.block_u, BP=self.block_p, H_IN_REGS=self.h_in_regs)
+        d.update(self.split_a.consts("A"))
+        d.update(self.split_b.consts("B"))
+        return d
+
 
 _FORCED: list = []
 
 
 @contextlib.contextmanager
 def force_variant(mode: Optional[str] = None, block_u: Optional[int] = None, block_b: Optional[int] = None):
-    """Test hook: pin the variant mode and/or units per program (pow2 >= 16) inside the block."""
+    """Test hook: pin the variant mode and/or units / batch rows per program inside the block."""
     _FORCED.append((mode, block_u, block_b))
     try:
         yield
@@ -243,79 +407,394 @@ def force_variant(mode: Optional[str] = None, block_u: Optional[int] = None, blo
         _FORCED.pop()
 
 
-def weight_bytes_per_program(gates_per_unit: int, block_u: int, block_k: int, elt: int) -> int:
-    """Bytes of the W_hh slice [gates * block_u, block_k] one program keeps on chip."""
-    return gates_per_unit * block_u * block_k * elt
+def _elt_op(dtype: torch.dtype) -> int:
+    """Bytes of a ``tl.dot`` operand element as compiled (the interpreter's bf16 upcast aside)."""
+    return elt_size(dtype)
 
 
-def _num_warps(nbytes: int) -> int:
-    # keep the weight slice at <= ~64 32-bit registers per thread
-    return min(16, max(4, next_pow2(cdiv(nbytes, 64 * 4 * 32))))
+def _acc_elt(dtype: torch.dtype) -> int:
+    return 8 if dtype == torch.float64 else 4
 
 
-def onchip_bytes(
-    gates_per_unit: int, block_b: int, block_u: int, block_k: int, block_h: int, block_p: int, elt: int, proj: bool
-) -> int:
-    """Shared memory one program needs (model of what Triton allocates, checked by triton_aot).
-
-    Forward: W_hh slice [gates * block_u, block_k] (+ W_hr slice [block_p, block_h]) + the staged
-    GEMM operand h_{t-1} [block_b, max K].  Backward: W_hh^T slice [gates * block_h, block_p]
-    (+ W_hr slice [block_k, block_u]) + one staged dgates operand [block_b, block_h] (+ the fp32
-    dh_tot [block_b, block_k] when projecting).  Forward and backward are separate kernels: max.
-    """
-    stage = block_b * max(block_k, block_h) * elt
-    fwd = gates_per_unit * block_u * block_k * elt + (block_h * block_p * elt if proj else 0) + stage
-    bwd = gates_per_unit * block_h * block_p * elt + stage
-    if proj:
-        bwd += block_k * block_u * elt + block_b * block_k * 4
-    return max(fwd, bwd)
-
-
-def _weights(gates_per_unit, block_u, block_k, block_h, block_p, elt, proj) -> int:
-    """Largest recurrent-weight slice one program holds (forward or backward kernel)."""
-    fwd = gates_per_unit * block_u * block_k * elt + (block_h * block_p * elt if proj else 0)
-    bwd = gates_per_unit * block_h * block_p * elt + (block_k * block_u * elt if proj else 0)
-    return max(fwd, bwd)
-
-
-def _split_fits(gates_per_unit: int, H: int, P: int, elt: int, info: DeviceInfo, block_u: int, block_b: int) -> bool:
-    n_u = cdiv(H, block_u)
-    if n_u > info.sms:
-        return False
-    bk, bh = next_pow2(P, MIN_TILE), next_pow2(H, MIN_TILE)
-    bp = next_pow2(cdiv(P, n_u), MIN_TILE)
+def _gemms(cell: CellSpec, backward: bool, H: int, P: int, v_bu: int, v_bp: int):
+    """(K, N) of the phase-A and phase-B GEMMs a kernel runs per step (None where absent); N is the
+    width of the on-chip W^T slice, K its height."""
     proj = P != H
-    return (
-        _weights(gates_per_unit, block_u, bk, bh, bp, elt, proj) <= ONCHIP_WEIGHT_BUDGET
-        and onchip_bytes(gates_per_unit, block_b, block_u, bk, bh, bp, elt, proj) <= info.smem_bytes
+    if not backward:
+        a = (P, cell.slots * v_bu)
+        b = (H, v_bp) if proj else None
+    else:
+        a = (P, v_bu) if proj else None
+        b = (cell.gates * H, v_bp if proj else v_bu)
+    return a, b
+
+
+def smem_bytes(cell: CellSpec, v: Variant, H: int, P: int, dtype: torch.dtype,
+               version: Optional[tuple] = None) -> int:
+    """Modelled shared memory of the kernel for variant ``v`` under triton ``version``.
+
+    Both versions keep every W piece of both GEMMs for the whole sequence and stage one A-operand
+    piece (load -> shared -> dot operand) at a time.  Triton 3.6 keeps the split-K reduction
+    scratch [KS, BB, N] (accumulation dtype) live beside the staged operand; 3.8 reuses the
+    staging space for it.  Small layout-conversion scratch (gate split, reductions of [BB, N]
+    tiles) fits in the same space.  ``tools/triton_aot.py`` checks model >= compiled for every
+    variant it builds, under the triton it runs with."""
+    version = version or TRITON_VERSION
+    e = _elt_op(dtype)
+    ea = _acc_elt(dtype)
+    bb = v.block_b
+    w = 0
+    stage = 0
+    scratch = 0
+    for g, sp in zip(_gemms(cell, v.backward, H, P, v.block_u, v.block_p), (v.split_a, v.split_b)):
+        if g is None:
+            continue
+        K, N = g
+        w += sp.k_padded * N * e
+        stage = max(stage, sp.ks * bb * sp.kc_max * e)
+        scratch = max(scratch, sp.ks * bb * N * ea)
+    if v.h_in_regs:  # A operand comes from registers through one conversion buffer
+        stage = max(stage, bb * v.split_a.k_padded * e)
+    conv = bb * max(v.block_u * cell.slots, v.block_p) * ea  # gate split / output conversions
+    if version < (3, 7):
+        return w + stage + max(scratch, conv)
+    return w + max(stage, scratch, conv)
+
+
+def regs_per_thread(cell: CellSpec, v: Variant, H: int, P: int, dtype: torch.dtype) -> int:
+    """Modelled 32-bit registers per thread of the kernel for ``v``.
+
+    Fitted (tools/triton_aot.py reports model beside compiled) to triton 3.6 and 3.8 builds of
+    these kernels for sm_90: the exchanged A operand of a step is loaded all at once (its loads
+    are independent of each other and hoisted for latency), one W piece is live in dot-operand
+    registers, the split-K accumulator [KS, BB, N], and per cell of the own [BB, BU] tile the
+    state, the prefetched inputs and the gate values.  What matters is the order it puts the
+    candidates in; the compiled kernel is checked before its first launch anyway."""
+    threads = 32 * v.num_warps
+    e = _elt_op(dtype)
+    ea = _acc_elt(dtype)
+    # forward / backward fits (coefficients of: whole A operand, one W piece, accumulator, cells);
+    # 4- and 8-byte accumulators of FMA-class dots were seen to pack tighter (0.75)
+    c_a, c_w, c_acc, c_cell = (0.75, 0.25, 1.0, 16.0) if v.backward else (0.5, 0.25, 1.0, 32.0)
+    if _mma_class(dtype, "ieee") in ("fma32", "fma64"):
+        c_acc = 0.75
+    fma = 1.0
+    big = 0.0
+    for g, sp in zip(_gemms(cell, v.backward, H, P, v.block_u, v.block_p), (v.split_a, v.split_b)):
+        if g is None:
+            continue
+        K, N = g
+        a_all = v.block_b * sp.k_padded * e / 4 / threads
+        w_piece = sp.ks * sp.kc_max * N * e / 4 / threads
+        acc = sp.ks * v.block_b * N * ea / 4 / threads
+        a_piece = sp.ks * v.block_b * sp.kc_max * e / 4 / threads
+        term = fma * (c_a * a_all + c_w * w_piece) + c_acc * acc
+        if v.backward:  # long K (4H): big pieces add their own staging registers (AOT: GRU H=1584)
+            term += 0.25 * a_all + 0.5 * a_piece
+        else:  # each K piece past two keeps another staged load in flight (AOT: H=1152 244, 1365 spills)
+            term += 40.0 * max(0, sum(1 for c in sp.kc if c) - 2)
+        # the projected backward keeps both phases' operands in flight (AOT: fp64 H=200 P=100)
+        big = big + term if (v.backward and P != H) else max(big, term)
+    cells = v.block_b * max(v.block_u, v.block_p) / threads
+    extra = big + c_cell * cells * ea / 4
+    if dtype == torch.float64 and v.backward and P != H:  # AOT: fp64 projected backward, 1.4x the fit
+        extra *= 1.4
+    return int(40.0 + extra + 0.999)
+
+
+# ---- per-step cost model ------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Constants of the per-step cost model of one architecture.
+
+    The time loop of these kernels is latency bound with little instruction-level overlap: on the
+    first H200 run (BENCHMARKS.md Run 1) the four recurrence kernels of the first Triton version
+    took 0.86-1.12 ns per warp-instruction of their time loop (SASS loop length x warps, as
+    ``tools/triton_aot.py`` reports it).  The model estimates that count for a variant (a
+    least-squares fit to triton 3.6 sm_90 builds of these kernels, within ~15 %) and converts it
+    with ``ns_per_warp_instr``; a second co-resident program on an SM costs ``extra_program`` of
+    its own time (its latencies overlap the first one's); the exchanged operands of all programs
+    must also cross L2 (``l2_bytes_per_ns``).  It ranks candidates; BENCHMARKS.md "Triton design
+    round 2" lists the predictions the next GPU run checks."""
+
+    ns_per_warp_instr: float
+    per_warp: float  # warp-instructions per warp per step: loop, barrier, addresses, loads/stores
+    per_mma: float  # per m16n8k16-equivalent MMA (operand fragments, the MMA itself)
+    per_partial: float  # per split-K partial element read back in the reduction (per 32 lanes)
+    per_cell: float  # per (cell x gate slot) of the pointwise math (per 32 lanes, replicated)
+    per_vector: float  # per 16-byte load of the exchanged operand (per 32 lanes)
+    extra_program: float
+    l2_bytes_per_ns: float
+    barrier_ns: float  # per grid barrier (split variants; one per phase with an exchange)
+
+
+# Run 1: old kernels at 10.6K-24.7K warp-instructions per step took 9.1-27.7 us per step with one
+# or two barriers: 0.9 ns per warp-instruction + 1 us per barrier fits them within 20 %.
+COST = {
+    90: CostModel(0.9, 222.0, 2.12, 8.95, 19.7, 7.85, 0.5, 5500.0, 1000.0),
+    80: CostModel(1.26, 222.0, 2.12, 8.95, 19.7, 7.85, 0.5, 4000.0, 1200.0),  # A100 clock 1.41 vs 1.98 GHz
+}
+
+
+def _mma_class(dtype: torch.dtype, precision: str) -> str:
+    if dtype in (torch.float16, torch.bfloat16):
+        return "tc16"
+    if dtype == torch.float32:
+        return "tf32" if precision == "tf32" else "fma32"
+    return "fma64"
+
+
+# MMA-instruction equivalents per (16 x 8 x 16) block of a GEMM, by operand class: TF32 mma is
+# m16n8k8 (twice the instructions), FMA dots issue one FMA per 32 multiply-adds (64 per block
+# and warp-instruction... 2048 MACs / 32 lanes), fp64 FMAs at half rate
+_MMA_WEIGHT = {"tc16": 1.0, "tf32": 2.0, "fma32": 64.0, "fma64": 128.0}
+
+
+def warp_instructions(cell: CellSpec, v: Variant, H: int, P: int, dtype: torch.dtype, precision: str = "ieee") -> float:
+    """Estimated warp-instructions one program issues per step (the static count of its loop x warps)."""
+    cm = COST[90]
+    e = elt_size(dtype)
+    w = cm.per_warp * v.num_warps
+    for i, (g, sp) in enumerate(zip(_gemms(cell, v.backward, H, P, v.block_u, v.block_p), (v.split_a, v.split_b))):
+        if g is None:
+            continue
+        K, N = g
+        blocks = v.block_b / 16 * N / 8 * sp.k_padded / 16
+        w += cm.per_mma * blocks * _MMA_WEIGHT[_mma_class(dtype, precision)]
+        w += cm.per_partial * sp.ks * v.block_b * N / 32
+        if not (v.h_in_regs and i == 0):
+            w += cm.per_vector * v.block_b * sp.k_padded * e / 16 / 32
+    cells = v.block_b * max(v.block_u, v.block_p)
+    rep = max(1.0, 32 * v.num_warps / cells)
+    w += cm.per_cell * cells * (cell.gates if v.backward else cell.slots) / 32 * rep
+    return w
+
+
+def step_cost_ns(cell: CellSpec, v: Variant, H: int, P: int, dtype: torch.dtype, info: DeviceInfo,
+                 precision: str = "ieee") -> float:
+    """Predicted time of one recurrence step of one launch (ns): the estimated warp-instructions of
+    one program (:func:`warp_instructions`) at the calibrated rate, the co-resident programs of an
+    SM adding ``extra_program`` each, one grid barrier per exchange phase (split variants), bounded
+    below by the exchange traffic through L2."""
+    cm = COST[90 if info.capability >= (9, 0) else 80]
+    t = warp_instructions(cell, v, H, P, dtype, precision) * cm.ns_per_warp_instr
+    t *= 1.0 + cm.extra_program * (v.progs_per_sm - 1)
+    if v.n_unit_progs > 1:
+        t += cm.barrier_ns * (2 if P != H else 1)
+    x_bytes = 0.0
+    for i, (g, sp) in enumerate(zip(_gemms(cell, v.backward, H, P, v.block_u, v.block_p), (v.split_a, v.split_b))):
+        if g is not None and not (v.h_in_regs and i == 0):
+            x_bytes += v.block_b * sp.k_padded * elt_size(dtype) * v.grid_size
+    return max(t, x_bytes / cm.l2_bytes_per_ns)
+
+
+# ---- candidates ---------------------------------------------------------------------------------
+def _fits(cell: CellSpec, v: Variant, H: int, P: int, dtype: torch.dtype, info: DeviceInfo,
+          version: Optional[tuple] = None) -> Optional[str]:
+    """None when ``v`` fits ``info`` under the static models, else why not."""
+    smem = smem_bytes(cell, v, H, P, dtype, version)
+    if smem > info.smem_optin:
+        return f"shared memory {smem} B > {info.smem_optin} B"
+    if v.progs_per_sm * (smem + SMEM_RESERVED) > info.smem_sm:
+        return f"{v.progs_per_sm} programs x {smem} B shared memory > {info.smem_sm} B per SM"
+    regs = regs_per_thread(cell, v, H, P, dtype)
+    if regs > REG_BUDGET:
+        return f"{regs} registers per thread > budget {REG_BUDGET}"
+    if v.num_warps > 4 and 32 * v.num_warps > v.block_b * max(v.block_u, v.block_p):
+        return f"{v.num_warps} warps for {v.block_b * max(v.block_u, v.block_p)} cells (cell math replicated per warp)"
+    threads = 32 * v.num_warps * v.progs_per_sm
+    if threads > info.max_threads_per_sm or regs * threads > info.regs_per_sm:
+        return f"{v.progs_per_sm} programs x {v.num_warps} warps x {regs} registers > the SM's {info.regs_per_sm}"
+    if v.mode == "persistent" and v.grid_size > info.sms * v.progs_per_sm:
+        return f"grid {v.grid_size} > {info.sms} SMs x {v.progs_per_sm}"
+    return None
+
+
+def _kc_max(block_b: int, dtype: torch.dtype, precision: str) -> int:
+    """Largest K piece per split chunk: a staged A piece [KS, BB, kc] of <= 2048 elements per warp
+    on tensor cores (<= 32 registers per thread); FMA dots (fp32 without TF32, fp64) hold their
+    operands per thread, so their pieces stay short."""
+    cls = _mma_class(dtype, precision)
+    base = {"tc16": 2048, "tf32": 1024, "fma32": 512, "fma64": 256}[cls]
+    return max(MIN_TILE, prev_pow2(base // block_b))
+
+
+def _warp_choices(dtype: torch.dtype, precision: str) -> tuple:
+    # FMA dots need more warps (more K splits) to keep their per-thread operands small
+    return (4, 8) if _mma_class(dtype, precision) in ("tc16", "tf32") else (4, 8, 16)
+
+
+def _make(cell: CellSpec, backward: bool, mode: str, H: int, P: int, B: int, dtype: torch.dtype,
+          info: DeviceInfo, block_b: int, block_u: int, num_warps: int, pps: int, precision: str = "ieee") -> Variant:
+    proj = P != H
+    n_u = cdiv(H, block_u)
+    h_in_regs = (mode == "single") and not backward and not proj
+    block_p = max(MIN_TILE, next_pow2(cdiv(P, n_u)))
+    kc = _kc_max(block_b, dtype, precision)
+    a, b = _gemms(cell, backward, H, P, block_u, block_p)
+    if h_in_regs:  # A operand from registers: one piece over the padded unit tile
+        ks = num_warps
+        while ks > 1 and block_u // ks < MIN_CHUNK:
+            ks //= 2
+        split_a = Split(ks, (block_u // ks, 0, 0, 0))
+    else:
+        split_a = split_for(a[0], num_warps, kc) if a is not None else Split()
+    split_b = split_for(b[0], num_warps, kc) if b is not None else Split()
+    n_tiles_total = cdiv(max(B, 1), block_b)
+    if mode in ("stepwise", "single"):  # no barrier across programs: no co-residency needed
+        n_tiles = n_tiles_total
+    else:
+        n_tiles = max(1, min(n_tiles_total, (info.sms * pps) // n_u))
+    return Variant(mode=mode, backward=backward, block_b=block_b, block_u=block_u, block_p=block_p,
+                   n_unit_progs=n_u, n_batch_tiles=n_tiles, num_warps=num_warps, split_a=split_a,
+                   split_b=split_b, progs_per_sm=pps, h_in_regs=h_in_regs)
+
+
+BLOCK_B_CHOICES = (16, 32, 64)  # forward; the backward's exchanged operand is 3-4x wider: 16 only
+PPS_CHOICES = (1, 2, 3, 4)
+
+
+def candidates(cell: CellSpec, backward: bool, H: int, P: int, B: int, dtype: torch.dtype,
+               info: Optional[DeviceInfo] = None, interpret: Optional[bool] = None,
+               precision: str = "ieee", version: Optional[tuple] = None, forced: Optional[tuple] = None) -> list:
+    """Every fitting variant for this shape, cheapest first (cost model x launches).
+
+    ``info`` / ``interpret`` / ``version`` override the device, the interpreter check and the
+    triton version (AOT compilation, limits for other devices)."""
+    info = info or AOT_TARGETS[90]
+    interpret = interpret_mode() if interpret is None else interpret
+    if forced is None:
+        forced = _FORCED[-1] if _FORCED else (None, None, None)
+    return list(_candidates(cell, backward, H, P, B, dtype, dataclasses.replace(info, index=-1, name=""),
+                            bool(interpret), precision, version or TRITON_VERSION, tuple(forced)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _candidates(cell: CellSpec, backward: bool, H: int, P: int, B: int, dtype: torch.dtype, info: DeviceInfo,
+                interpret: bool, precision: str, version: tuple, forced: tuple) -> tuple:
+    forced_mode, forced_u, forced_b = forced
+    min_u_fwd = max(1, MIN_TILE // cell.slots)  # forward GEMM N = slots * block_u >= 16
+    h_pad = next_pow2(H)
+    us = []
+    u = MIN_TILE if backward else min_u_fwd
+    while u <= max(h_pad, MIN_TILE):
+        us.append(u)
+        u *= 2
+    if forced_u is not None:
+        us = [max(MIN_TILE if backward else min_u_fwd, next_pow2(forced_u))]
+    bbs = (forced_b,) if forced_b else ((MIN_TILE,) if backward else BLOCK_B_CHOICES)
+    out = []
+    for bu in us:
+        n_u = cdiv(H, bu)
+        if n_u == 1:
+            mode = "single"
+        else:
+            mode = "stepwise" if interpret else "persistent"
+        if forced_mode is not None:
+            if forced_mode == "single" and n_u != 1:
+                continue
+            mode = forced_mode
+        if mode == "single" and not backward and P == H and bu < MIN_TILE:
+            continue  # h from registers is the dot's K: >= 16 wide
+        for bb in bbs:
+            if bb > MIN_TILE and cdiv(max(B, 1), bb // 2) <= 1 and forced_b is None:
+                continue  # a narrower tile already holds the whole batch
+            for nw in _warp_choices(dtype, precision):
+                for pps in PPS_CHOICES if mode == "persistent" else (1,):
+                    if pps > 1 and n_u * cdiv(max(B, 1), bb) <= info.sms * (pps - 1):
+                        continue  # fewer programs per SM already hold the grid
+                    v = _make(cell, backward, mode, H, P, B, dtype, info, bb, bu, nw, pps, precision)
+                    # a variant pinned by a test under the interpreter runs whatever its resources
+                    # (it exercises a code path; a GPU never gets there unless it fits)
+                    pinned = interpret and any(f is not None for f in forced)
+                    if pinned or _fits(cell, v, H, P, dtype, info, version) is None:
+                        if mode == "single":  # one launch; tiles beyond one per SM run in waves
+                            launches = cdiv(v.n_batch_tiles, info.sms)
+                        else:
+                            launches = cdiv(cdiv(max(B, 1), bb), v.n_batch_tiles)
+                        cost = launches * step_cost_ns(cell, v, H, P, dtype, info, precision)
+                        out.append((cost, len(out), v))
+    out.sort(key=lambda c: (c[0], c[1]))
+    return tuple(v for _, _, v in out)
+
+
+def select_variant(gates_per_unit: int, H: int, P: int, B: int, dtype: torch.dtype, device=None,
+                   info: Optional[DeviceInfo] = None, interpret: Optional[bool] = None,
+                   backward: bool = False, precision: Optional[str] = None) -> Variant:
+    """THE variant-selection rule (module docstring): the cheapest fitting candidate.
+    Raises ValueError (naming the limit) when nothing fits."""
+    cell = LSTM_CELL if gates_per_unit == 4 else GRU_CELL
+    info = info or device_info(device)
+    if precision is None:
+        precision = dot_precision(dtype) if dtype in _ELT else "ieee"
+    cands = candidates(cell, backward, H, P, B, dtype, info, interpret, precision)
+    if not cands:
+        raise ValueError("fusedrnn triton: " + (_limit_message(cell, H, P if P != H else 0, dtype, info)))
+    return cands[0]
+
+
+def supports(gates_per_unit: int, H: int, P: int, dtype: torch.dtype, info: DeviceInfo,
+             version: Optional[tuple] = None) -> bool:
+    return _supports(gates_per_unit, H, P, dtype, dataclasses.replace(info, index=-1, name=""), version)
+
+
+@functools.lru_cache(maxsize=1024)
+def _supports(gates_per_unit: int, H: int, P: int, dtype: torch.dtype, info: DeviceInfo,
+              version: Optional[tuple] = None) -> bool:
+    """Whether forward and backward have a fitting variant for hidden size H with h size P
+    (under the shared-memory model of triton ``version``, default the running one)."""
+    cell = LSTM_CELL if gates_per_unit == 4 else GRU_CELL
+    precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)  # the TF32 flag may change
+    return all(
+        candidates(cell, bwd, H, P, MIN_TILE, dtype, info, interpret=False, precision=prec, version=version,
+                   forced=(None, None, None))
+        for bwd in (False, True) for prec in precisions
     )
 
 
-def _min_block_u(H: int, sms: int) -> int:
-    """Smallest units-per-program (pow2 >= 16) whose grid for one batch tile fits the SMs."""
-    bu = MIN_TILE
-    while cdiv(H, bu) > sms:
-        bu *= 2
-    return bu
+@functools.lru_cache(maxsize=256)
+def _max_hidden_size(gates_per_unit: int, dtype: torch.dtype, info: DeviceInfo, proj_size: int,
+                     version: Optional[tuple]) -> int:
+    def ok(h):
+        P = proj_size if proj_size else h
+        return (not proj_size or proj_size < h) and supports(gates_per_unit, h, P, dtype, info, version)
 
-
-def supports(gates_per_unit: int, H: int, P: int, dtype: torch.dtype, info: DeviceInfo) -> bool:
-    """Whether some variant runs hidden size H with h size P (P == H: no projection)."""
-    return _split_fits(gates_per_unit, H, P, elt_size(dtype), info, _min_block_u(H, info.sms), MIN_TILE)
+    lo, hi = 0, proj_size + 1  # a projection needs hidden_size > proj_size
+    while hi <= (1 << 15) and ok(hi):
+        lo, hi = hi, hi * 2
+    # largest h in [lo, hi) with ok(h); feasibility shrinks as h grows (more bytes per program)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def max_hidden_size(gates_per_unit: int, dtype: torch.dtype, device=None, proj_size: int = 0,
-                    info: Optional[DeviceInfo] = None) -> int:
-    """Largest H the kernels support for ``dtype`` on ``device`` (with ``proj_size``, if any)."""
+                    info: Optional[DeviceInfo] = None, version: Optional[tuple] = None) -> int:
+    """Largest H the kernels support for ``dtype`` on ``device`` (a torch.device, a DeviceInfo or
+    a properties-like object; see :func:`device_info`), with ``proj_size`` if given, under the
+    running triton (``version`` overrides: triton 3.6 keeps more shared memory live)."""
     info = info or device_info(device)
-    best, h = 0, 1
-    while h <= 1 << 15:  # costs change at powers of 2: test each power, then the SM bound
-        P = proj_size if proj_size else h
-        if not supports(gates_per_unit, h, P, dtype, info):
-            break
-        best = h
-        h *= 2
-    return best
+    return _max_hidden_size(gates_per_unit, dtype, dataclasses.replace(info, index=-1, name=""), int(proj_size),
+                            version)
+
+
+def _limit_message(cell: CellSpec, hidden_size: int, proj_size: int, dtype: torch.dtype, info: DeviceInfo) -> str:
+    limit = max_hidden_size(cell.gates, dtype, info=info)
+    where = f"{info.smem_optin // 1024} KiB shared memory per program, {info.sms} SMs"
+    if proj_size and hidden_size <= limit:
+        plimit = max_hidden_size(cell.gates, dtype, info=info, proj_size=proj_size)
+        return (
+            f"proj_size={proj_size} with hidden_size={hidden_size} exceeds the on-chip limit for {dtype} "
+            f"(largest hidden size with this proj_size: {plimit}; without projection: {limit}; {where})"
+        )
+    return (
+        f"hidden_size={hidden_size} exceeds the largest supported hidden size {limit} for {dtype} "
+        f"(the recurrent weights are split over the programs and kept on chip: {where})"
+    )
 
 
 def unsupported_reason(
@@ -331,132 +810,176 @@ def unsupported_reason(
     P = proj_size or hidden_size
     if supports(gates_per_unit, hidden_size, P, dtype, info):
         return None
-    limit = max_hidden_size(gates_per_unit, dtype, device, info=info)
-    if proj_size and hidden_size <= limit:
-        plimit = max((p for p in range(1, hidden_size) if supports(gates_per_unit, hidden_size, p, dtype, info)), default=0)
-        return (
-            f"proj_size={proj_size} with hidden_size={hidden_size} exceeds the on-chip limit for {dtype} "
-            f"(largest supported proj_size for this hidden_size: {plimit}; largest hidden size {limit})"
-        )
-    return (
-        f"hidden_size={hidden_size} exceeds the largest supported hidden size {limit} for {dtype} "
-        f"(W_hh slice per program must fit {ONCHIP_WEIGHT_BUDGET // 1024} KiB on chip, "
-        f"{info.smem_bytes // 1024} KiB shared memory)"
+    cell = LSTM_CELL if gates_per_unit == 4 else GRU_CELL
+    return _limit_message(cell, hidden_size, proj_size, dtype, info)
+
+
+# ------------------------------------------------------------------ compiled-kernel resource check
+_CHECKED: dict = {}
+_CHECK_LOCK = threading.Lock()
+
+
+def compiled_resources(compiled) -> dict:
+    """shared (B), registers per thread, spills (B per thread) of a compiled kernel; loads it on the
+    current device (which raises OutOfResources when its shared memory exceeds the device's)."""
+    if hasattr(compiled, "result"):  # async compile mode
+        compiled = compiled.result()
+    init = getattr(compiled, "_init_handles", None)
+    if init is not None:
+        init()
+    return dict(
+        shared=int(compiled.metadata.shared),
+        regs=int(getattr(compiled, "n_regs", 0) or 0),
+        spill_bytes=4 * int(getattr(compiled, "n_spills", 0) or 0),
+        num_warps=int(compiled.metadata.num_warps),
     )
 
 
-SINGLE_BUDGET = 64 * 1024  # one program owning every unit: above this, split (spills otherwise)
+def resources_reason(res: dict, v: Variant, info: DeviceInfo) -> Optional[str]:
+    """None when compiled resources ``res`` (see :func:`compiled_resources`) fit ``info`` for ``v``."""
+    threads = 32 * res["num_warps"]
+    regs_alloc = cdiv(max(res["regs"], 1) * 32, 256) * 256 // 32  # warp register allocation unit
+    if res["shared"] > info.smem_optin:
+        return f"compiled shared memory {res['shared']} B > {info.smem_optin} B"
+    if v.progs_per_sm * (res["shared"] + SMEM_RESERVED) > info.smem_sm:
+        return f"{v.progs_per_sm} x {res['shared']} B compiled shared memory > {info.smem_sm} B per SM"
+    if v.progs_per_sm * threads * regs_alloc > info.regs_per_sm:
+        return f"{v.progs_per_sm} x {threads} threads x {res['regs']} registers > {info.regs_per_sm} per SM"
+    if res["spill_bytes"] > SPILL_BUDGET_BYTES:
+        return f"{res['spill_bytes']} B of spills per thread > {SPILL_BUDGET_BYTES}"
+    return None
 
 
-def select_variant(
-    gates_per_unit: int, H: int, P: int, B: int, dtype: torch.dtype, device=None,
-    info: Optional[DeviceInfo] = None, interpret: Optional[bool] = None,
-) -> Variant:
-    """THE variant-selection rule (module docstring).  Raises ValueError above the limit.
+def checked_variant(cands: Sequence[Variant], compile_fn: Callable[[Variant], list], key: tuple,
+                    info: DeviceInfo) -> Variant:
+    """The first of ``cands`` (cheapest first) whose compiled kernels fit the device.
 
-    ``info`` / ``interpret`` override the device and the interpreter check (AOT compilation).
-    """
-    elt = elt_size(dtype)
-    info = info or device_info(device)
-    interpret = interpret_mode() if interpret is None else interpret
-    proj = P != H
-    block_k = next_pow2(P, MIN_TILE)
-    block_h = next_pow2(H, MIN_TILE)
-    forced_mode, forced_u, forced_b = _FORCED[-1] if _FORCED else (None, None, None)
-    if not supports(gates_per_unit, H, P, dtype, info):
-        raise ValueError(
-            "fusedrnn triton: " + (unsupported_reason(gates_per_unit, H, P if proj else 0, dtype, "cuda" if not interpret_mode() else "cpu", device)
-                                   or f"hidden size {H} / proj {P} not supported")
-        )
-    block_b = forced_b or MIN_TILE
-
-    def fits(bu, bb):
-        return _split_fits(gates_per_unit, H, P, elt, info, bu, bb)
-
-    single_p = block_k  # one program: its P slice is all of P
-    single_ok = (
-        _weights(gates_per_unit, block_h, block_k, block_h, single_p, elt, proj) <= SINGLE_BUDGET
-        and onchip_bytes(gates_per_unit, block_b, block_h, block_k, block_h, single_p, elt, proj) <= info.smem_bytes
-    )
-    if forced_u is not None:
-        block_u = max(MIN_TILE, next_pow2(forced_u))
-    elif single_ok:
-        block_u = block_h
-    else:
-        # smallest slice (W_hh spread over the most SMs) whose grid fits; grow while the grid
-        # for all batch tiles would not be co-resident and a bigger slice still fits on chip
-        block_u = _min_block_u(H, info.sms)
-        while block_u < block_h and cdiv(H, block_u) * cdiv(B, block_b) > info.sms and fits(block_u * 2, block_b):
-            block_u *= 2
-    n_u = cdiv(H, block_u)
-    if n_u == 1:
-        mode = "single"
-    else:
-        mode = "stepwise" if interpret else "persistent"
-    if forced_mode is not None:
-        mode = forced_mode
-        if mode == "single" and n_u != 1:
-            raise ValueError("force_variant(mode='single') needs block_u >= H")
-    # P slice for the second phase: cover P (fwd projection) and P columns of dh (bwd)
-    block_p = next_pow2(cdiv(P, n_u), MIN_TILE)
-    n_b_total = cdiv(B, block_b)
-    if mode == "persistent":
-        while (
-            forced_b is None and n_b_total * n_u > info.sms and block_b < MAX_BLOCK_B
-            and elt <= 2  # fp32 (non-TF32) / fp64 GEMMs run on FMA units: bigger tiles spill badly
-            and onchip_bytes(gates_per_unit, block_b * 2, block_u, block_k, block_h, block_p, elt, proj) <= info.smem_bytes
-        ):
-            block_b *= 2
-            n_b_total = cdiv(B, block_b)
-        n_batch_tiles = max(1, min(n_b_total, info.sms // n_u))  # more rows: launches over batch chunks
-    else:
-        n_batch_tiles = n_b_total
-    nbytes = _weights(gates_per_unit, block_u, block_k, block_h, block_p, elt, proj)
-    num_warps = _num_warps(nbytes)
-    return Variant(
-        ksplit_k=ksplit(block_k, num_warps),
-        ksplit_h=ksplit(block_h, num_warps),
-        mode=mode,
-        block_b=block_b,
-        block_u=block_u,
-        block_k=block_k,
-        block_h=block_h,
-        block_p=block_p,
-        n_unit_progs=n_u,
-        n_batch_tiles=n_batch_tiles,
-        num_warps=num_warps,
-    )
+    ``compile_fn(v)`` compiles (without launching) every kernel launch variant ``v`` uses and
+    returns the compiled kernels.  The decision is cached per (``key``, variant, device), so a
+    variant is compiled and checked once per process; under the interpreter nothing is compiled
+    and the static models decide."""
+    if interpret_mode() or not cands:
+        return cands[0]
+    reasons = []
+    for v in cands:
+        ck = (key, v.compile_key(), v.progs_per_sm, info.index)
+        with _CHECK_LOCK:
+            reason = _CHECKED.get(ck, "unchecked")
+        if reason == "unchecked":
+            try:
+                reason = None
+                for compiled in compile_fn(v):
+                    reason = resources_reason(compiled_resources(compiled), v, info)
+                    if reason is not None:
+                        break
+            except Exception as e:  # OutOfResources at load, or a compile failure
+                if type(e).__name__ != "OutOfResources":
+                    raise
+                reason = f"{type(e).__name__}: {e}"
+            with _CHECK_LOCK:
+                _CHECKED[ck] = reason
+        if reason is None:
+            return v
+        reasons.append(f"block_b={v.block_b} block_u={v.block_u} warps={v.num_warps}: {reason}")
+    raise ValueError("fusedrnn triton: no variant fits the device after compilation: " + "; ".join(reasons[:4]))
 
 
-def ksplit(block: int, num_warps: int) -> int:
-    """K chunks for a [M, block] x [block, N] GEMM with small M, N: ``tl.dot`` does not split K
-    over warps, so a [16, 1024] x [1024, 16] dot leaves each thread the whole K (spills).  The
-    kernels run a batched dot over ``ksplit`` chunks (the batch dim spreads over warps) and sum."""
-    return max(1, min(num_warps, block // MIN_TILE))
-
-
-# ------------------------------------------------------------------------------ AOT compilation
-AOT_TARGETS = {80: DeviceInfo(108, 163 * 1024, (8, 0)), 90: DeviceInfo(132, 227 * 1024, (9, 0))}
-
-
+# ---------------------------------------------------------------------------- AOT compilation
 def aot_spec(name: str, fn, ptr_types: dict, constexprs: dict, num_warps: int, num_stages: int = 1) -> dict:
     """One kernel variant for ``tools/triton_aot.py``.
 
     ``ptr_types``: pointer argument -> triton type ("bf16", "fp32", "i64", ...); ``constexprs``:
-    every constexpr argument; every other argument is a runtime ``i32``.
-    """
+    every constexpr argument; every other argument is a runtime ``i32``.  Pointers carry the
+    16-byte alignment the JIT specialises on for every torch allocation (``tt.divisibility``)."""
     sig = {}
-    for a in fn.arg_names:
+    attrs = {}
+    for i, a in enumerate(fn.arg_names):
         if a in constexprs:
             sig[a] = "constexpr"
         elif a in ptr_types:
             sig[a] = "*" + ptr_types[a]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[a] = "i32"
-    return dict(name=name, fn=fn, signature=sig, constexprs=dict(constexprs), num_warps=num_warps, num_stages=num_stages)
+    return dict(name=name, fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs,
+                num_warps=num_warps, num_stages=num_stages)
 
 
-TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+def aot_shapes(cell: CellSpec, dtype: torch.dtype, info: DeviceInfo) -> list:
+    """(H, P, B) the AOT check compiles per dtype: an odd small H, the largest single-program H and
+    the next one, 768 and 1024 where supported and the limit, at batches 16, 256 and one so large
+    that the rule forms its widest chunk (plus 64 at 768: programs side by side); for the LSTM,
+    projections (P = H / 2 at 200 and 1024, and the largest H with P = limit / 4)."""
+    limit = max_hidden_size(cell.gates, dtype, info=info)
+    single_max = 1
+    for h in range(1, min(limit, 256) + 1):
+        c = candidates(cell, False, h, h, MIN_TILE, dtype, info, interpret=False)
+        if c and c[0].mode == "single":
+            single_max = h
+    hs = sorted({37, single_max, min(single_max + 1, limit), min(768, limit), min(1024, limit), limit})
+    out = [(h, h, b) for h in hs for b in (16, 256, 1 << 14)] + [(min(768, limit),) * 2 + (64,)]
+    if cell.gates == 4:
+        for h in sorted({200, min(1024, limit)}):
+            out += [(h, h // 2, b) for b in (16, 256)]
+        ph = max_hidden_size(cell.gates, dtype, info=info, proj_size=max(16, limit // 4))
+        if ph:
+            out += [(ph, max(16, limit // 4), 16)]
+    return out
+
+
+AOT_ALTERNATIVES = 6  # ranked candidates the AOT check may step down through (as the runtime does)
+
+
+def aot_recurrence_specs(cell: CellSpec, capability: int, build: Callable) -> list:
+    """AOT groups of every recurrence variant the rule picks for :func:`aot_shapes` on the
+    ``capability`` target (forward and backward, IEEE and TF32 for fp32), plus the stepwise
+    variant once per dtype.
+
+    The rule is the ranked candidate list plus the compiled-kernel check before the first launch
+    (:func:`checked_variant`), so each group lists the first ``AOT_ALTERNATIVES`` candidates, each
+    as the specs of its launch phases; ``tools/triton_aot.py`` compiles them in order and reports
+    the first that passes :func:`resources_reason`, which is what a GPU with this triton runs.
+    ``build(v, H, P, dtype, precision, phase_a, phase_b, tag)`` makes one spec (the cell module
+    knows its kernel and pointer types).  Specs record the modelled shared memory
+    (:func:`smem_bytes`, this triton version) and registers, checked against the compiled kernel."""
+    info = AOT_TARGETS[capability]
+    groups = []
+    for dt in SUPPORTED_DTYPES:
+        seen = set()
+        stepwise_done = set()
+        for precision in (("ieee", "tf32") if dt == torch.float32 else ("ieee",)):
+            for H, P, B in aot_shapes(cell, dt, info):
+                for backward in (False, True):
+                    cands = candidates(cell, backward, H, P, B, dt, info, interpret=False, precision=precision)
+                    if not cands:
+                        continue
+                    key = (H, P, precision, tuple(v.compile_key() for v in cands[:AOT_ALTERNATIVES]))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    modes = [None]
+                    if backward not in stepwise_done and cands[0].mode == "persistent" and B == MIN_TILE and P == H:
+                        modes.append("stepwise")
+                        stepwise_done.add(backward)
+                    for mode in modes:
+                        alts = []
+                        for v in cands[:AOT_ALTERNATIVES]:
+                            if mode is not None:
+                                v = dataclasses.replace(v, mode=mode)
+                            two = backward or P != H
+                            tag = (f"{TL_NAMES[dt]} H={H} P={P} B={B} {v.mode} u={v.block_u} b={v.block_b} "
+                                   f"w={v.num_warps} pps={v.progs_per_sm}" + (" tf32" if precision == "tf32" else ""))
+                            phase_specs = []
+                            for pa, pb in phases(v, two):
+                                ph = "" if v.mode != "stepwise" else (" A" if not pb else " B")
+                                spec = build(v, H, P, dt, precision, pa, pb, tag + ph)
+                                spec.update(model_shared=smem_bytes(cell, v, H, P, dt),
+                                            model_regs=regs_per_thread(cell, v, H, P, dt),
+                                            variant=v, info=info)
+                                phase_specs.append(spec)
+                            alts.append(phase_specs)
+                        groups.append(dict(name=alts[0][0]["name"], alternatives=alts))
+    return groups
 
 
 # ------------------------------------------------------------------------------------ launching
@@ -496,9 +1019,66 @@ def check_error_flag(err: torch.Tensor, what: str) -> None:
         raise RuntimeError(f"fusedrnn triton {what}: kernel reported error code {code}")
 
 
+def phases(variant: Variant, two_phase: bool) -> list:
+    """(PHASE_A, PHASE_B) per launch of one step: stepwise splits a two-phase step over launches."""
+    if variant.mode == "stepwise" and two_phase:
+        return [(True, False), (False, True)]
+    return [(True, two_phase)]
+
+
+def max_spins() -> int:
+    # the interpreter polls slowly and runs programs one after another: fail fast there
+    return 64 if interpret_mode() else MAX_SPIN
+
+
+def launch_recurrence(kernel, name: str, cell: CellSpec, backward: bool, H: int, P: int, B: int, T: int,
+                      dtype: torch.dtype, args: tuple, consts: dict, device) -> Variant:
+    """Select (and on a GPU check) the variant, then launch ``kernel`` over the whole sequence.
+
+    Every recurrence kernel takes ``(*args, sync, err, T, B, tile0, s_begin, s_end, N_U, **consts,
+    **variant.consts(), PHASE_A, PHASE_B, SYNC, MAX_SPINS)``; batch tiles beyond one co-resident
+    grid run as further launches over batch chunks (batch rows never interact)."""
+    if B * cell.slots * H >= 2**31:
+        raise ValueError(f"fusedrnn triton: batch * 4 * hidden_size = {B * cell.slots * H} must be < 2**31 "
+                         "(per-step offsets are int32; the time offset is int64)")
+    info = device_info(device)
+    precision = consts.get("DOT_PRECISION", "ieee")
+    cands = candidates(cell, backward, H, P, B, dtype, info, precision=precision)
+    if not cands:
+        raise ValueError("fusedrnn triton: " + _limit_message(cell, H, P if P != H else 0, dtype, info))
+    two_phase = backward or P != H
+
+    def launch_kwargs(v, pa, pb):
+        return dict(consts, **v.consts(), PHASE_A=pa, PHASE_B=pb, SYNC=v.mode != "stepwise",
+                    MAX_SPINS=max_spins(), num_warps=v.num_warps, num_stages=v.num_stages, **launch_options(v))
+
+    def compile_fn(v):
+        sync, err = new_sync_buffers(1, device)
+        return [kernel.warmup(*args, sync, err, 1, B, 0, 0, 1, v.n_unit_progs, grid=(1,), **launch_kwargs(v, pa, pb))
+                for pa, pb in phases(v, two_phase)]
+
+    key = (name, H, P, dtype, tuple(sorted((k, str(x)) for k, x in consts.items())))
+    v = checked_variant(cands, compile_fn, key, info)
+    if T == 0 or B == 0:
+        return v
+    steps = [(s, s + 1) for s in range(T)] if v.mode == "stepwise" else [(0, T)]
+    n_tiles_total = cdiv(B, v.block_b)
+    for t0 in range(0, n_tiles_total, v.n_batch_tiles):
+        nt = min(v.n_batch_tiles, n_tiles_total - t0)
+        grid = (v.n_unit_progs, nt)
+        sync, err = new_sync_buffers(n_tiles_total, device)
+        for s0, s1 in steps:
+            for pa, pb in phases(v, two_phase):
+                kernel[grid](*args, sync, err, T, B, t0, s0, s1, v.n_unit_progs, **launch_kwargs(v, pa, pb))
+                count_launch(name)
+        if v.mode == "persistent" and v.n_unit_progs > 1:
+            check_error_flag(err, name)
+    return v
+
+
 # --------------------------------------------------------------------------------- jit helpers
 if triton is not None:
-    # On a GPU a timed-out grid barrier traps (see grid_barrier); under the interpreter it only
+    # On a GPU a timed-out grid barrier traps (see barrier_wait); under the interpreter it only
     # sets the error flag, which the launcher reads (a CPU tensor: no device sync involved).
     TRAP_ON_TIMEOUT = tl.constexpr(not interpret_mode())
 
@@ -523,44 +1103,122 @@ if triton is not None:
             return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
 
     @triton.jit
-    def kidx_a(BLOCK_K: tl.constexpr, KSPLIT: tl.constexpr):
-        """K index [KSPLIT, 1, BLOCK_K // KSPLIT] of a split-K A operand (rows in dim 1)."""
-        BKS: tl.constexpr = BLOCK_K // KSPLIT
-        return tl.arange(0, KSPLIT)[:, None, None] * BKS + tl.arange(0, BKS)[None, None, :]
+    def load_w_piece(w_ptr, col_off, col_ok, K_STRIDE: tl.constexpr, K: tl.constexpr,
+                     KS: tl.constexpr, KC: tl.constexpr, OFF: tl.constexpr):
+        """Piece [KS, KC, N] of the B operand ``W^T``: element [s, j, n] = w[col_off[n] + k * K_STRIDE]
+        with k = KS * OFF + s * KC + j (zero where k >= K or the column is masked)."""
+        k = KS * OFF + tl.arange(0, KS)[:, None, None] * KC + tl.arange(0, KC)[None, :, None]  # [KS, KC, 1]
+        return tl.load(w_ptr + col_off[None, None, :] + k.to(tl.int64) * K_STRIDE,
+                       mask=(k < K) & col_ok[None, None, :], other=0.0)
 
     @triton.jit
-    def kidx_b(BLOCK_K: tl.constexpr, KSPLIT: tl.constexpr):
-        """K index [KSPLIT, BLOCK_K // KSPLIT, 1] of a split-K B operand (columns in dim 2)."""
-        BKS: tl.constexpr = BLOCK_K // KSPLIT
-        return tl.arange(0, KSPLIT)[:, None, None] * BKS + tl.arange(0, BKS)[None, :, None]
+    def load_w(w_ptr, col_off, col_ok, K_STRIDE: tl.constexpr, K: tl.constexpr, KS: tl.constexpr,
+               KC1: tl.constexpr, KC2: tl.constexpr, KC3: tl.constexpr, KC4: tl.constexpr):
+        """All pieces of an on-chip W^T slice (:func:`load_w_piece`); absent pieces repeat the first."""
+        w1 = load_w_piece(w_ptr, col_off, col_ok, K_STRIDE, K, KS, KC1, 0)
+        w2 = w1
+        w3 = w1
+        w4 = w1
+        if KC2 > 0:
+            w2 = load_w_piece(w_ptr, col_off, col_ok, K_STRIDE, K, KS, KC2, KC1)
+        if KC3 > 0:
+            w3 = load_w_piece(w_ptr, col_off, col_ok, K_STRIDE, K, KS, KC3, KC1 + KC2)
+        if KC4 > 0:
+            w4 = load_w_piece(w_ptr, col_off, col_ok, K_STRIDE, K, KS, KC4, KC1 + KC2 + KC3)
+        return w1, w2, w3, w4
 
     @triton.jit
-    def mma_splitk(a3, b3, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        """sum_s a3[s] @ b3[s]: [S, M, Ks] x [S, Ks, N] -> [M, N] (split-K over warps)."""
-        return tl.sum(mma(a3, b3, None, ACC, PRECISION, UPCAST), axis=0)
+    def _a_piece(a_ptr, row_off, row_ok, a2_ptr, K: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr,
+                 OFF: tl.constexpr, ADD2: tl.constexpr, OP: tl.constexpr, ACC: tl.constexpr):
+        """Piece [KS, BB, KC] of the A operand from global rows (``.cg``: exchanged data lives in
+        L2, never a stale L1 line); ``ADD2``: plus the same piece of ``a2_ptr`` (summed in ACC)."""
+        k = KS * OFF + tl.arange(0, KS)[:, None, None] * KC + tl.arange(0, KC)[None, None, :]  # [KS, 1, KC]
+        off = row_off[None, :, None] + k
+        msk = row_ok[None, :, None] & (k < K)
+        a = tl.load(a_ptr + off, mask=msk, other=0.0, cache_modifier=".cg")
+        if ADD2:
+            a = a.to(ACC) + tl.load(a2_ptr + off, mask=msk, other=0.0).to(ACC)
+        return a.to(OP)
 
     @triton.jit
-    def grid_barrier(sync_ptr, target, err_ptr, N_PROGS, MAX_SPINS: tl.constexpr):
-        """Barrier among the ``N_PROGS`` programs sharing ``sync_ptr`` (an int32 counter).
+    def gemm(a_ptr, row_off, row_ok, a2_ptr, w1, w2, w3, w4, K: tl.constexpr, KS: tl.constexpr,
+             KC1: tl.constexpr, KC2: tl.constexpr, KC3: tl.constexpr, KC4: tl.constexpr,
+             ADD2: tl.constexpr, OP: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr):
+        """[BB, N] = A[BB, K] @ W^T[K, N] with A read from global rows ``a_ptr + row_off`` (int32
+        row offsets, ``row_ok`` mask) and W^T given as its on-chip pieces ``w1..w4`` (see
+        ``Split``).  One split-K accumulator [KS, BB, N] for all pieces, one reduction at the end."""
+        acc = mma(_a_piece(a_ptr, row_off, row_ok, a2_ptr, K, KS, KC1, 0, ADD2, OP, ACC), w1, None, ACC, PRECISION, UPCAST)
+        if KC2 > 0:
+            acc = mma(_a_piece(a_ptr, row_off, row_ok, a2_ptr, K, KS, KC2, KC1, ADD2, OP, ACC), w2, acc, ACC, PRECISION, UPCAST)
+        if KC3 > 0:
+            acc = mma(_a_piece(a_ptr, row_off, row_ok, a2_ptr, K, KS, KC3, KC1 + KC2, ADD2, OP, ACC), w3, acc, ACC,
+                      PRECISION, UPCAST)
+        if KC4 > 0:
+            acc = mma(_a_piece(a_ptr, row_off, row_ok, a2_ptr, K, KS, KC4, KC1 + KC2 + KC3, ADD2, OP, ACC), w4, acc, ACC,
+                      PRECISION, UPCAST)
+        return tl.sum(acc, axis=0)
 
-        Every call of every participant adds 1; the k-th barrier (0-based) is passed once the
-        counter reaches ``target = (k + 1) * N_PROGS`` (the caller tracks k, the counter is never
-        reset).  Release on arrive (publishes this program's global stores), acquire while
-        spinning (sees the others').  Loads of exchanged data after the barrier should use
-        ``cache_modifier=".cg"`` (L2, not a stale L1 line).  Bounded: after ``MAX_SPINS`` polls,
-        or when another program already reported a timeout, it sets ``*err_ptr = 1`` and returns
-        (the launcher raises).  With ``N_PROGS == 1`` it is only a CTA barrier.
-        """
-        tl.debug_barrier()  # all threads' stores of this program are issued before the arrive
+    @triton.jit
+    def gemm_regs(a, w1, BB: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr, ACC: tl.constexpr,
+                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """[BB, N] = a[BB, KS * KC] (registers) @ W^T piece w1 [KS, KC, N]: split-K over KS."""
+        a3 = tl.permute(tl.reshape(a, [BB, KS, KC]), (1, 0, 2))
+        return tl.sum(mma(a3, w1, None, ACC, PRECISION, UPCAST), axis=0)
+
+    @triton.jit
+    def split4(x, BB: tl.constexpr, BU: tl.constexpr):
+        """[BB, 4 * BU] with columns u * 4 + g -> the four [BB, BU] gate tiles g = 0, 1, 2, 3."""
+        x = tl.reshape(x, [BB, BU, 2, 2])
+        even, odd = tl.split(x)  # g = 0 | 2 and g = 1 | 3 (last dim: g // 2)
+        g0, g2 = tl.split(even)
+        g1, g3 = tl.split(odd)
+        return g0, g1, g2, g3
+
+    @triton.jit
+    def spread(x):
+        """x [BB, BN] unchanged in value, laid out over all threads of the program.
+
+        The split-K reduction leaves its result replicated in every warp; cell math done in that
+        layout runs once per warp (8x the instructions at 8 warps, plus a layout conversion of
+        every other operand, every step).  An identity ``tl.gather`` along the columns takes its
+        output layout from the index tensor, a plain blocked layout: one conversion per step
+        (tools/triton_aot.py: LSTM backward H=768 bf16 loop 856 -> 520 SASS instructions/warp)."""
+        BB: tl.constexpr = x.shape[0]
+        BN: tl.constexpr = x.shape[1]
+        idx = tl.zeros([BB, BN], dtype=tl.int32) + tl.arange(0, BN)[None, :]
+        return tl.gather(x, idx, 1)
+
+    @triton.jit
+    def barrier_arrive(sync_ptr, N_PROGS):
+        """First half of the grid barrier among the ``N_PROGS`` programs sharing ``sync_ptr``.
+
+        A CTA barrier (every warp's stores so far are issued), then one acq_rel add on the counter:
+        the release publishes this program's stores (bar.sync makes them cumulative), the returned
+        count lets the last arriver skip polling.  Stores issued after the arrive are not waited
+        for by it (the non-critical outputs of a step).  Returns the count after this arrive."""
+        tl.debug_barrier()
+        cur = N_PROGS * 0
         if N_PROGS > 1:
-            tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
-            cur = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+            cur = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu") + 1
+        return cur
+
+    @triton.jit
+    def barrier_wait(sync_ptr, cur, target, err_ptr, N_PROGS, MAX_SPINS: tl.constexpr):
+        """Second half: spin until the counter reaches ``target = (k + 1) * N_PROGS`` for the k-th
+        barrier (0-based; the caller tracks k, the counter is never reset).
+
+        Every value the loop tests comes from a scalar atomic, which Triton runs on one thread and
+        broadcasts through shared memory: all warps leave the loop in the same iteration (a
+        per-thread load could let warps leave at different iterations and mismatch the CTA
+        barriers: a hang).  Polls are acquire loads (see the others' stores).  Bounded: after
+        ``MAX_SPINS`` polls, or when another program already reported a timeout, it sets
+        ``*err_ptr = 1`` and traps on a GPU (the launch fails at the next sync, also inside a CUDA
+        graph) or returns under the interpreter (the launcher raises).  Loads of exchanged data
+        after the barrier use ``.cg`` (L2, not a stale L1 line)."""
+        if N_PROGS > 1:
             spins = 0
             failed = 0  # polled every 1024 spins, not per barrier (an extra L2 round trip per step)
-            # Every value the loop condition reads comes from a scalar atomic, which Triton runs
-            # on one thread and broadcasts through shared memory: all warps see the same value and
-            # leave the loop in the same iteration (a per-thread load of the flag could let warps
-            # leave at different iterations and mismatch the CTA barriers below: a hang).
             while (cur < target) & (spins < MAX_SPINS) & (failed == 0):
                 cur = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
                 spins += 1
@@ -569,8 +1227,13 @@ if triton is not None:
             if cur < target:
                 tl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")
                 if TRAP_ON_TIMEOUT:
-                    # Device-side abort: the launch fails with a CUDA error at the next sync, also
-                    # inside a CUDA graph, and no host sync is spent on the hot path to find out.
                     # Persistent launches are cooperative, so only a bug can get here.
                     tl.inline_asm_elementwise("trap;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
         tl.debug_barrier()
+
+    @triton.jit
+    def grid_barrier(sync_ptr, target, err_ptr, N_PROGS, MAX_SPINS: tl.constexpr):
+        """:func:`barrier_arrive` then :func:`barrier_wait` (nothing in between).  With
+        ``N_PROGS == 1`` it is only a CTA barrier."""
+        cur = barrier_arrive(sync_ptr, N_PROGS)
+        barrier_wait(sync_ptr, cur, target, err_ptr, N_PROGS, MAX_SPINS)

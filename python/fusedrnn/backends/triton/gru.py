@@ -4,64 +4,22 @@ Contract: ``fusedrnn.backends.reference`` (``gru_fwd``, ``gru_bwd``, ``gru_cell_
 ``gru_cell_bwd``): same signatures, shapes, dtypes and padded-step semantics.  Gate order r, z, n;
 n = tanh(x_n + r * (W_hn h + b_hn)); saved gates [r, z, n, hn] with hn = W_hn h + b_hn.
 
-Recurrence kernels
-------------------
-One launch per layer and direction covers the whole sequence.  A program owns ``BU`` hidden units
--- the r, z and n rows of W_hh for those units together -- of a tile of ``BB`` batch rows, and
-loads its W_hh slice once, before the time loop; the compiler keeps it in shared memory (the
-``tl.dot`` operand) for all T steps, it is never re-read from HBM.  The recurrent GEMM is split-K
-over warps (``_common.mma_splitk``): the slice is held as [KS, HP/KS, BU] and the K slices are the
-batch dim of ``tl.dot``, so each warp reduces 1/KS of K (a plain [16, 1024] x [1024, 16] dot makes
-every warp repeat the whole K and spills).  Variants (``_common.select_variant`` + ``_gru_variant``):
-
-* ``single`` (``SPLIT=False``): one program owns every unit of its batch tile (BU == HP); h stays in
-  registers, no barrier.  Small H (W_hh fits the per-program budget).
-* ``persistent`` (``SPLIT=True, SYNC=True``): cdiv(H, BU) programs per batch tile (grid <= SM
-  count, co-resident).  Every step each program needs the whole h_{t-1} (forward) or the whole
-  [dr_pre, dz_pre, dhn] (backward): exchanged through a double-buffered global buffer (L2, ``.cg``
-  loads) in the input dtype -- exactly the values the dot rounds to anyway; the own units' state
-  stays in fp32/fp64 registers -- and the programs meet at ``_common.grid_barrier`` (atomic
-  counter, bounded spin, error flag: a failed barrier raises RuntimeError, never hangs).
-* ``stepwise`` (``SPLIT=True, SYNC=False``): the same kernel and grid, launched once per step (the
-  kernel boundary is the barrier).  Under the Triton interpreter (programs run one after another)
-  this is how the split logic runs with > 1 program; the runtime step range ``[step_begin,
-  step_end)`` and the fp32/fp64 state buffers carry the recurrence across launches.
-
-Forward step s (t = s, or T-1-s when reverse), own units U:
-    h_full [KS, BB, HP/KS] <- hx[s % 2] (split) | h_own (single)
-    [hr|hz|hn]_U = h_full @ W_{r,z,n}[U]^T + b_hh;  r, z, n, h_new as reference.py
-    h_own = where(valid, h_new, h_own) -> hx[(s+1) % 2];  y_t, gates_t (zeros where padded);  barrier
-Backward step s (t in the opposite order), phase A: own units' dr_pre, dz_pre, dn_pre, dhn = dn_pre*r
-    (zeros where padded) -> dxproj_t, dhn_t, exchange xb[s % 2]; base = where(valid, dh_tot*z, dh);
-    barrier;  phase B: dh_U = base + [dr|dz|dhn]_full @ W_hh[:, U]  (padded rows contribute zeros, so
-    reference.py's masked update falls out).  Stepwise: phase B of step s runs at the start of the
-    launch of step s+1 (``finish_pending``), and one last launch with an empty range finishes step T-1.
-h_{t-1} for backward comes from y / h0 exactly as ``reference.previous_states`` (reverse: h0 at each
-sequence's own first step t = lengths-1).
-
-Per-step cost, GRU T=1024 B=16 H=768 bf16 (the performance target), 48 programs x BU=16, HP=1024,
-8 warps, KS=8 (AOT sm_90: fwd 216 regs, no spills; bwd 255 regs, 16 B spills; 128 KiB shared):
-    FLOP   2*B*H*3H = 56.6 MFLOP/step useful (75.5 executed with the pow2 padding of K), 1.57 MFLOP
-           per program: ~0.2-0.3 us of mma.sync on one SM (M = 16 rows, no wgmma).
-    on-chip W_hh slice 3*HP*BU*2 = 96 KiB per program read from shared memory every step: ~0.4 us
-           at ~128 B/clk -- the per-program floor; W_hh total 3H*H*2 = 3.5 MB read from HBM once.
-    forward, per program: h_full B*HP*2 = 32 KiB from L2 (1.5 MB over the grid ~ 0.3 us of L2
-           bandwidth), xproj 1.5 KiB, writes y 0.5 KiB, gates 2 KiB, h 0.5 KiB; HBM per step
-           ~0.17 MB (xproj + y + gates) ~ 0.05 us.  Plus one grid barrier (~0.5-1 us).
-           Estimate ~1.2-1.5 us/step.
-    backward, per program: dy, gates, h_prev ~3.5 KiB in, dxproj + dhn ~2 KiB out, exchange
-           3*B*BU*2 = 1.5 KiB out and 3*B*HP*2 = 96 KiB in from L2 (4.6 MB over the grid ~ 0.8 us):
-           the L2 broadcast of [dr|dz|dhn] dominates.  Estimate ~2 us/step.
-    (Not measured: no GPU in this session.  cuDNN's figure must come from the benchmark suite.)
-
-int64 offsets: every time-step offset t * B * G is an int64 scalar (per-step tile offsets are
-int32: B * 4H < 2**31 is checked); T and B are runtime ints
-(``do_not_specialize``); H is constexpr, padded to HP = pow2(max(H, 16)) with masks.
+The plumbing is the LSTM's (``_common``: plans, split-K GEMM over K pieces, barrier, launch loop);
+only the cell math differs.  Forward, program = ``BB`` batch rows x ``BU`` units: its W_hh rows
+{g * H + u} are the B operand [H, 4 * BU] (column u * 4 + g; slot 3 is zero: the dot needs a
+power-of-two N) on chip for the whole sequence.  Per step:
+    [hr|hz|hn] = split4(h_{t-1} @ W^T) + b_hh;  r, z, n, h_new as reference.py (h in fp32/fp64
+    registers, the exchange in the input dtype, exactly what the dot rounds to anyway)
+    h_t (own units) -> exchange slot (t+1) % 2;  arrive;  y_t, gates_t;  prefetch xproj;  wait
+Backward, per step: phase A (own units) dr_pre, dz_pre, dn_pre, dhn = dn_pre * r (zeros where
+padded) -> dxproj_t, dhn_t, exchange [dr|dz|dhn] (slot r % 2); base = where(valid, dh_tot * z,
+dh); arrive / wait;  phase B: dh_U = base + [dr|dz|dhn]_all @ W_hh[:, U] (K = 3H).  One barrier
+per step; dh stays in registers.  h_{t-1} for backward comes from y / h0 exactly as
+``reference.previous_states`` (reverse: h0 at each sequence's own first step t = lengths-1).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -82,7 +40,7 @@ from . import _common as C
 from ._common import tl, triton  # None without triton: the module still imports (backend unavailable)
 
 GATES = 3  # r, z, n rows of W_hh per hidden unit
-MAX_SPIN_INTERPRET = 64  # the interpreter polls slowly: fail fast there (tests of the error path)
+CELL = C.GRU_CELL
 CELL_BLOCK = 1024
 
 
@@ -103,349 +61,249 @@ def check_supported(H: int, dtype: torch.dtype, device) -> None:
         raise ValueError(f"fusedrnn triton GRU: {reason}")
 
 
-MAX_WARPS = 8  # 16 warps cap ptxas at 128 registers/thread: the GRU kernels spill there, not at 8
-SMEM_MARGIN = 4 * 1024
-
-
-def _gru_variant(H: int, B: int, dtype: torch.dtype, device=None, info=None, interpret=None,
-                 backward: bool = False) -> "C.Variant":
-    """``_common.select_variant`` (THE rule) with two GRU-kernel adjustments, both from the AOT
-    report (tools/triton_aot.py):
-
-    * at most 8 warps (the shared rule picks 16 for the largest W_hh slices, where 512 threads cap
-      ptxas at 128 registers: H=768 bf16 spilled 76-116 B/thread per step, 0-16 B at 8 warps,
-      KS = 8); single-program variants run 8 warps (4 for tiles under 512 elements): their
-      pointwise tiles [block_b, pow2(H)] dominate registers (4 warps: [16, 64] spilled ~380 B).
-    * split variants shrink ``block_b`` until the W_hh slice + the exchanged [block_b, pow2(H)]
-      operand fit the device's shared memory (block_b = 64 at H = 768 bf16 needs 226 KiB); the
-      backward keeps block_b = 16 when split (block_b = 32 spilled ~2 KiB/thread: its phase B
-      holds three [32, pow2(H)] operands), at the price of more launch groups for B > 32."""
-    v = C.select_variant(GATES, H, H, B, dtype, device, info=info, interpret=interpret)
-    info = info or C.device_info(device)
-    if v.mode == "single":
-        # 8 warps from pow2(H) = 32 on (fewer spills of the [block_b, pow2(H)] tiles than 4 warps)
-        w = MAX_WARPS if v.block_b * v.block_h >= 512 else 4
-    else:
-        w = min(v.num_warps, MAX_WARPS)
-    if w != v.num_warps:
-        v = dataclasses.replace(v, num_warps=w, ksplit_k=C.ksplit(v.block_k, w), ksplit_h=C.ksplit(v.block_h, w))
-    if v.mode != "single":
-        e = C.elt_size(dtype)
-        w_bytes = C.weight_bytes_per_program(GATES, v.block_u, v.block_h, e)
-        bb = C.MIN_TILE if backward else v.block_b
-        while bb > C.MIN_TILE and w_bytes + bb * v.block_h * e > info.smem_bytes - SMEM_MARGIN:
-            bb //= 2
-        if bb != v.block_b:
-            n_tiles = C.cdiv(B, bb)
-            if v.mode == "persistent":
-                n_tiles = max(1, min(n_tiles, info.sms // v.n_unit_progs))
-            v = dataclasses.replace(v, block_b=bb, n_batch_tiles=n_tiles)
-    return v
-
-
-def _variant(H: int, B: int, dtype: torch.dtype, device, backward: bool = False) -> "C.Variant":
-    check_supported(H, dtype, device)
-    if B * 4 * H >= 2**31:
-        raise ValueError(f"fusedrnn triton GRU: batch * 4 * hidden_size = {B * 4 * H} must be < 2**31 "
-                         "(per-step offsets are int32; the time offset is int64)")
-    return _gru_variant(H, B, dtype, device, backward=backward)
-
-
-def _max_spins() -> int:
-    return MAX_SPIN_INTERPRET if C.interpret_mode() else C.MAX_SPIN
-
-
 if triton is not None:
     _sigmoid = C.sigmoid
     _tanh = C.tanh
-    grid_barrier = C.grid_barrier
-
-    # ---------------------------------------------------------------------------- jit helpers
-    @triton.jit
-    def _kdot(a, w, DOT_PREC: tl.constexpr, ACC: tl.constexpr):
-        """Split-K recurrent GEMM: a [KS, BB, KC] @ w [KS, KC, BU] summed over the KS slices -> [BB, BU]
-        (``_common.mma_splitk``: the K slices are the batch dim of ``tl.dot``, one per warp, so a warp
-        keeps K/KS of W_hh instead of every warp repeating the whole K of a 16x16 tile, which spills).
-        Operands arrive already in their dot dtype (upcast under the interpreter, see ``dot_upcast``)."""
-        return C.mma_splitk(a, w, ACC, DOT_PREC, False)
-
 
     @triton.jit
-    def _to_slices(x, BB: tl.constexpr, KS: tl.constexpr, KC: tl.constexpr):
-        """[BB, KS*KC] (registers) -> [KS, BB, KC], the A operand of ``_kdot``."""
-        return tl.permute(tl.reshape(x, [BB, KS, KC]), (1, 0, 2))
-
+    def _xgates(xproj_ptr, t, B64, own3, msk, H: tl.constexpr, ACC: tl.constexpr):
+        """xproj_t of the own [BB, BU] tiles per gate r, z, n (loaded ahead of their use)."""
+        x = xproj_ptr + t.to(tl.int64) * B64 * (3 * H) + own3
+        x_r = tl.load(x, mask=msk, other=0.0).to(ACC)
+        x_z = tl.load(x + H, mask=msk, other=0.0).to(ACC)
+        x_n = tl.load(x + 2 * H, mask=msk, other=0.0).to(ACC)
+        return x_r, x_z, x_n
 
     # ---------------------------------------------------------------------------- forward kernel
-    @triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end", "tile0"])
+    @triton.jit(do_not_specialize=["T", "B", "tile0", "s_begin", "s_end", "N_U"])
     def _gru_fwd_kernel(
         xproj_ptr,  # (T, B, 3H) dtype
         w_ptr,  # (3H, H)
         b_ptr,  # (3H,) or dummy
         len_ptr,  # (B,) int64 or dummy
-        hs_ptr,  # (B, H) acc: state between launches (h0 before the first)
-        hx_ptr,  # (2, B, H) dtype: h exchange buffer, slot = step parity (SPLIT); slot 0 = h0
+        hs_ptr,  # (B, H) acc: h state between launches (h0 before the first, h_n after the last)
+        hx_ptr,  # (2, B, H) dtype: h exchange, slot s % 2 holds h entering processing step s
         y_ptr,  # (T, B, H) dtype
-        hn_ptr,  # (B, H) dtype
         gates_ptr,  # (T, B, 4H) dtype
-        bar_ptr,  # (n_tiles,) int32 barrier counters, zero at launch
-        err_ptr,  # (1,) int32 error flag
-        T,
-        B,
-        step_begin,
-        step_end,
-        tile0,
-        H: tl.constexpr,
-        HP: tl.constexpr,  # pow2(H): K of the recurrent GEMM
-        BU: tl.constexpr,  # units per program
-        BB: tl.constexpr,  # batch rows per program
-        KS: tl.constexpr,  # K slices (one per warp)
-        N_UBLK: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        HAS_LENGTHS: tl.constexpr,
-        REVERSE: tl.constexpr,
-        SPLIT: tl.constexpr,
-        SYNC: tl.constexpr,
-        DOT_PREC: tl.constexpr,
-        MAX_SPINS: tl.constexpr,
-        UPCAST_DOT: tl.constexpr,
+        sync_ptr, err_ptr,
+        T, B, tile0, s_begin, s_end, N_U,
+        H: tl.constexpr, BB: tl.constexpr, BU: tl.constexpr, BP: tl.constexpr,
+        A_KS: tl.constexpr, A_KC1: tl.constexpr, A_KC2: tl.constexpr, A_KC3: tl.constexpr, A_KC4: tl.constexpr,
+        B_KS: tl.constexpr, B_KC1: tl.constexpr, B_KC2: tl.constexpr, B_KC3: tl.constexpr, B_KC4: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, H_IN_REGS: tl.constexpr,
+        PHASE_A: tl.constexpr, PHASE_B: tl.constexpr, SYNC: tl.constexpr,
+        ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, MAX_SPINS: tl.constexpr,
     ):
-        ACC: tl.constexpr = tl.float64 if xproj_ptr.dtype.element_ty == tl.float64 else tl.float32
         DT: tl.constexpr = xproj_ptr.dtype.element_ty
-        OP: tl.constexpr = tl.float32 if UPCAST_DOT else DT  # dtype of the tl.dot operands
-        KC: tl.constexpr = HP // KS
+        OP: tl.constexpr = tl.float32 if UPCAST else DT  # dtype of the dot operands
         pid_u = tl.program_id(0)
         tile = tile0 + tl.program_id(1)
         rows = tile * BB + tl.arange(0, BB)  # [BB]
         row_ok = rows < B
         units = pid_u * BU + tl.arange(0, BU)  # [BU] own units
         unit_ok = units < H
-        H64 = H
+        m_bu = row_ok[:, None] & unit_ok[None, :]
         B64 = B.to(tl.int64)
+        sync = sync_ptr + tile
+        if HAS_LENGTHS:
+            lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+        else:
+            lens = tl.where(row_ok, T, 0)
+        # per-step tile offsets in int32 (B * 4H < 2**31, checked by the launcher); the time-step
+        # base t * B * G is an int64 scalar added to the pointer first
+        own = rows[:, None] * H + units[None, :]  # into (B, H)
+        own3 = rows[:, None] * (3 * H) + units[None, :]  # into (B, 3H)
+        own4 = rows[:, None] * (4 * H) + units[None, :]  # into (B, 4H)
 
-        # W_hh^T slices [KS, KC, BU]: wt_g[c, k, u] = W[g*H + u, c*KC + k]; loaded once, on chip
-        kidx = C.kidx_b(HP, KS)  # [KS, KC, 1]
-        w_off = units[None, None, :].to(tl.int64) * H + kidx
-        w_msk = (kidx < H) & unit_ok[None, None, :]
-        wt_r = tl.load(w_ptr + w_off, mask=w_msk, other=0.0).to(DT).to(OP)
-        wt_z = tl.load(w_ptr + H64 * H + w_off, mask=w_msk, other=0.0).to(DT).to(OP)
-        wt_n = tl.load(w_ptr + 2 * H64 * H + w_off, mask=w_msk, other=0.0).to(DT).to(OP)
+        # W_hh^T slice [H, 4 * BU] in split-K pieces: column u * 4 + g = row g * H + unit u (g < 3)
+        n = tl.arange(0, 4 * BU)
+        w_u = pid_u * BU + n // 4
+        w_col = ((n % 4) * H + w_u).to(tl.int64) * H
+        w_ok = (w_u < H) & (n % 4 < 3)
+        wa1, wa2, wa3, wa4 = C.load_w(w_ptr, w_col, w_ok, 1, H, A_KS, A_KC1,
+            A_KC2, A_KC3, A_KC4)
         if HAS_BIAS:
             b_r = tl.load(b_ptr + units, mask=unit_ok, other=0.0).to(ACC)
             b_z = tl.load(b_ptr + H + units, mask=unit_ok, other=0.0).to(ACC)
             b_n = tl.load(b_ptr + 2 * H + units, mask=unit_ok, other=0.0).to(ACC)
         else:
             b_r = tl.zeros([BU], dtype=ACC)
-            b_z = tl.zeros([BU], dtype=ACC)
-            b_n = tl.zeros([BU], dtype=ACC)
-        if HAS_LENGTHS:
-            lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
+            b_z = b_r
+            b_n = b_r
+
+        h_own = tl.load(hs_ptr + own, mask=m_bu, other=0.0)  # [BB, BU] acc
+        if REVERSE:
+            t_first = T - 1 - s_begin
         else:
-            lens = tl.where(row_ok, T, 0).to(tl.int64)
-
-        io_msk = row_ok[:, None] & unit_ok[None, :]  # [BB, BU]
-        # per-step tile offsets in int32 (B * 4H < 2**31, checked by the launcher); the time-step
-        # base t * B * G is an int64 scalar added to the pointer first
-        own_off = rows[:, None] * H + units[None, :]  # into (B, H)
-        own3_off = rows[:, None] * (3 * H) + units[None, :]  # into (B, 3H)
-        own4_off = rows[:, None] * (4 * H) + units[None, :]  # into (B, 4H)
-        # full h of the tile as split-K operand [KS, BB, KC]: hx[b, c*KC + k]
-        hk = C.kidx_a(HP, KS)  # [KS, 1, KC]
-        full_off = rows[None, :, None] * H + hk
-        full_msk = row_ok[None, :, None] & (hk < H)
-        slot = B64 * H
-
-        h_own = tl.load(hs_ptr + own_off, mask=io_msk, other=0.0, cache_modifier=".cg").to(ACC)  # [BB, BU]
-        zero = tl.zeros([BB, BU], dtype=ACC)
-        for s in range(step_begin, step_end):
+            t_first = s_begin
+        x_r, x_z, x_n = _xgates(xproj_ptr, t_first, B64, own3, m_bu & (s_begin < s_end), H, ACC)
+        n_bar = 0
+        s = s_begin
+        while s < s_end:  # a while loop: the interpreter of triton 3.6 cannot take range() of runtime ints
             if REVERSE:
                 t = T - 1 - s
             else:
                 t = s
             t64 = t.to(tl.int64)
-            if SPLIT:
-                hd = tl.load(hx_ptr + (s % 2) * slot + full_off, mask=full_msk, other=0.0, cache_modifier=".cg")
+            if H_IN_REGS:
+                pre = C.gemm_regs(h_own.to(DT).to(OP), wa1, BB, A_KS, A_KC1, ACC, DOT_PRECISION, UPCAST)
             else:
-                hd = _to_slices(h_own.to(DT), BB, KS, KC)
-            hd = hd.to(OP)
-            x_t = xproj_ptr + t64 * B64 * (3 * H)
-            x_r = tl.load(x_t + own3_off, mask=io_msk, other=0.0).to(ACC)
-            x_z = tl.load(x_t + own3_off + H, mask=io_msk, other=0.0).to(ACC)
-            x_n = tl.load(x_t + own3_off + 2 * H, mask=io_msk, other=0.0).to(ACC)
-            hn = _kdot(hd, wt_n, DOT_PREC, ACC) + b_n[None, :]
-            r = _sigmoid(x_r + _kdot(hd, wt_r, DOT_PREC, ACC) + b_r[None, :])
-            z = _sigmoid(x_z + _kdot(hd, wt_z, DOT_PREC, ACC) + b_z[None, :])
-            n = _tanh(x_n + r * hn)
-            h_new = (1.0 - z) * n + z * h_own
+                pre = C.gemm(hx_ptr + (s % 2).to(tl.int64) * B64 * H, rows * H, row_ok, hx_ptr, wa1, wa2, wa3, wa4,
+                             H, A_KS, A_KC1, A_KC2, A_KC3, A_KC4, False, OP, ACC, DOT_PRECISION, UPCAST)
+            hr, hz, hn, _unused = C.split4(pre, BB, BU)
+            hn = hn + b_n[None, :]
+            r = _sigmoid(x_r + hr + b_r[None, :])
+            z = _sigmoid(x_z + hz + b_z[None, :])
+            nn = _tanh(x_n + r * hn)
+            h_new = (1.0 - z) * nn + z * h_own
             valid = (t < lens)[:, None]  # [BB, 1]
             h_own = tl.where(valid, h_new, h_own)
-            if SPLIT:  # publish first: the other programs wait for it
-                tl.store(hx_ptr + ((s + 1) % 2) * slot + own_off, h_own.to(DT), mask=io_msk)
-            tl.store((y_ptr + t64 * B64 * H) + own_off, tl.where(valid, h_new, zero).to(DT), mask=io_msk)
-            g_t = gates_ptr + t64 * B64 * (4 * H)
-            tl.store(g_t + own4_off, tl.where(valid, r, zero).to(DT), mask=io_msk)
-            tl.store(g_t + own4_off + H, tl.where(valid, z, zero).to(DT), mask=io_msk)
-            tl.store(g_t + own4_off + 2 * H, tl.where(valid, n, zero).to(DT), mask=io_msk)
-            tl.store(g_t + own4_off + 3 * H, tl.where(valid, hn, zero).to(DT), mask=io_msk)
-            if SYNC:
-                grid_barrier(bar_ptr + tile, N_UBLK * (s - step_begin + 1), err_ptr, N_UBLK, MAX_SPINS)
+            if not H_IN_REGS:  # the exchange store first: the other programs wait for it
+                tl.store(hx_ptr + ((s + 1) % 2).to(tl.int64) * B64 * H + own, h_own.to(DT), mask=m_bu)
+                if SYNC:
+                    n_bar += 1
+                    cur = C.barrier_arrive(sync, N_U)
+            zero = tl.zeros_like(h_new)
+            tl.store((y_ptr + t64 * B64 * H) + own, tl.where(valid, h_new, zero).to(DT), mask=m_bu)
+            g_t = gates_ptr + t64 * B64 * (4 * H) + own4
+            tl.store(g_t, tl.where(valid, r, zero).to(DT), mask=m_bu)
+            tl.store(g_t + H, tl.where(valid, z, zero).to(DT), mask=m_bu)
+            tl.store(g_t + 2 * H, tl.where(valid, nn, zero).to(DT), mask=m_bu)
+            tl.store(g_t + 3 * H, tl.where(valid, hn, zero).to(DT), mask=m_bu)
+            if REVERSE:
+                t_next = t - 1
+            else:
+                t_next = t + 1
+            x_r, x_z, x_n = _xgates(xproj_ptr, t_next, B64, own3, m_bu & (s + 1 < s_end), H, ACC)
+            if not H_IN_REGS:
+                if SYNC:
+                    C.barrier_wait(sync, cur, n_bar * N_U, err_ptr, N_U, MAX_SPINS)
+            s += 1
 
-        tl.store(hs_ptr + own_off, h_own, mask=io_msk)
-        tl.store(hn_ptr + own_off, h_own.to(DT), mask=io_msk)
-
+        tl.store(hs_ptr + own, h_own, mask=m_bu)
 
     # --------------------------------------------------------------------------- backward kernel
     @triton.jit
-    def _exchange_dot(xb_ptr, slot_off, full_off, full_msk, H, w_r, w_z, w_n, OP: tl.constexpr,
-                      DOT_PREC: tl.constexpr, ACC: tl.constexpr):
-        """[dr|dz|dhn] of the whole tile (exchange buffer slot, (B, 3H)) @ W_hh[:, U] -> [BB, BU].
-        One gate at a time: each operand tile is dead before the next is loaded (shared memory)."""
-        acc = _kdot(tl.load(xb_ptr + slot_off + full_off, mask=full_msk, other=0.0, cache_modifier=".cg").to(OP),
-                    w_r, DOT_PREC, ACC)
-        acc += _kdot(tl.load(xb_ptr + slot_off + full_off + H, mask=full_msk, other=0.0, cache_modifier=".cg").to(OP),
-                     w_z, DOT_PREC, ACC)
-        acc += _kdot(tl.load(xb_ptr + slot_off + full_off + 2 * H, mask=full_msk, other=0.0,
-                             cache_modifier=".cg").to(OP), w_n, DOT_PREC, ACC)
-        return acc
+    def _bwd_inputs(dy_ptr, h0_ptr, y_ptr, gates_ptr, lens, r, r_end, T, B64, own, own4, m_bu,
+                    H: tl.constexpr, BB: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr):
+        """What phase A of processing step r reads for the own units (loaded a step ahead): dy_t,
+        the saved r, z, n, hn and h_{t-1} as reference.previous_states (y of the neighbouring
+        step, or h0 where the sequence starts: t = 0 forward; t = lengths-1 reverse)."""
+        if REVERSE:
+            t = r
+            tp = t + 1
+            use_init = (tp >= lens)[:, None] | (tp >= T)
+        else:
+            t = T - 1 - r
+            tp = t - 1
+            use_init = (tl.zeros([BB, 1], dtype=tl.int32) + tp) < 0
+        msk = m_bu & (r < r_end)
+        t64 = t.to(tl.int64)
+        dy = tl.load((dy_ptr + t64 * B64 * H) + own, mask=msk, other=0.0).to(ACC)
+        g_t = gates_ptr + t64 * B64 * (4 * H) + own4
+        gr = tl.load(g_t, mask=msk, other=0.0).to(ACC)
+        gz = tl.load(g_t + H, mask=msk, other=0.0).to(ACC)
+        gn = tl.load(g_t + 2 * H, mask=msk, other=0.0).to(ACC)
+        ghn = tl.load(g_t + 3 * H, mask=msk, other=0.0).to(ACC)
+        tp64 = tl.minimum(tl.maximum(tp, 0), T - 1).to(tl.int64)
+        h_prev_y = tl.load((y_ptr + tp64 * B64 * H) + own, mask=msk & (~use_init), other=0.0)
+        h_prev_0 = tl.load(h0_ptr + own, mask=msk & use_init, other=0.0)
+        h_prev = tl.where(use_init, h_prev_0.to(ACC), h_prev_y.to(ACC))
+        return dy, gr, gz, gn, ghn, h_prev
 
-
-    @triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end", "tile0", "finish_pending",
-                                   "defer_last"])
+    @triton.jit(do_not_specialize=["T", "B", "tile0", "r_begin", "r_end", "N_U"])
     def _gru_bwd_kernel(
         dy_ptr,  # (T, B, H) dtype
-        dhn_in_ptr,  # (B, H) dtype: gradient of h_n
         w_ptr,  # (3H, H)
         h0_ptr,  # (B, H)
         y_ptr,  # (T, B, H)
         gates_ptr,  # (T, B, 4H) [r, z, n, hn]
         len_ptr,  # (B,) int64 or dummy
-        dst_ptr,  # (B, H) acc: dh state between launches
-        xb_ptr,  # (2, B, 3H) dtype: exchange buffer of [dr_pre, dz_pre, dhn] (SPLIT)
+        dst_ptr,  # (B, H) acc: dh state between launches (dh_n at the start)
+        xb_ptr,  # (2, B, 3H) dtype: exchange of [dr_pre, dz_pre, dhn], slot r % 2
         dx_ptr,  # (T, B, 3H) dtype out
         dhseq_ptr,  # (T, B, H) dtype out
-        dh0_ptr,  # (B, H) dtype out
-        bar_ptr,
-        err_ptr,
-        T,
-        B,
-        step_begin,
-        step_end,
-        tile0,
-        finish_pending,  # 1: phase B of step step_begin-1 is still due (stepwise mode)
-        defer_last,  # 1: leave phase B of the last step to the next launch (stepwise mode)
-        H: tl.constexpr,
-        HP: tl.constexpr,
-        BU: tl.constexpr,
-        BB: tl.constexpr,
-        KS: tl.constexpr,
-        N_UBLK: tl.constexpr,
-        HAS_LENGTHS: tl.constexpr,
-        REVERSE: tl.constexpr,
-        SPLIT: tl.constexpr,
-        SYNC: tl.constexpr,
-        DOT_PREC: tl.constexpr,
-        MAX_SPINS: tl.constexpr,
-        UPCAST_DOT: tl.constexpr,
+        sync_ptr, err_ptr,
+        T, B, tile0, r_begin, r_end, N_U,
+        H: tl.constexpr, BB: tl.constexpr, BU: tl.constexpr, BP: tl.constexpr,
+        A_KS: tl.constexpr, A_KC1: tl.constexpr, A_KC2: tl.constexpr, A_KC3: tl.constexpr, A_KC4: tl.constexpr,
+        B_KS: tl.constexpr, B_KC1: tl.constexpr, B_KC2: tl.constexpr, B_KC3: tl.constexpr, B_KC4: tl.constexpr,
+        HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, H_IN_REGS: tl.constexpr,
+        PHASE_A: tl.constexpr, PHASE_B: tl.constexpr, SYNC: tl.constexpr,
+        ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, MAX_SPINS: tl.constexpr,
     ):
-        ACC: tl.constexpr = tl.float64 if dy_ptr.dtype.element_ty == tl.float64 else tl.float32
         DT: tl.constexpr = dy_ptr.dtype.element_ty
-        OP: tl.constexpr = tl.float32 if UPCAST_DOT else DT  # dtype of the tl.dot operands
-        KC: tl.constexpr = HP // KS
+        OP: tl.constexpr = tl.float32 if UPCAST else DT
+        G3: tl.constexpr = 3 * H
         pid_u = tl.program_id(0)
         tile = tile0 + tl.program_id(1)
         rows = tile * BB + tl.arange(0, BB)
         row_ok = rows < B
         units = pid_u * BU + tl.arange(0, BU)
         unit_ok = units < H
-        H64 = H
+        m_bu = row_ok[:, None] & unit_ok[None, :]
         B64 = B.to(tl.int64)
-
-        # W_hh column slices [KS, KC, BU]: w_g[c, k, u] = W[g*H + c*KC + k, u]
-        kidx = C.kidx_b(HP, KS)  # [KS, KC, 1]
-        w_off = kidx.to(tl.int64) * H + units[None, None, :]
-        w_msk = (kidx < H) & unit_ok[None, None, :]
-        w_r = tl.load(w_ptr + w_off, mask=w_msk, other=0.0).to(DT).to(OP)
-        w_z = tl.load(w_ptr + H64 * H + w_off, mask=w_msk, other=0.0).to(DT).to(OP)
-        w_n = tl.load(w_ptr + 2 * H64 * H + w_off, mask=w_msk, other=0.0).to(DT).to(OP)
+        sync = sync_ptr + tile
         if HAS_LENGTHS:
             lens = tl.load(len_ptr + rows, mask=row_ok, other=0)
         else:
-            lens = tl.where(row_ok, T, 0).to(tl.int64)
+            lens = tl.where(row_ok, T, 0)
+        own = rows[:, None] * H + units[None, :]  # int32 tile offsets, as in the forward
+        own3 = rows[:, None] * G3 + units[None, :]
+        own4 = rows[:, None] * (4 * H) + units[None, :]
 
-        io_msk = row_ok[:, None] & unit_ok[None, :]
-        own_off = rows[:, None] * H + units[None, :]  # int32 tile offsets, as in the forward
-        own3_off = rows[:, None] * (3 * H) + units[None, :]
-        own4_off = rows[:, None] * (4 * H) + units[None, :]
-        hk = C.kidx_a(HP, KS)  # [KS, 1, KC]
-        full3_off = rows[None, :, None] * (3 * H) + hk
-        full_msk = row_ok[None, :, None] & (hk < H)
-        slot = B64 * (3 * H)
+        # launch with phase A: dh entering r_begin; stepwise phase-B launch: phase A's base
+        dh_own = tl.load(dst_ptr + own, mask=m_bu, other=0.0)  # [BB, BU] acc
+        if PHASE_A:
+            dy_c, gr, gz, gn, ghn, h_prev = _bwd_inputs(dy_ptr, h0_ptr, y_ptr, gates_ptr, lens, r_begin, r_end, T,
+                                                        B64, own, own4, m_bu, H, BB, REVERSE, ACC)
+        if PHASE_B:
+            # W_hh slice [3H, BU]: dh[:, u] = sum_k [dr|dz|dhn][:, k] * w_hh[k, u]
+            wb_col = units.to(tl.int64)
+            wb1, wb2, wb3, wb4 = C.load_w(w_ptr, wb_col, unit_ok, H, G3, B_KS, B_KC1,
+                B_KC2, B_KC3, B_KC4)
 
-        if step_begin == 0:
-            dh_own = tl.load(dhn_in_ptr + own_off, mask=io_msk, other=0.0).to(ACC)
-        else:
-            dh_own = tl.load(dst_ptr + own_off, mask=io_msk, other=0.0, cache_modifier=".cg")
-        if SPLIT:
-            if finish_pending != 0:
-                dh_own += _exchange_dot(xb_ptr, ((step_begin - 1) % 2) * slot, full3_off, full_msk, H,
-                                        w_r, w_z, w_n, OP, DOT_PREC, ACC)
-
-        zero = tl.zeros([BB, BU], dtype=ACC)
-        for s in range(step_begin, step_end):
+        n_bar = 0
+        r = r_begin
+        while r < r_end:
             if REVERSE:
-                t = s
-                tp = t + 1
+                t = r
             else:
-                t = T - 1 - s
-                tp = t - 1
+                t = T - 1 - r
             t64 = t.to(tl.int64)
             valid = (t < lens)[:, None]
-            # h_{t-1} as reference.previous_states: y of the neighbouring step, or h0 where the
-            # sequence starts (t = 0 forward; t = lengths-1 reverse)
-            if REVERSE:
-                use_init = (tp >= lens)[:, None] | (tp >= T)
-            else:
-                use_init = (tl.zeros([BB, 1], dtype=tl.int32) + tp) < 0
-            tp64 = tl.minimum(tl.maximum(tp, 0), T - 1).to(tl.int64)
-            h_prev_y = tl.load((y_ptr + tp64 * B64 * H) + own_off, mask=io_msk & (~use_init), other=0.0)
-            h_prev_0 = tl.load(h0_ptr + own_off, mask=io_msk & use_init, other=0.0)
-            h_prev = tl.where(use_init, h_prev_0.to(ACC), h_prev_y.to(ACC))
+            slot = (r % 2).to(tl.int64) * B64 * G3
+            if PHASE_A:
+                dh_tot = dh_own + dy_c
+                zero = tl.zeros_like(dh_tot)
+                dn_pre = tl.where(valid, dh_tot * (1.0 - gz) * (1.0 - gn * gn), zero)
+                dz_pre = tl.where(valid, dh_tot * (h_prev - gn) * gz * (1.0 - gz), zero)
+                dr_pre = dn_pre * ghn * gr * (1.0 - gr)
+                dhn = dn_pre * gr
+                x_t = xb_ptr + slot + own3  # the exchange store first: the other programs wait for it
+                tl.store(x_t, dr_pre.to(DT), mask=m_bu)
+                tl.store(x_t + H, dz_pre.to(DT), mask=m_bu)
+                tl.store(x_t + 2 * H, dhn.to(DT), mask=m_bu)
+                dh_own = tl.where(valid, dh_tot * gz, dh_own)  # + [dr|dz|dhn] @ W in phase B
+            if SYNC:
+                n_bar += 1
+                cur = C.barrier_arrive(sync, N_U)
+            if PHASE_A:
+                dx_t = dx_ptr + t64 * B64 * G3 + own3
+                tl.store(dx_t, dr_pre.to(DT), mask=m_bu)
+                tl.store(dx_t + H, dz_pre.to(DT), mask=m_bu)
+                tl.store(dx_t + 2 * H, dn_pre.to(DT), mask=m_bu)
+                tl.store((dhseq_ptr + t64 * B64 * H) + own, dhn.to(DT), mask=m_bu)
+                dy_c, gr, gz, gn, ghn, h_prev = _bwd_inputs(dy_ptr, h0_ptr, y_ptr, gates_ptr, lens, r + 1, r_end, T,
+                                                            B64, own, own4, m_bu, H, BB, REVERSE, ACC)
+            if SYNC:
+                C.barrier_wait(sync, cur, n_bar * N_U, err_ptr, N_U, MAX_SPINS)
+            if PHASE_B:
+                dh_own += C.spread(C.gemm(xb_ptr + slot, rows * G3, row_ok, xb_ptr, wb1, wb2, wb3, wb4, G3, B_KS,
+                                          B_KC1, B_KC2, B_KC3, B_KC4, False, OP, ACC, DOT_PRECISION, UPCAST))
+            r += 1
 
-            dh_tot = dh_own + tl.load((dy_ptr + t64 * B64 * H) + own_off, mask=io_msk, other=0.0).to(ACC)
-            g_t = gates_ptr + t64 * B64 * (4 * H)
-            r = tl.load(g_t + own4_off, mask=io_msk, other=0.0).to(ACC)
-            z = tl.load(g_t + own4_off + H, mask=io_msk, other=0.0).to(ACC)
-            n = tl.load(g_t + own4_off + 2 * H, mask=io_msk, other=0.0).to(ACC)
-            hn = tl.load(g_t + own4_off + 3 * H, mask=io_msk, other=0.0).to(ACC)
-            dn_pre = tl.where(valid, dh_tot * (1.0 - z) * (1.0 - n * n), zero)
-            dz_pre = tl.where(valid, dh_tot * (h_prev - n) * z * (1.0 - z), zero)
-            dr_pre = dn_pre * hn * r * (1.0 - r)
-            dhn = dn_pre * r
-            base = tl.where(valid, dh_tot * z, dh_own)
-            if SPLIT:  # publish first: the other programs wait for it
-                sl = (s % 2) * slot
-                tl.store(xb_ptr + sl + own3_off, dr_pre.to(DT), mask=io_msk)
-                tl.store(xb_ptr + sl + own3_off + H, dz_pre.to(DT), mask=io_msk)
-                tl.store(xb_ptr + sl + own3_off + 2 * H, dhn.to(DT), mask=io_msk)
-            dx_t = dx_ptr + t64 * B64 * (3 * H)
-            tl.store(dx_t + own3_off, dr_pre.to(DT), mask=io_msk)
-            tl.store(dx_t + own3_off + H, dz_pre.to(DT), mask=io_msk)
-            tl.store(dx_t + own3_off + 2 * H, dn_pre.to(DT), mask=io_msk)
-            tl.store((dhseq_ptr + t64 * B64 * H) + own_off, dhn.to(DT), mask=io_msk)
-            if SPLIT:
-                dh_own = base
-                if SYNC:
-                    grid_barrier(bar_ptr + tile, N_UBLK * (s - step_begin + 1), err_ptr, N_UBLK, MAX_SPINS)
-                if (defer_last == 0) | (s + 1 < step_end):
-                    dh_own += _exchange_dot(xb_ptr, sl, full3_off, full_msk, H, w_r, w_z, w_n, OP, DOT_PREC, ACC)
-            else:
-                dh_own = base
-                dh_own += _kdot(_to_slices(dr_pre.to(DT), BB, KS, KC).to(OP), w_r, DOT_PREC, ACC)
-                dh_own += _kdot(_to_slices(dz_pre.to(DT), BB, KS, KC).to(OP), w_z, DOT_PREC, ACC)
-                dh_own += _kdot(_to_slices(dhn.to(DT), BB, KS, KC).to(OP), w_n, DOT_PREC, ACC)
-
-        tl.store(dst_ptr + own_off, dh_own, mask=io_msk)
-        tl.store(dh0_ptr + own_off, dh_own.to(DT), mask=io_msk)
+        tl.store(dst_ptr + own, dh_own, mask=m_bu)
 
 
     # ------------------------------------------------------------------------------ cell kernels
@@ -517,36 +375,16 @@ if triton is not None:
         tl.store(dh_ptr + idx, (dh * z).to(DT), mask=msk)
 
 
+
 # ---------------------------------------------------------------------------------- launchers
-def _launch_plan(v: "C.Variant", B: int):
-    """(split, units per program, batch tiles, [(first tile, tiles)] per launch group): batch tiles
-    run in groups of ``v.n_batch_tiles`` so a persistent grid stays co-resident."""
-    n_tiles = C.cdiv(B, v.block_b)
-    groups = [(t0, min(v.n_batch_tiles, n_tiles - t0)) for t0 in range(0, n_tiles, v.n_batch_tiles)]
-    split = v.mode != "single"
-    block_u = v.block_u if split else v.block_h
-    return split, block_u, C.cdiv(B, v.block_b), groups
-
-
-def _common_meta(v: "C.Variant", H: int, dt: torch.dtype, has_lengths: bool, reverse: bool) -> dict:
-    split = v.mode != "single"
-    return dict(
-        H=H, HP=v.block_h, BU=v.block_u if split else v.block_h, BB=v.block_b,
-        KS=v.ksplit_h, N_UBLK=v.n_unit_progs,
-        HAS_LENGTHS=bool(has_lengths), REVERSE=bool(reverse), SPLIT=split, SYNC=v.mode == "persistent",
-        DOT_PREC=C.dot_precision(dt), MAX_SPINS=_max_spins(), UPCAST_DOT=C.dot_upcast(dt),
-        num_warps=v.num_warps, num_stages=v.num_stages, **C.launch_options(v),
-    )
-
-
-def _fwd_meta(v, H, dt, has_bias, has_lengths, reverse) -> dict:
-    """Constexprs + launch options of ``_gru_fwd_kernel`` for variant ``v`` (launcher and AOT)."""
-    return dict(_common_meta(v, H, dt, has_lengths, reverse), HAS_BIAS=bool(has_bias))
-
-
-def _bwd_meta(v, H, dt, has_lengths, reverse) -> dict:
-    """Constexprs + launch options of ``_gru_bwd_kernel`` for variant ``v`` (launcher and AOT)."""
-    return _common_meta(v, H, dt, has_lengths, reverse)
+def _consts(H, dt, has_lengths, reverse, has_bias=None, precision=None, upcast=None) -> dict:
+    """Constexprs of the recurrence kernels (``has_bias`` None: the backward kernel)."""
+    d = dict(H=H, HAS_LENGTHS=bool(has_lengths), REVERSE=bool(reverse), ACC=C.acc_tl(dt),
+             DOT_PRECISION=C.dot_precision(dt) if precision is None else precision,
+             UPCAST=C.dot_upcast(dt) if upcast is None else upcast)
+    if has_bias is not None:
+        d["HAS_BIAS"] = bool(has_bias)
+    return d
 
 
 def gru_fwd(xproj: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, lengths: Optional[Tensor],
@@ -555,34 +393,24 @@ def gru_fwd(xproj: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, len
     T, B, G = xproj.shape
     H = G // 3
     dt, dev = xproj.dtype, xproj.device
-    v = _variant(H, B, dt, dev)
+    check_supported(H, dt, dev)
     y = torch.empty(T, B, H, dtype=dt, device=dev)
     gates = torch.empty(T, B, 4 * H, dtype=dt, device=dev)
-    hn = torch.empty(B, H, dtype=dt, device=dev)
     if B == 0:
-        return y, hn, gates
+        return y, torch.empty(B, H, dtype=dt, device=dev), gates
     if T == 0:
-        hn.copy_(h0)
-        return y, hn, gates
-    xproj, w_hh = xproj.contiguous(), w_hh.contiguous()
-    split, block_u, n_tiles, groups = _launch_plan(v, B)
-    hs = h0.to(C.acc_dtype(dt)).contiguous().clone()  # h state between launches
+        return y, h0.clone(), gates
+    xproj, w_hh = xproj.contiguous(), w_hh.to(dt).contiguous()
+    hs = h0.to(C.acc_dtype(dt)).contiguous().clone()  # h state between launches, h_n at the end
     hx = torch.empty(2, B, H, dtype=dt, device=dev)  # h exchange (step parity)
     hx[0].copy_(h0)
-    bar, err = C.new_sync_buffers(n_tiles, dev)
+    hx[1].zero_()
     bias = b_hh.contiguous() if b_hh is not None else xproj
-    lens = lengths.to(device=dev, dtype=torch.int64).contiguous() if lengths is not None else bar
-    sync = v.mode == "persistent"
-    meta = _fwd_meta(v, H, dt, b_hh is not None, lengths is not None, reverse)
-    steps = [(s, s + 1) for s in range(T)] if v.mode == "stepwise" else [(0, T)]
-    for t0, nt in groups:
-        grid = (v.n_unit_progs, nt)
-        for s0, s1 in steps:
-            _gru_fwd_kernel[grid](xproj, w_hh, bias, lens, hs, hx, y, hn, gates, bar, err, T, B, s0, s1, t0, **meta)
-            C.count_launch("gru_fwd")
-    if sync and v.n_unit_progs > 1:
-        C.check_error_flag(err, "GRU forward")
-    return y, hn, gates
+    lens = lengths.to(device=dev, dtype=torch.int64).contiguous() if lengths is not None else hs
+    args = (xproj, w_hh, bias, lens, hs, hx, y, gates)
+    consts = _consts(H, dt, lengths is not None, reverse, has_bias=b_hh is not None)
+    C.launch_recurrence(_gru_fwd_kernel, "gru_fwd", CELL, False, H, H, B, T, dt, args, consts, dev)
+    return y, hs.to(dt), gates
 
 
 def gru_bwd(dy: Tensor, dh_n: Tensor, w_hh: Tensor, h0: Tensor, y: Tensor, gates: Tensor,
@@ -591,37 +419,22 @@ def gru_bwd(dy: Tensor, dh_n: Tensor, w_hh: Tensor, h0: Tensor, y: Tensor, gates
     T, B, G4 = gates.shape
     H = G4 // 4
     dt, dev = dy.dtype, dy.device
-    v = _variant(H, B, dt, dev, backward=True)
+    check_supported(H, dt, dev)
     dx = torch.empty(T, B, 3 * H, dtype=dt, device=dev)
     dhseq = torch.empty(T, B, H, dtype=dt, device=dev)
-    dh0 = torch.empty(B, H, dtype=dt, device=dev)
     if B == 0:
-        return dx, dh0, dhseq
+        return dx, torch.empty(B, H, dtype=dt, device=dev), dhseq
     if T == 0:
-        dh0.copy_(dh_n)
-        return dx, dh0, dhseq
-    dy, dh_n, w_hh = dy.contiguous(), dh_n.contiguous(), w_hh.contiguous()
+        return dx, dh_n.clone(), dhseq
+    dy, w_hh = dy.contiguous(), w_hh.to(dt).contiguous()
     h0, y, gates = h0.contiguous(), y.contiguous(), gates.contiguous()
-    split, block_u, n_tiles, groups = _launch_plan(v, B)
-    dst = torch.empty(B, H, dtype=C.acc_dtype(dt), device=dev)  # dh between launches
-    xb = torch.empty(2 if split else 1, B, 3 * H, dtype=dt, device=dev)  # [dr|dz|dhn] exchange
-    bar, err = C.new_sync_buffers(n_tiles, dev)
-    lens = lengths.to(device=dev, dtype=torch.int64).contiguous() if lengths is not None else bar
-    sync = v.mode == "persistent"
-    meta = _bwd_meta(v, H, dt, lengths is not None, reverse)
-    if v.mode == "stepwise":  # one launch per step; phase B of step s runs in launch s+1, one more ends
-        launches = [(s, s + 1, int(s > 0), 1) for s in range(T)] + [(T, T, 1, 0)]
-    else:
-        launches = [(0, T, 0, 0)]
-    for t0, nt in groups:
-        grid = (v.n_unit_progs, nt)
-        for s0, s1, pending, defer in launches:
-            _gru_bwd_kernel[grid](dy, dh_n, w_hh, h0, y, gates, lens, dst, xb, dx, dhseq, dh0, bar, err,
-                                  T, B, s0, s1, t0, pending, defer, **meta)
-            C.count_launch("gru_bwd")
-    if sync and v.n_unit_progs > 1:
-        C.check_error_flag(err, "GRU backward")
-    return dx, dh0, dhseq
+    dst = dh_n.to(C.acc_dtype(dt)).contiguous().clone()  # dh between launches, dh0 at the end
+    xb = torch.zeros(2, B, 3 * H, dtype=dt, device=dev)  # [dr|dz|dhn] exchange (step parity)
+    lens = lengths.to(device=dev, dtype=torch.int64).contiguous() if lengths is not None else dst
+    args = (dy, w_hh, h0, y, gates, lens, dst, xb, dx, dhseq)
+    consts = _consts(H, dt, lengths is not None, reverse)
+    C.launch_recurrence(_gru_bwd_kernel, "gru_bwd", CELL, True, H, H, B, T, dt, args, consts, dev)
+    return dx, dst.to(dt), dhseq
 
 
 def gru_cell_fwd(igates: Tensor, hgates: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], h: Tensor):
@@ -665,52 +478,31 @@ def gru_cell_bwd(dh_new: Tensor, h: Tensor, gates: Tensor):
 
 
 # ------------------------------------------------------------------------------------ AOT
-def _aot_recurrence(kind: str, v: "C.Variant", H: int, dt: torch.dtype, precision: str, tag: str) -> dict:
+def aot_recurrence(v: "C.Variant", H: int, P: int, dt: torch.dtype, precision: str, pa: bool, pb: bool,
+                   tag: str) -> dict:
+    """The AOT spec of the recurrence kernel ``v`` launches (phases ``pa`` / ``pb``)."""
     ty, aty = C.TL_NAMES[dt], C.TL_NAMES[C.acc_dtype(dt)]
-    if kind == "fwd":
+    if not v.backward:
         fn = _gru_fwd_kernel
-        meta = _fwd_meta(v, H, dt, True, True, False)
-        ptrs = dict(xproj_ptr=ty, w_ptr=ty, b_ptr=ty, len_ptr="i64", hs_ptr=aty, hx_ptr=ty, y_ptr=ty, hn_ptr=ty,
-                    gates_ptr=ty, bar_ptr="i32", err_ptr="i32")
+        consts = _consts(H, dt, True, False, True, precision, False)
+        ptrs = dict(xproj_ptr=ty, w_ptr=ty, b_ptr=ty, len_ptr="i64", hs_ptr=aty, hx_ptr=ty, y_ptr=ty,
+                    gates_ptr=ty, sync_ptr="i32", err_ptr="i32")
     else:
         fn = _gru_bwd_kernel
-        meta = _bwd_meta(v, H, dt, True, False)
-        ptrs = dict(dy_ptr=ty, dhn_in_ptr=ty, w_ptr=ty, h0_ptr=ty, y_ptr=ty, gates_ptr=ty, len_ptr="i64",
-                    dst_ptr=aty, xb_ptr=ty, dx_ptr=ty, dhseq_ptr=ty, dh0_ptr=ty, bar_ptr="i32", err_ptr="i32")
-    num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
-    meta.pop("launch_cooperative_grid", None)  # a launch option, not a constexpr
-    meta.update(DOT_PREC=precision, MAX_SPINS=C.MAX_SPIN, UPCAST_DOT=False)
-    return C.aot_spec(f"gru_{kind} {tag}", fn, ptrs, meta, num_warps, num_stages)
+        consts = _consts(H, dt, True, False, None, precision, False)
+        ptrs = dict(dy_ptr=ty, w_ptr=ty, h0_ptr=ty, y_ptr=ty, gates_ptr=ty, len_ptr="i64", dst_ptr=aty,
+                    xb_ptr=ty, dx_ptr=ty, dhseq_ptr=ty, sync_ptr="i32", err_ptr="i32")
+    consts.update(v.consts(), PHASE_A=pa, PHASE_B=pb, SYNC=v.mode != "stepwise", MAX_SPINS=C.MAX_SPIN)
+    return C.aot_spec(f"gru_{'bwd' if v.backward else 'fwd'} {tag}", fn, ptrs, consts, v.num_warps, v.num_stages)
 
 
 def aot_variants(capability: int = 90) -> list:
-    """Every GRU kernel variant the selection rule picks, at representative sizes up to the limit,
-    as ``_common.aot_spec`` dicts for ``tools/triton_aot.py`` (compiled for ``capability``).
-
-    Runtime flags that barely change the code are pinned to the heavier choice (bias, lengths);
-    persistent (barrier) mode is what a GPU runs for split variants; stepwise (interpreter / tests)
-    is compiled once per dtype at the smallest split size."""
-    info = C.AOT_TARGETS[capability]
-    sel = lambda H, B, dt: _gru_variant(H, B, dt, info=info, interpret=False)  # noqa: E731
-    specs = []
-    for dt in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+    """Every GRU kernel variant the selection rule picks for the AOT sizes of ``_common.aot_shapes``
+    (representative sizes up to the limit, batches up to the largest chunk), plus the cells, as
+    ``_common.aot_spec`` dicts for ``tools/triton_aot.py``."""
+    specs = C.aot_recurrence_specs(CELL, capability, aot_recurrence)
+    for dt in C.SUPPORTED_DTYPES:
         ty = C.TL_NAMES[dt]
-        limit = C.max_hidden_size(GATES, dt)
-        single_max = max(h for h in range(1, limit + 1) if sel(h, 16, dt).mode == "single")
-        mid = min(768, limit)
-        for H in sorted({37, single_max, single_max + 1, mid, limit}):
-            for B in (16, 256):
-                for kind in ("fwd", "bwd"):
-                    v = _gru_variant(H, B, dt, info=info, interpret=False, backward=kind == "bwd")
-                    if B != 16 and (v.block_b == 16 or H != mid):
-                        continue  # same kernel as B = 16; larger batch tiles only at one size
-                    modes = [v.mode] + (["stepwise"] if H == single_max + 1 and B == 16 else [])
-                    for mode in modes:
-                        vv = dataclasses.replace(v, mode=mode)
-                        for precision in ("ieee", "tf32") if dt == torch.float32 else ("ieee",):
-                            tag = f"{ty} H={H} B={B} {mode} u={vv.block_u} b={vv.block_b} ks={vv.ksplit_h}" + (
-                                " tf32" if precision == "tf32" else "")
-                            specs.append(_aot_recurrence(kind, vv, H, dt, precision, tag))
         cell_ptrs_f = {n: ty for n in ("ig_ptr", "hg_ptr", "bih_ptr", "bhh_ptr", "h_ptr", "hnew_ptr", "gates_ptr")}
         specs.append(C.aot_spec(f"gru_cell_fwd {ty}", _gru_cell_fwd_kernel, cell_ptrs_f,
                                 dict(H=768, HAS_BIH=True, HAS_BHH=True, BLOCK=CELL_BLOCK), 4))
