@@ -508,6 +508,7 @@ struct LaunchState {
   std::vector<Watched> watched;  // sorted by begin
   std::map<uintptr_t, std::vector<uint32_t>> release_clock;  // per atomic location
   std::set<std::tuple<int, int, unsigned, unsigned>> reported;  // (kind, buffer, block, other)
+  std::vector<std::shared_ptr<Buffer>> finished_smem;
   int suppressed = 0;
 };
 
@@ -823,19 +824,26 @@ void run_launch(LaunchState& L) {
     size_t pick;
     if (opt.block_order == "round_robin") pick = rr++ % live.size();
     else pick = std::uniform_int_distribution<size_t>(0, live.size() - 1)(L.rng);
-    Block& b = *L.blocks[live[pick]];
+    const unsigned bid = live[pick];
+    Block& b = *L.blocks[bid];
     L.progress = false;
     run_slice(b);
     if (L.abort) break;
-    if (b.done) {
+    const bool done = b.done;
+    if (done) {
       release_block(b);
       live.erase(live.begin() + static_cast<long>(pick));
+      // A plain launch may have many blocks: drop the finished one (its vector clock is O(grid)).
+      if (!L.desc->cooperative) {
+        if (b.smem) L.finished_smem.push_back(b.smem);  // fault reports may still name it
+        L.blocks[bid].reset();
+      }
     }
     if (L.progress) {
       if (nstalled) std::fill(stalled.begin(), stalled.end(), 0);
       nstalled = 0;
-    } else if (!b.done && !stalled[b.bid]) {
-      stalled[b.bid] = 1;
+    } else if (!done && !stalled[bid]) {
+      stalled[bid] = 1;
       if (++nstalled == live.size()) {
         std::ostringstream os;
         os << "deadlock: every block waits and none can proceed (a grid barrier some block never reaches?)";
