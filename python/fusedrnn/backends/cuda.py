@@ -26,11 +26,15 @@ def _tf32() -> bool:
 
 # ------------------------------------------------------------------------------ availability
 def unavailable() -> Optional[str]:
+    if _emu.requested():  # CPU tensors through the CUDA emulation (CUDA tensors: see unsupported)
+        return _emu.unavailable()
+    return _gpu_unavailable()
+
+
+def _gpu_unavailable() -> Optional[str]:
     reason = _cpp.extension_error()
     if reason is not None:
         return reason
-    if _emu.requested():  # CPU tensors through the CUDA emulation (CUDA tensors as usual)
-        return _emu.unavailable()
     if not _cpp.extension().build_info().get("with_cuda", False):
         return "fusedrnn._C was built without CUDA (torch without CUDA or no nvcc at build time)"
     if not torch.cuda.is_available():
@@ -45,8 +49,11 @@ def max_hidden_size(mode: str, dtype: torch.dtype, device_index: int) -> int:
 
 
 def unsupported(cfg) -> Optional[str]:
-    if cfg.device_type == "cpu" and _emu.requested():
-        return _emu.unsupported(cfg)
+    if _emu.requested():
+        if cfg.device_type == "cpu":
+            return _emu.unsupported(cfg)
+        if _gpu_unavailable() is not None:
+            return _gpu_unavailable()
     if cfg.device_type != "cuda":
         return f"the cuda backend runs on CUDA tensors only (got device {cfg.device_type!r})"
     if cfg.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
