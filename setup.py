@@ -5,8 +5,12 @@
     python setup.py build_ext --inplace         # _C next to the sources (python/fusedrnn/_C*.so)
 
 What gets built:
-    torch with CUDA + nvcc found  -> CUDAExtension: csrc/ops.cpp, csrc/cpu/*.cpp, csrc/cuda/*.cu
-    torch without CUDA / no nvcc  -> CppExtension:  csrc/ops.cpp, csrc/cpu/*.cpp (cpp backend only)
+    torch with CUDA + nvcc found  -> CUDAExtension: csrc/ops.cpp, csrc/cpu/*.cpp, csrc/cuda/*.cu,
+                                     csrc/cuda/emulation/*.cpp
+    torch without CUDA / no nvcc  -> CppExtension:  csrc/ops.cpp, csrc/cpu/*.cpp,
+                                     csrc/cuda/emulation/*.cpp (no real CUDA kernels)
+    Both builds hold the CUDA emulation (issue 9): the csrc/cuda kernels compiled as host C++ in
+    their own namespace, run on CPU tensors by the `cuda` backend when FUSEDRNN_CUDA_EMULATION=1.
     FUSEDRNN_SKIP_BUILD=1         -> nothing compiled (pure Python + Triton install)
 
 Environment:
@@ -150,13 +154,16 @@ def build_extension():
     _log(f"MAX_JOBS={os.environ['MAX_JOBS']}")
 
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cpp_sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
+    # The CUDA emulation (csrc/cuda/emulation/kernels_*.cpp compile csrc/cuda/*.cu as host C++)
+    # is part of every build: CI runs the CUDA kernels through it on CPU.
+    cpp_sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp") + _sources("csrc/cuda/emulation/*.cpp")
     cu_sources = _sources("csrc/cuda/*.cu")
     # -fno-trapping-math lets the compiler if-convert lane loops into vector selects (results are
     # unchanged: it only drops FP-exception side effects).  -fopenmp: the CPU recurrences run one
     # OpenMP team per call (csrc/cpu/parallel.cpp); at run time libgomp resolves to the copy torch
     # already loaded, so torch.set_num_threads and torch's thread pool are shared.
-    # -Wno-unknown-pragmas: ATen's vector headers carry clang/nvcc loop pragmas GCC ignores.
+    # -Wno-unknown-pragmas: ATen's vector headers carry clang/nvcc loop pragmas GCC ignores, and the
+    # emulation compiles the CUDA source's `#pragma unroll` as host C++.
     cxx_flags = ["-O3", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas", "-fno-trapping-math", "-fopenmp"]
     link_flags = ["-fopenmp"]
 

@@ -1,13 +1,17 @@
 // Dispatcher registration of the op contract (csrc/include/fusedrnn/ops.h) as `fusedrnn_ext::*`,
-// with CPU kernels (csrc/cpu) and, when built with CUDA, CUDA kernels (csrc/cuda); plus the small
-// pybind11 module `fusedrnn._C` (build facts and device limits).  Importing fusedrnn._C registers
-// the ops; python/fusedrnn/backends/cpp.py registers their fake (meta) implementations.
+// with CPU kernels (csrc/cpu) and, when built with CUDA, CUDA kernels (csrc/cuda); the same schemas
+// as `fusedrnn_emu::*`, whose CPU kernels are the CUDA kernels run by the CUDA emulation
+// (csrc/cuda/emulation, registered there); plus the small pybind11 module `fusedrnn._C` (build
+// facts, device limits, the emulator's controls in fusedrnn._C.emulation).  Importing
+// fusedrnn._C registers the ops; python/fusedrnn/backends/cpp.py registers their fake (meta)
+// implementations.
 #include <string>
 
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "cuda/emulation/bindings.h"
 #include "fusedrnn/ops.h"
 
 #ifdef FUSEDRNN_WITH_CUDA
@@ -24,7 +28,9 @@
 #define FUSEDRNN_CUDA_ARCHS_STR ""
 #endif
 
-TORCH_LIBRARY(fusedrnn_ext, m) {
+namespace {
+
+void define_ops(torch::Library& m) {
   // Recurrences: one layer, one direction.  allow_tf32 lets fp32 recurrent GEMMs use TF32 (CUDA).
   m.def(
       "lstm_fwd(Tensor xproj, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor c0, Tensor? w_hr, "
@@ -46,6 +52,13 @@ TORCH_LIBRARY(fusedrnn_ext, m) {
   m.def("gru_cell_fwd(Tensor igates, Tensor hgates, Tensor? b_ih, Tensor? b_hh, Tensor h) -> (Tensor, Tensor)");
   m.def("gru_cell_bwd(Tensor dh_new, Tensor h, Tensor gates) -> (Tensor, Tensor, Tensor)");
 }
+
+}  // namespace
+
+TORCH_LIBRARY(fusedrnn_ext, m) { define_ops(m); }
+// The CUDA kernels under the CUDA emulation, on CPU tensors (issue 9; CPU kernels registered in
+// csrc/cuda/emulation/ops_emu.cpp).
+TORCH_LIBRARY(fusedrnn_emu, m) { define_ops(m); }
 
 TORCH_LIBRARY_IMPL(fusedrnn_ext, CPU, m) {
   m.impl("lstm_fwd", &fusedrnn::lstm_fwd_cpu);
@@ -96,7 +109,6 @@ pybind11::dict build_info() {
   return info;
 }
 
-#ifdef FUSEDRNN_WITH_CUDA
 // dtype as a torch.dtype or its name ("float32", "torch.bfloat16", ...).
 at::ScalarType dtype_from_py(const pybind11::handle& obj) {
   std::string name = pybind11::str(obj);
@@ -108,7 +120,6 @@ at::ScalarType dtype_from_py(const pybind11::handle& obj) {
   if (name == "bfloat16") return at::kBFloat16;
   TORCH_CHECK(false, "fusedrnn._C: unsupported dtype ", name);
 }
-#endif
 
 }  // namespace
 
@@ -125,4 +136,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       pybind11::arg("mode"), pybind11::arg("dtype"), pybind11::arg("device_index"),
       "Largest hidden size the persistent CUDA kernels run for mode ('LSTM'/'GRU'), dtype and device");
 #endif
+  auto emu = m.def_submodule("emulation", "the CUDA emulation: the CUDA kernels run on CPU (issue 9, README)");
+  fusedrnn_emu::add_bindings(emu);
+  emu.def(
+      "max_hidden_size",
+      [](const std::string& mode, const pybind11::object& dtype) {
+        return fusedrnn_emu::max_hidden_size(mode, dtype_from_py(dtype));
+      },
+      pybind11::arg("mode"), pybind11::arg("dtype"),
+      "max_hidden_size of the emulated CUDA kernels on the emulated device");
 }

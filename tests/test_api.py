@@ -188,9 +188,10 @@ def test_available_backends_reports_every_backend():
         assert reason is None or isinstance(reason, str) and reason
 
 
-def test_explicit_unavailable_backend_raises():
+def test_explicit_unavailable_backend_raises(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("cuda is available here")
+    monkeypatch.delenv("FUSEDRNN_CUDA_EMULATION", raising=False)  # (it would run cuda on CPU)
     m = fusedrnn.LSTM(4, 5, backend="cuda")
     with pytest.raises((NotImplementedError, ValueError), match="backend='cuda'"):
         m(r(3, 2, 4))
@@ -239,6 +240,7 @@ def test_torch_backend_packed_and_unbatched_with_hx(mode):
 
 
 def test_auto_warns_once_when_falling_back(monkeypatch):
+    monkeypatch.delenv("FUSEDRNN_CUDA_EMULATION", raising=False)  # (it would run cuda on CPU)
     monkeypatch.setattr(backends, "_auto_candidates", lambda cfg: ("cuda",))
     monkeypatch.setattr(backends, "_warned", set())
     _, ours = pair("GRU", backend="auto")

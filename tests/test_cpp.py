@@ -413,9 +413,10 @@ def test_cuda_op_rejects_cpu_tensors(op):
         _call_cuda_kernel(op, _valid_args()[op])
 
 
-def test_unsupported():
+def test_unsupported(monkeypatch):
     from fusedrnn.backends import RecurrenceConfig
 
+    monkeypatch.delenv("FUSEDRNN_CUDA_EMULATION", raising=False)  # (it would run cuda on CPU)
     cfg = RecurrenceConfig("LSTM", "cpu", -1, torch.float32, 64)
     assert cpp.unsupported(cfg) is None
     assert "CPU" in cpp.unsupported(RecurrenceConfig("LSTM", "cuda", 0, torch.float32, 64))

@@ -194,7 +194,8 @@ def test_low_precision_vs_fp64_reference(backend, mode, dtype, kind, extra, devi
     expected, _ = run_with_grads(truth, leaves64_ref, args64)
     for g in got:
         assert g.dtype == dtype
-    tf32 = device == "cuda" and dtype == torch.float32 and rnn_tf32_enabled()
+    # TF32 is the cuda backend's (on a GPU, or on CPU under the CUDA emulation)
+    tf32 = backend == "cuda" and dtype == torch.float32 and rnn_tf32_enabled()
     torch_got = None
     if tf32:  # TF32 error depends on the shape: allow 2x what cuDNN's TF32 RNN gets here
         torch_mod = make_pair(mode, kwargs, "torch", dtype=dtype, device=device)[0]  # torch.nn itself

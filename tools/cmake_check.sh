@@ -45,4 +45,9 @@ ref = reference.lstm_fwd(x, w, None, h0, c0, None, lens, True)
 for o, r in zip(out, ref):
     torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
 print("torch.ops.fusedrnn_ext.lstm_fwd matches the reference: OK")
+mod.emulation.set_device("H100", 4)
+out = torch.ops.fusedrnn_emu.lstm_fwd(x, w, None, h0, c0, None, lens, True, False)
+for o, r in zip(out, ref):
+    torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+print("torch.ops.fusedrnn_emu.lstm_fwd (the CUDA kernel under the CUDA emulation) matches the reference: OK")
 PY

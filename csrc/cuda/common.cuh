@@ -497,8 +497,8 @@ inline SliceGeom slice_geom(int64_t rows, int64_t K) {
 // pointers.  Messages name the tensor.
 inline void check_cuda_args(const char* op, bool contiguous, std::initializer_list<checks::Named> ts) {
   const checks::Named& first = *ts.begin();
-  TORCH_CHECK(first.second->is_cuda(), "fusedrnn CUDA ", op, ": ", first.first, " must be a CUDA tensor, got ",
-              first.second->device());
+  TORCH_CHECK(on_op_device(*first.second), "fusedrnn CUDA ", op, ": ", first.first, " must be a ", kOpDeviceName,
+              " tensor, got ", first.second->device());
   checks::devices("CUDA", op, first.second->device(), ts);
   if (!contiguous) return;
   for (const auto& nt : ts) {

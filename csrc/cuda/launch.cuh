@@ -15,7 +15,10 @@
 //                                         cannot be co-resident.
 //   launch_plain(kernel, grid, threads, args...)    ordinary launch on the current stream.
 //   Workspace                             one byte allocation per launch; a prefix zeroed by one
-//                                         cudaMemsetAsync on the current stream.
+//                                         cudaMemsetAsync on the current stream (workspace_fill).
+//   on_op_device(t), kOpDeviceName        whether t is on the device the ops run on, and its name
+//                                         for error messages.
+// emulation/launch_emu.h provides the same names (the Workspace class below is shared).
 #pragma once
 
 #include <cstdint>
@@ -40,6 +43,10 @@ namespace fusedrnn {
 namespace cuda_detail {
 
 using DeviceGuard = c10::cuda::CUDAGuard;
+
+// The device the ops' tensors live on (the emulation runs the same ops on CPU tensors).
+inline bool on_op_device(const at::Tensor& t) { return t.is_cuda(); }
+constexpr const char* kOpDeviceName = "CUDA";
 
 inline int current_device() {
   int device = 0;
@@ -122,6 +129,21 @@ inline void launch_plain(void (*kernel)(KArgs...), unsigned int grid, int thread
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Fills a fresh workspace: its first `zeroed` bytes become zero (one memset on the current stream).
+inline void workspace_fill(const at::Tensor& buf, size_t zeroed) {
+  if (zeroed > 0) {
+    C10_CUDA_CHECK(cudaMemsetAsync(buf.data_ptr(), 0, zeroed, c10::cuda::getCurrentCUDAStream()));
+  }
+}
+
+}  // namespace cuda_detail
+}  // namespace fusedrnn
+
+#endif  // FUSEDRNN_CUDA_EMULATION
+
+namespace fusedrnn {
+namespace cuda_detail {
+
 // Per-launch scratch of a persistent kernel (grid-barrier counter, exchange buffers, fp32/fp64
 // state) in ONE allocation, with one cudaMemsetAsync clearing the regions that must start at zero
 // (taken first: the counter and the zero-padded exchange buffers).  Regions are 256-byte aligned.
@@ -140,9 +162,7 @@ class Workspace {
   // the current stream.
   void allocate(const at::Tensor& like) {
     buf_ = at::empty({static_cast<int64_t>(bytes_)}, like.options().dtype(at::kByte));
-    if (zeroed_ > 0) {
-      C10_CUDA_CHECK(cudaMemsetAsync(buf_.data_ptr(), 0, zeroed_, c10::cuda::getCurrentCUDAStream()));
-    }
+    workspace_fill(buf_, zeroed_);
   }
   template <typename T>
   T* ptr(size_t off) const {
@@ -165,4 +185,3 @@ class Workspace {
 }  // namespace cuda_detail
 }  // namespace fusedrnn
 
-#endif  // FUSEDRNN_CUDA_EMULATION

@@ -48,8 +48,9 @@ Tensor2 gru_cell_fwd_cpu(const Tensor& igates, const Tensor& hgates, const OptTe
                          const OptTensor& b_hh, const Tensor& h);                // (h_new, gates)
 Tensor3 gru_cell_bwd_cpu(const Tensor& dh_new, const Tensor& h, const Tensor& gates);  // (d_i, d_h, dh)
 
-#ifdef FUSEDRNN_WITH_CUDA
+#if defined(FUSEDRNN_WITH_CUDA) || defined(FUSEDRNN_CUDA_EMULATION)
 // Same contract on CUDA tensors (csrc/cuda/*.cu).  allow_tf32: fp32 recurrent GEMMs may use TF32.
+// (Under FUSEDRNN_CUDA_EMULATION the same source is compiled for CPU tensors in its own namespace.)
 Tensor5 lstm_fwd_cuda(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b_hh, const Tensor& h0,
                       const Tensor& c0, const OptTensor& w_hr, const OptTensor& lengths, bool reverse,
                       bool allow_tf32);

@@ -39,9 +39,11 @@ def extension_error() -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------ fake impls
-def _register_fakes() -> None:
-    """Shape/dtype-only implementations of the fusedrnn_ext ops (for FakeTensor / opcheck)."""
-    lib = "fusedrnn_ext::"
+def _register_fakes(namespace: str) -> None:
+    """Shape/dtype-only implementations of the fusedrnn_ext ops (for FakeTensor / opcheck).
+
+    ``namespace``: fusedrnn_ext, or fusedrnn_emu (the same schemas: the CUDA emulation's ops)."""
+    lib = namespace + "::"
 
     @torch.library.register_fake(lib + "lstm_fwd")
     def _(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, allow_tf32):
@@ -98,7 +100,9 @@ def _register_fakes() -> None:
 
 
 if _C is not None:
-    _register_fakes()
+    _register_fakes("fusedrnn_ext")
+    if hasattr(_C, "emulation"):
+        _register_fakes("fusedrnn_emu")
 
 
 def _ops():
