@@ -206,7 +206,7 @@ void gru_cell_bwd_loop(const Tensor& dh_new, const Tensor& h, const Tensor& gate
 }  // namespace
 
 Tensor3 gru_fwd_cpu(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b_hh, const Tensor& h0,
-                    const OptTensor& lengths, bool reverse, bool /*allow_tf32: no TF32 on CPU*/) {
+                    const OptTensor& lengths, bool reverse, bool /*allow_tf32: no TF32 on CPU*/, bool save) {
   cpu::check_cpu(xproj, "xproj");
   const checks::Dims d = checks::gru_fwd(xproj, w_hh, b_hh, h0, lengths);
   const int64_t T = d.T, B = d.B, H = d.H;
@@ -221,6 +221,7 @@ Tensor3 gru_fwd_cpu(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xproj.scalar_type(), "fusedrnn_gru_fwd_cpu", [&] {
     gru_fwd_loop<scalar_t>(x, w, bias, h, len, reverse, y, gates);
   });
+  if (!save) gates = at::empty({0}, xproj.options());  // inference: not returned (op contract)
   return {y, h.to(xproj.scalar_type()), gates};
 }
 

@@ -249,7 +249,7 @@ void lstm_cell_bwd_loop(const Tensor& dh_new, const Tensor& dc_new, const Tensor
 
 Tensor5 lstm_fwd_cpu(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b_hh, const Tensor& h0,
                      const Tensor& c0, const OptTensor& w_hr, const OptTensor& lengths, bool reverse,
-                     bool /*allow_tf32: no TF32 on CPU*/) {
+                     bool /*allow_tf32: no TF32 on CPU*/, bool save) {
   cpu::check_cpu(xproj, "xproj");
   const checks::Dims d = checks::lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths);
   const int64_t T = d.T, B = d.B, H = d.H, G = 4 * H, P = d.P;
@@ -268,6 +268,10 @@ Tensor5 lstm_fwd_cpu(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xproj.scalar_type(), "fusedrnn_lstm_fwd_cpu", [&] {
     lstm_fwd_loop<scalar_t>(x, w, bias, wr, h, c, len, reverse, y, gates, cs);
   });
+  if (!save) {  // inference: the saved tensors are computed here but not returned (op contract)
+    gates = at::empty({0}, xproj.options());
+    cs = at::empty({0}, xproj.options().dtype(acc));
+  }
   return {y, h.to(xproj.scalar_type()), c.to(xproj.scalar_type()), gates, cs};
 }
 

@@ -2,10 +2,6 @@
 // done outside (igates = x W_ih^T, hgates = h W_hh^T), and max_hidden_size_cuda.  One thread per
 // (batch, unit) pair: all gates of a unit are read and written by the same thread; the math is
 // cell_math.h in the accumulation type.
-#include <map>
-#include <mutex>
-#include <tuple>
-
 #include "common.cuh"
 
 namespace fusedrnn {
@@ -227,31 +223,17 @@ Tensor3 gru_cell_bwd_cuda(const Tensor& dh_new, const Tensor& h, const Tensor& g
   return {d_i, d_h, dh_prev};
 }
 
-// Largest H whose forward and backward persistent kernels both fit on chip (P = H), cached per
-// (mode, dtype, device).  Ignores allow_tf32: for fp32 it is the smaller of the TF32 and FMA limits.
-int64_t max_hidden_size_cuda(const std::string& mode, at::ScalarType dtype, int64_t device_index) {
+// Largest H whose forward and backward persistent kernels both fit on chip (proj_size 0: P = H),
+// from the analytic model of fusedrnn/cuda_plan.h and this device's properties.  Ignores
+// allow_tf32: for fp32 it holds with and without TF32.
+int64_t max_hidden_size_cuda(const std::string& mode, at::ScalarType dtype, int64_t device_index, int64_t proj_size) {
   using namespace cuda_detail;
   TORCH_CHECK(mode == "LSTM" || mode == "GRU", "fusedrnn max_hidden_size_cuda: mode must be LSTM or GRU, got ", mode);
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat || dtype == at::kDouble,
               "fusedrnn max_hidden_size_cuda: unsupported dtype ", dtype);
+  TORCH_CHECK(proj_size == 0 || mode == "LSTM", "fusedrnn max_hidden_size_cuda: proj_size is an LSTM option");
   const int device = device_index < 0 ? current_device() : static_cast<int>(device_index);
-  static std::mutex mu;
-  static std::map<std::tuple<std::string, int, int>, int64_t> cache;
-  const auto key = std::make_tuple(mode, static_cast<int>(dtype), device);
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
-  }
-  const DeviceGuard guard(static_cast<c10::DeviceIndex>(device));
-  int64_t limit = 0;
-  if (device_limits(device).cooperative) {
-    limit = mode == "LSTM" ? std::min(lstm_fwd_max_hidden(dtype, device), lstm_bwd_max_hidden(dtype, device))
-                           : std::min(gru_fwd_max_hidden(dtype, device), gru_bwd_max_hidden(dtype, device));
-  }
-  std::lock_guard<std::mutex> lock(mu);
-  cache[key] = limit;
-  return limit;
+  return plan::max_hidden(mode == "LSTM", dtype_kind(dtype), proj_size, device_limits(device).record);
 }
 
 }  // namespace fusedrnn

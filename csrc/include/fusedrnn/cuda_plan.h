@@ -84,6 +84,9 @@ inline const char* engine_name(Engine e) {
     default: return "fma64";
   }
 }
+// Engines (and n-tiles) that have a flag-exchange kernel: the tensor-core engines, except TF32 with
+// 4 n-tiles (its 64-bit flag words for 4 x 8 rows do not fit the registers without spilling).
+inline bool flags_ok(Engine e, int nt) { return e == Engine::kMma16 || (e == Engine::kTf32 && nt <= 2); }
 // Batch columns per pass: 8 per n-tile (FMA: one 8-column tile).
 inline int bn_of(Engine e, int nt) { return tensor_cores(e) ? 8 * nt : 8; }
 // Bytes of one W slice of MT m-tiles x KC chunks in shared memory (fragment order for tensor
@@ -468,8 +471,8 @@ inline Plan plan_pass(Pass pass, Engine engine, int64_t H, int64_t P, int64_t B,
         c.ctas_per_sm = ctas_per_sm(c.smem, d);
         if (c.ctas_per_sm < 1 || c.grid > int64_t(c.ctas_per_sm) * sms) continue;
         for (Sync sync : {Sync::kBarrier, Sync::kFlags}) {
-          if (sync == Sync::kFlags && (!tensor_cores(engine) || o.mode == Options::kBarrierOnly)) continue;
-          if (sync == Sync::kBarrier && o.mode == Options::kFlagsOnly && tensor_cores(engine)) continue;
+          if (sync == Sync::kFlags && (!flags_ok(engine, nt) || o.mode == Options::kBarrierOnly)) continue;
+          if (sync == Sync::kBarrier && o.mode == Options::kFlagsOnly && flags_ok(engine, nt)) continue;
           c.sync = sync;
           c.cost = cost(s, c, d);
           const bool better = !best.ok || c.cost.step_us < best.cost.step_us * (1 - 1e-9) ||
