@@ -157,6 +157,7 @@ pybind11::dict plan_to_py(const plan::Plan& p) {
   d["engine"] = std::string(plan::engine_name(p.engine));
   d["sync"] = std::string(p.sync == plan::Sync::kFlags ? "flags" : "barrier");
   d["legacy"] = p.legacy;
+  d["stepwise"] = p.stepwise;
   d["U"] = p.U;
   d["Up"] = p.Up;
   d["unit_slices"] = p.gu;
@@ -185,7 +186,10 @@ plan::Options options_from_py(const std::string& variant, int64_t groups) {
   else if (variant == "barrier") o.mode = plan::Options::kBarrierOnly;
   else if (variant == "flags") o.mode = plan::Options::kFlagsOnly;
   else if (variant == "auto") o.mode = plan::Options::kAuto;
-  else TORCH_CHECK(variant.empty(), "fusedrnn._C: variant must be auto, legacy, barrier or flags, got ", variant);
+  else if (variant == "persistent") o.mode = plan::Options::kPersistent;
+  else if (variant == "stepwise") o.mode = plan::Options::kStepwise;
+  else TORCH_CHECK(variant.empty(), "fusedrnn._C: variant must be auto, persistent, legacy, barrier, flags or stepwise, got ",
+                   variant);
   if (groups >= 0) o.groups = static_cast<int>(groups);
   return o;
 }

@@ -600,7 +600,8 @@ def test_opcheck_save_false(mode):
 
 
 # ---------------------------------------------------- cuda (GPU): planner variants, fit, save
-PLAN_VARIANTS = [("auto", 0), ("legacy", 0), ("barrier", 0), ("flags", 0), ("barrier", 3), ("flags", 2)]
+PLAN_VARIANTS = [("auto", 0), ("legacy", 0), ("barrier", 0), ("flags", 0), ("barrier", 3), ("flags", 2),
+                 ("stepwise", 0)]
 
 
 @pytest.fixture(params=PLAN_VARIANTS, ids=[f"{v}-g{g}" for v, g in PLAN_VARIANTS])

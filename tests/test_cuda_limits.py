@@ -193,11 +193,14 @@ def _plan(pass_, H, B, dtype=torch.bfloat16, dev="H200", **kw):
 
 @pytest.mark.parametrize("pass_", ["lstm_fwd", "lstm_bwd", "gru_fwd", "gru_bwd"])
 @pytest.mark.parametrize("B", [1, 16, 256])
-@pytest.mark.parametrize("variant", ["auto", "legacy", "barrier", "flags"])
+@pytest.mark.parametrize("variant", ["auto", "persistent", "legacy", "barrier", "flags"])
 def test_plans_fit_the_device(pass_, B, variant):
     dev = DEVICES["H200"]
     p = _plan(pass_, 768, B, variant=variant)
     assert p["ok"], p["why"]
+    if p["stepwise"]:  # no persistent grid: per-step GEMM + pointwise kernel
+        assert variant == "auto" and B == 256
+        return
     assert p["grid"] == p["unit_slices"] * p["batch_groups"] <= dev["multi_processor_count"]
     assert p["smem"] <= dev["shared_memory_per_block_optin"]
     assert p["ctas_per_sm"] >= 1
@@ -225,6 +228,19 @@ def test_cost_model_prefers_new_design_at_design_point():
         legacy = _plan(pass_, 768, 16, variant="legacy")["cost"]["step_us"]
         auto = _plan(pass_, 768, 16, variant="auto")["cost"]["step_us"]
         assert auto < 0.75 * legacy, (pass_, auto, legacy)
+
+
+def test_stepwise_only_where_it_wins_and_applies():
+    # large batch: the per-step GEMM beats the persistent exchange traffic (BENCHMARKS.md, item 7)
+    for pass_ in ("lstm_fwd", "lstm_bwd", "gru_fwd", "gru_bwd"):
+        assert _plan(pass_, 1024, 256)["stepwise"]
+        assert not _plan(pass_, 768, 16)["stepwise"]
+        assert not _plan(pass_, 1024, 256, variant="persistent")["stepwise"]
+        assert _plan(pass_, 768, 16, variant="stepwise")["stepwise"]
+    # bf16/fp16 without projection only
+    assert not _plan("lstm_fwd", 1024, 256, dtype=torch.float32, tf32=True)["stepwise"]
+    assert not _plan("lstm_fwd", 1024, 256, proj_size=512)["stepwise"]
+    assert not _plan("lstm_bwd", 1024, 256, proj_size=512, variant="stepwise")["stepwise"]
 
 
 def test_fp32_fma_engine_never_uses_flags():

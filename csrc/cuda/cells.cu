@@ -115,7 +115,7 @@ __global__ void gru_cell_bwd_kernel(const T* __restrict__ dh_new, const T* __res
 
 // Calls f(T{}) with the CUDA storage type of `st`.
 template <class F>
-void dispatch_storage(at::ScalarType st, F&& f) {
+void dispatch_cell_storage(at::ScalarType st, F&& f) {
   switch (st) {
     case at::kBFloat16: f(dev::bf16{}); break;
     case at::kHalf: f(dev::f16{}); break;
@@ -148,7 +148,7 @@ Tensor3 lstm_cell_fwd_cuda(const Tensor& igates, const Tensor& hgates, const Opt
   Tensor h_new = at::empty({B, H}, ig.options()), c_new = at::empty({B, H}, ig.options());
   Tensor gates = at::empty({B, 4 * H}, ig.options());
   if (B * H == 0) return {h_new, c_new, gates};
-  dispatch_storage(dt, [&](auto tag) {
+  dispatch_cell_storage(dt, [&](auto tag) {
     using T = decltype(tag);
     launch_cells(lstm_cell_fwd_kernel<T>, B * H,
                  ptr<T>(ig), ptr<T>(hg), ptr<T>(bi), ptr<T>(bh),
@@ -171,7 +171,7 @@ Tensor2 lstm_cell_bwd_cuda(const Tensor& dh_new, const Tensor& dc_new, const Ten
   const Tensor cn = prep(c_new, dt);
   Tensor dgates = at::empty({B, 4 * H}, g.options()), dc = at::empty({B, H}, g.options());
   if (B * H == 0) return {dgates, dc};
-  dispatch_storage(dt, [&](auto tag) {
+  dispatch_cell_storage(dt, [&](auto tag) {
     using T = decltype(tag);
     launch_cells(lstm_cell_bwd_kernel<T>, B * H,
                  ptr<T>(dh), ptr<T>(dcn), ptr<T>(cc), ptr<T>(cn), ptr<T>(g), ptr<T>(dgates), ptr<T>(dc), B, H);
@@ -194,7 +194,7 @@ Tensor2 gru_cell_fwd_cuda(const Tensor& igates, const Tensor& hgates, const OptT
   const Tensor hh = prep(h, dt);
   Tensor h_new = at::empty({B, H}, ig.options()), gates = at::empty({B, 4 * H}, ig.options());
   if (B * H == 0) return {h_new, gates};
-  dispatch_storage(dt, [&](auto tag) {
+  dispatch_cell_storage(dt, [&](auto tag) {
     using T = decltype(tag);
     launch_cells(gru_cell_fwd_kernel<T>, B * H,
                  ptr<T>(ig), ptr<T>(hg), ptr<T>(bi), ptr<T>(bh),
@@ -215,7 +215,7 @@ Tensor3 gru_cell_bwd_cuda(const Tensor& dh_new, const Tensor& h, const Tensor& g
   Tensor d_i = at::empty({B, 3 * H}, g.options()), d_h = at::empty({B, 3 * H}, g.options());
   Tensor dh_prev = at::empty({B, H}, g.options());
   if (B * H == 0) return {d_i, d_h, dh_prev};
-  dispatch_storage(dt, [&](auto tag) {
+  dispatch_cell_storage(dt, [&](auto tag) {
     using T = decltype(tag);
     launch_cells(gru_cell_bwd_kernel<T>, B * H,
                  ptr<T>(dh), ptr<T>(hh), ptr<T>(g), ptr<T>(d_i), ptr<T>(d_h), ptr<T>(dh_prev), B, H);

@@ -727,6 +727,31 @@ inline void dispatch_engine(at::ScalarType st, bool allow_tf32, int nt, F&& f) {
   }
 }
 
+// Calls f(T{}) with the CUDA 16-bit storage type of `st` (the stepwise kernels).
+template <class F>
+inline void dispatch_storage(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kBFloat16: f(dev::bf16{}); break;
+    case at::kHalf: f(dev::f16{}); break;
+    default: TORCH_CHECK(false, "fusedrnn CUDA: internal error: the stepwise path runs bf16/fp16, got ", st);
+  }
+}
+
+// The stepwise strategy (stepwise.cu, plan::Plan::stepwise): per step one GEMM over the batch and
+// one pointwise kernel.  Outputs are allocated by the callers (gates / cs unused when !save).
+void lstm_fwd_stepwise(const Tensor& xproj, const Tensor& w, const Tensor& bh, const Tensor& h0, const Tensor& c0,
+                       const OptTensor& lengths, bool reverse, const Tensor& y, const Tensor& h_n, const Tensor& c_n,
+                       const Tensor& gates, const Tensor& cs, bool save);
+void lstm_bwd_stepwise(const Tensor& dy, const Tensor& dh_n, const Tensor& dc_n, const Tensor& w, const Tensor& c0,
+                       const Tensor& gates, const Tensor& cs, const OptTensor& lengths, bool reverse,
+                       const Tensor& dxproj, const Tensor& dh0, const Tensor& dc0);
+void gru_fwd_stepwise(const Tensor& xproj, const Tensor& w, const Tensor& bh, const Tensor& h0,
+                      const OptTensor& lengths, bool reverse, const Tensor& y, const Tensor& h_n, const Tensor& gates,
+                      bool save);
+void gru_bwd_stepwise(const Tensor& dy, const Tensor& dh_n, const Tensor& w, const Tensor& h0, const Tensor& y,
+                      const Tensor& gates, const OptTensor& lengths, bool reverse, const Tensor& dxproj,
+                      const Tensor& dh0, const Tensor& dhn);
+
 // --------------------------------------------------------------------------- planner bridge
 // plan::Engine of a dtype under the caller's TF32 flag, and the dtype class of the limits.
 inline plan::Engine engine_kind(at::ScalarType st, bool allow_tf32) {

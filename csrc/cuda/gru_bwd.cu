@@ -240,6 +240,10 @@ Tensor3 gru_bwd_cuda(const Tensor& dy, const Tensor& dh_n, const Tensor& w_hh, c
   const DeviceLimits dev = device_limits(device);
   const plan::Plan p = make_plan(plan::Pass::kGruBwd, dt, allow_tf32, H, H, B, false, true, dev);
   if (!p.ok) raise_not_fit("gru_bwd", p, dt, H, H, false, dev);
+  if (p.stepwise) {
+    gru_bwd_stepwise(dy, dh_n, w, h0c, yc, gatesc, lengths, reverse, dxproj, dh0, dhn);
+    return {dxproj, dh0, dhn};
+  }
   dispatch_plan(dt, allow_tf32, p, [&](auto tag, auto sync) {
     using Tt = typename decltype(tag)::T;
     using Eng = typename decltype(tag)::Eng;

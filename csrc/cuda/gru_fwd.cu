@@ -215,6 +215,10 @@ Tensor3 gru_fwd_cuda(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b
   const DeviceLimits dev = device_limits(device);
   const plan::Plan p = make_plan(plan::Pass::kGruFwd, dt, allow_tf32, H, H, B, false, save, dev);
   if (!p.ok) raise_not_fit("gru_fwd", p, dt, H, H, false, dev);
+  if (p.stepwise) {
+    gru_fwd_stepwise(xproj, w, bh, h0, lengths, reverse, y, h_n, gates, save);
+    return {y, h_n, gates};
+  }
   dispatch_plan(dt, allow_tf32, p, [&](auto tag, auto sync) {
     using Tt = typename decltype(tag)::T;
     using Eng = typename decltype(tag)::Eng;

@@ -18,6 +18,9 @@
 //   launch_plain(kernel, grid, threads, args...)    ordinary launch on the current stream.
 //   Workspace                             one byte allocation per launch; a prefix zeroed by one
 //                                         cudaMemsetAsync on the current stream.
+//   gemm_acc_out(out, a, b)               out (M, N, fp32) = a (M, K) . b (K, N) for bf16/fp16 a, b
+//                                         with fp32 accumulation (cuBLAS through ATen's mm.dtype_out),
+//                                         on the current stream: the stepwise strategy's GEMM.
 #pragma once
 
 #include <cstdint>
@@ -137,6 +140,11 @@ template <typename... KArgs, typename... Args>
 inline void launch_plain(void (*kernel)(KArgs...), unsigned int grid, int threads, Args... args) {
   kernel<<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// out (M, N, fp32) = a (M, K) . b (K, N), a and b bf16/fp16: tensor-core GEMM, fp32 result.
+inline void gemm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  at::mm_out(out, a, b, at::kFloat);
 }
 
 // Per-launch scratch of a persistent kernel (grid-barrier counter, exchange buffers, fp32/fp64

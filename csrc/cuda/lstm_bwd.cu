@@ -358,6 +358,10 @@ Tensor4 lstm_bwd_cuda(const Tensor& dy, const Tensor& dh_n, const Tensor& dc_n, 
   const DeviceLimits dev = device_limits(device);
   const plan::Plan p = make_plan(plan::Pass::kLstmBwd, dt, allow_tf32, H, P, B, proj, true, dev);
   if (!p.ok) raise_not_fit("lstm_bwd", p, dt, H, P, proj, dev);
+  if (p.stepwise) {
+    lstm_bwd_stepwise(dy, dh_n, dc_n, w, c0c, gatesc, csc, lengths, reverse, dxproj, dh0, dc0);
+    return {dxproj, dh0, dc0, dh_seq};
+  }
   dispatch_plan(dt, allow_tf32, p, [&](auto tag, auto sync) {
     using Tt = typename decltype(tag)::T;
     using Eng = typename decltype(tag)::Eng;

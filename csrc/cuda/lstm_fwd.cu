@@ -319,6 +319,10 @@ Tensor5 lstm_fwd_cuda(const Tensor& xproj, const Tensor& w_hh, const OptTensor& 
   const DeviceLimits dev = device_limits(device);
   const plan::Plan p = make_plan(plan::Pass::kLstmFwd, dt, allow_tf32, H, P, B, proj, save, dev);
   if (!p.ok) raise_not_fit("lstm_fwd", p, dt, H, P, proj, dev);
+  if (p.stepwise) {
+    lstm_fwd_stepwise(xproj, w, bh, h0, c0, lengths, reverse, y, h_n, c_n, gates, cs, save);
+    return {y, h_n, c_n, gates, cs};
+  }
   dispatch_plan(dt, allow_tf32, p, [&](auto tag, auto sync) {
     using Tt = typename decltype(tag)::T;
     using Eng = typename decltype(tag)::Eng;

@@ -27,6 +27,11 @@
 //             atomic word (16-bit value + 16-bit tag in 32 bits; fp32 value + 32-bit tag in 64
 //             bits), stored with st.relaxed, polled with ld.relaxed until the tag matches.  Twice
 //             the exchange bytes, no fence, no atomic, no barrier (tensor-core engines only).
+// Besides the persistent kernels there is a *stepwise* strategy (csrc/cuda/stepwise.cu): per step
+// one tensor-core GEMM over the whole batch (cuBLAS through ATen, fp32 output) and one pointwise
+// kernel.  It streams W_hh from L2 every step instead of keeping it on chip, so it wins only where
+// the persistent kernels' exchange traffic (unit slices x B x K per step) exceeds that: large
+// batches.  bf16/fp16 without projection; chosen by the same cost model, never needed for a fit.
 #pragma once
 
 #include <algorithm>
@@ -154,6 +159,7 @@ struct Plan {
   Engine engine = Engine::kMma16;
   Sync sync = Sync::kBarrier;
   bool legacy = false;    // the round-1 plan and barrier (all stores before the release; acquire spin)
+  bool stepwise = false;  // per-step GEMM + pointwise kernel instead of a persistent kernel
   int U = 0;              // hidden units per CTA (pointwise owner; forward: W_hh rows gate*H + u)
   int Up = 0;             // P-rows per CTA (forward projection W_hr; backward W_hh^T rows)
   int gu = 0;             // unit slices (CTAs per batch group)
@@ -169,11 +175,13 @@ struct Plan {
 };
 
 // Planner switches (environment, read per call so a benchmark can compare geometries in one
-// process): FUSEDRNN_CUDA_PLAN = auto (default) | legacy | barrier | flags ;
+// process): FUSEDRNN_CUDA_PLAN = auto (default: persistent or stepwise by the cost model) |
+// persistent (never stepwise) | legacy (round-1 geometry and barrier) | barrier | flags (that
+// exchange protocol where the engine has it) | stepwise (where available) ;
 // FUSEDRNN_CUDA_GROUPS = n (force n batch groups where n fits).  Never changes results beyond
-// rounding-order differences of the fp32 partial sums.
+// rounding-order differences of the fp32 sums.
 struct Options {
-  enum Mode { kAuto = 0, kLegacy = 1, kBarrierOnly = 2, kFlagsOnly = 3 } mode = kAuto;
+  enum Mode { kAuto = 0, kLegacy = 1, kBarrierOnly = 2, kFlagsOnly = 3, kPersistent = 4, kStepwise = 5 } mode = kAuto;
   int groups = 0;
   static Options from_env() {
     Options o;
@@ -181,6 +189,8 @@ struct Options {
       if (!std::strcmp(v, "legacy")) o.mode = kLegacy;
       else if (!std::strcmp(v, "barrier")) o.mode = kBarrierOnly;
       else if (!std::strcmp(v, "flags")) o.mode = kFlagsOnly;
+      else if (!std::strcmp(v, "persistent")) o.mode = kPersistent;
+      else if (!std::strcmp(v, "stepwise")) o.mode = kStepwise;
     }
     if (const char* g = std::getenv("FUSEDRNN_CUDA_GROUPS")) o.groups = std::max(0, std::atoi(g));
     return o;
@@ -220,14 +230,18 @@ struct Rates {
   double cell_clk;          // one pointwise wave (partial sums, cell math, stores issued)
   double barrier_legacy_us; // round-1 barrier: all stores drained by the release, acquire spin
   double barrier_fixed_clk; // split barrier beyond its L2 round trips (red, spin detection)
+  double gemm_flops;        // stepwise: achieved bf16 GEMM rate of one step's (B x K) . (K x N)
+  double gemm_min_us;       // stepwise: shortest GEMM (launch + one wave)
+  double pointwise_min_us;  // stepwise: shortest pointwise kernel
+  double host_step_us;      // stepwise: host time to enqueue one step (ATen GEMM + kernel launch)
 };
 inline Rates rates_of(const DeviceRecord& d) {
   Rates r{};
   if (d.major >= 9) {
-    r = {1.98, 600, 64, 2.6e12, 128, 0.6, 33, 128, 64, 4.0e12, 40, 300, 2.4, 200};
+    r = {1.98, 600, 64, 2.6e12, 128, 0.6, 33, 128, 64, 4.0e12, 40, 300, 2.4, 200, 450e12, 4.0, 2.5, 8.0};
     if (d.total_memory > (int64_t(100) << 30)) r.hbm_Bps = 4.8e12;  // H200 (141 GB HBM3e)
   } else {
-    r = {1.41, 500, 64, 2.0e12, 128, 0.45, 33, 64, 32, 1.9e12, 40, 300, 2.6, 200};
+    r = {1.41, 500, 64, 2.0e12, 128, 0.45, 33, 64, 32, 1.9e12, 40, 300, 2.6, 200, 200e12, 4.0, 2.5, 8.0};
   }
   return r;
 }
@@ -430,6 +444,43 @@ inline Plan legacy_plan(const Shape& s, const DeviceRecord& d) {
   return p;
 }
 
+// ------------------------------------------------------------------------------- stepwise
+inline bool stepwise_ok(const Shape& s) { return s.engine == Engine::kMma16 && !s.proj; }
+
+// One step = GEMM (fwd: h_{t-1} . W_hh^T, B x G*H x H; bwd: dpre . W_hh, B x H x G*H) with W_hh
+// streamed from L2, then the pointwise kernel (its HBM bytes); the host enqueues both, so a step
+// never takes less than host_step_us.  Terms: mma = GEMM, l2 = W_hh bytes, cell = pointwise,
+// sync = what the host floor adds.
+inline Plan stepwise_plan(const Shape& s, const DeviceRecord& d) {
+  const Rates r = rates_of(d);
+  Plan p;
+  p.pass = s.pass;
+  p.engine = s.engine;
+  p.stepwise = true;
+  p.ok = true;
+  p.U = static_cast<int>(s.H);
+  p.gu = 1;
+  p.gb = 1;
+  p.Bg = s.B;
+  p.grid = static_cast<int>(ceil_div(s.B * s.H, kThreads));
+  const int G = gates_of(s.pass);
+  const double B = double(s.B), H = double(s.H), es = elem_bytes(s.engine);
+  const double flop = 2.0 * B * H * G * H;
+  const double w = G * H * H * es;
+  const double gemm_us = std::max({flop / r.gemm_flops * 1e6, w / r.l2_agg_Bps * 1e6, r.gemm_min_us});
+  double hbm = is_fwd(s.pass) ? B * (G * H + H) * es + (s.train ? B * 4 * H * es + B * H * 4 : 0)
+                              : B * (2 * G * H + H + 4 * H) * es + B * H * 4 * 2;
+  const double point_us = std::max(hbm / r.hbm_Bps * 1e6, r.pointwise_min_us);
+  p.cost.mma_us = flop / r.gemm_flops * 1e6;
+  p.cost.l2_us = w / r.l2_agg_Bps * 1e6;
+  p.cost.cell_us = point_us;
+  p.cost.hbm_us = hbm / r.hbm_Bps * 1e6;
+  const double gpu = gemm_us + point_us;
+  p.cost.sync_us = std::max(0.0, r.host_step_us - gpu);
+  p.cost.step_us = std::max(gpu, r.host_step_us);
+  return p;
+}
+
 inline Plan plan_pass(Pass pass, Engine engine, int64_t H, int64_t P, int64_t B, bool proj, bool train,
                       const DeviceRecord& d, Options o = Options()) {
   const Shape s{pass, engine, H, P, std::max<int64_t>(B, 1), proj, train};
@@ -484,6 +535,13 @@ inline Plan plan_pass(Pass pass, Engine engine, int64_t H, int64_t P, int64_t B,
         }
       }
     }
+  }
+  // The stepwise strategy where it is available and the model prefers it (or it is forced); only
+  // among shapes the persistent kernels fit, so the limits stay those of the on-chip design.
+  if (best.ok && stepwise_ok(s) && o.mode != Options::kLegacy && o.mode != Options::kBarrierOnly &&
+      o.mode != Options::kFlagsOnly && o.mode != Options::kPersistent) {
+    Plan sw = stepwise_plan(s, d);
+    if (o.mode == Options::kStepwise || sw.cost.step_us < best.cost.step_us) return sw;
   }
   if (!best.ok) {
     if (o.groups > 0) return plan_pass(pass, engine, H, P, B, proj, train, d, Options{o.mode, 0});

@@ -137,8 +137,9 @@ def plan(pass_: str, dtype: torch.dtype, hidden_size: int, batch: int, proj_size
          train: bool = True, tf32: Optional[bool] = None, variant: str = "", groups: int = -1) -> dict:
     """The launch plan the kernel of ``pass_`` ("lstm_fwd", "lstm_bwd", "gru_fwd", "gru_bwd") would
     use: geometry, exchange protocol and the cost model's predicted microseconds per step
-    (``plan["cost"]``).  ``variant`` / ``groups`` override ``FUSEDRNN_CUDA_PLAN`` /
-    ``FUSEDRNN_CUDA_GROUPS`` ("" / -1: follow them)."""
+    (``plan["cost"]``).  ``variant`` ("auto", "persistent", "legacy", "barrier", "flags",
+    "stepwise") / ``groups`` override ``FUSEDRNN_CUDA_PLAN`` / ``FUSEDRNN_CUDA_GROUPS`` ("" / -1:
+    follow them)."""
     P = proj_size if proj_size else hidden_size
     tf32 = _tf32() if tf32 is None else tf32
     return dict(_planner().cuda_plan(pass_, _dtype_name(dtype), bool(tf32), int(hidden_size), int(P), int(batch),

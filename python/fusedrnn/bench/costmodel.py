@@ -20,7 +20,7 @@ to what a GPU measures, so a GPU run tells which term was wrong:
     times the recurrence ops alone for layer 0 of each LSTM/GRU config: T=1 and T=N (the slope is
     the per-step cost, the intercept launch and setup), inference (``save=False``) and training
     forward, and the backward, for every planner variant (``FUSEDRNN_CUDA_PLAN`` = auto, legacy,
-    barrier, flags), each next to the model's prediction for that variant.
+    barrier, flags, stepwise), each next to the model's prediction for that variant.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 from .configs import BenchConfig
 
 TERMS = ("lat_us", "mma_us", "smem_us", "l2_us", "cell_us", "sync_us")
-VARIANTS = ("auto", "legacy", "barrier", "flags")
+VARIANTS = ("auto", "legacy", "barrier", "flags", "stepwise")
 
 
 def _cuda():
@@ -52,6 +52,8 @@ def describe(plan: dict) -> str:
     """Short text of a plan: units per CTA x unit slices, batch groups, n-tiles, protocol."""
     if not plan.get("ok"):
         return "does not fit: " + plan.get("why", "")
+    if plan.get("stepwise"):
+        return "stepwise (GEMM + pointwise per step)"
     s = f"U{plan['U']}x{plan['unit_slices']}"
     if plan["batch_groups"] > 1:
         s += f" g{plan['batch_groups']}"
