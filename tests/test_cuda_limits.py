@@ -275,3 +275,13 @@ def test_readme_limits_table_comes_from_max_hidden_size():
     # and the projection example quoted there
     limit = fusedrnn.max_hidden_size("LSTM", torch.bfloat16, backend="cuda", proj_size=1280, device=DEVICES["H100"])
     assert re.search(rf"proj_size=1280[^.]*?\b{limit}\b", text, re.S)
+
+
+def test_mistyped_plan_variant_raises(monkeypatch):
+    monkeypatch.setenv("FUSEDRNN_CUDA_PLAN", "flag")  # not "flags": never silently another variant
+    with pytest.raises((ValueError, RuntimeError), match="FUSEDRNN_CUDA_PLAN must be"):
+        _plan("lstm_fwd", 768, 16, variant="")
+    monkeypatch.setenv("FUSEDRNN_CUDA_PLAN", "auto")
+    monkeypatch.setenv("FUSEDRNN_CUDA_GROUPS", "two")
+    with pytest.raises((ValueError, RuntimeError), match="FUSEDRNN_CUDA_GROUPS must be"):
+        _plan("lstm_fwd", 768, 16, variant="")

@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -183,16 +184,28 @@ struct Plan {
 struct Options {
   enum Mode { kAuto = 0, kLegacy = 1, kBarrierOnly = 2, kFlagsOnly = 3, kPersistent = 4, kStepwise = 5 } mode = kAuto;
   int groups = 0;
+  // Unknown values raise (std::invalid_argument): a mistyped variant must not silently run another.
   static Options from_env() {
     Options o;
     if (const char* v = std::getenv("FUSEDRNN_CUDA_PLAN")) {
-      if (!std::strcmp(v, "legacy")) o.mode = kLegacy;
+      if (!*v || !std::strcmp(v, "auto")) o.mode = kAuto;
+      else if (!std::strcmp(v, "legacy")) o.mode = kLegacy;
       else if (!std::strcmp(v, "barrier")) o.mode = kBarrierOnly;
       else if (!std::strcmp(v, "flags")) o.mode = kFlagsOnly;
       else if (!std::strcmp(v, "persistent")) o.mode = kPersistent;
       else if (!std::strcmp(v, "stepwise")) o.mode = kStepwise;
+      else
+        throw std::invalid_argument(std::string("fusedrnn: FUSEDRNN_CUDA_PLAN must be auto, persistent, legacy, "
+                                                "barrier, flags or stepwise, got '") + v + "'");
     }
-    if (const char* g = std::getenv("FUSEDRNN_CUDA_GROUPS")) o.groups = std::max(0, std::atoi(g));
+    if (const char* g = std::getenv("FUSEDRNN_CUDA_GROUPS")) {
+      char* end = nullptr;
+      const long n = std::strtol(g, &end, 10);
+      if (*g && (*end || n < 0))
+        throw std::invalid_argument(std::string("fusedrnn: FUSEDRNN_CUDA_GROUPS must be a number >= 0, got '") + g +
+                                    "'");
+      o.groups = static_cast<int>(n);
+    }
     return o;
   }
 };
