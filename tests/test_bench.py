@@ -187,3 +187,65 @@ def test_tiny_suite_on_cuda(tmp_path):
             assert r["peak_mem_mb"] is not None and r["floor_ms"] > 0 and r["fwd_over_floor"] > 0
             assert r["ok"] is True, (r["config"], r["backend"], r["worst_tensor"], r["max_rel_err"])
     assert rc == 0, [(r["config"], r["backend"], r["error"]) for r in data["rows"] if r["error"]]
+
+
+# ------------------------------------------------------------------------- CUDA cost model
+def test_cost_model_predicts_from_a_device_record():
+    from fusedrnn.backends import cpp
+    from fusedrnn.bench import costmodel
+
+    if cpp.unavailable() is not None:
+        pytest.skip(cpp.unavailable())
+    from fusedrnn.backends.cuda import KNOWN_DEVICES
+
+    h200 = KNOWN_DEVICES["H200"]
+    cfg = C.by_name("lstm-h768-b16-t1024-bf16")
+    p = costmodel.predict(cfg, h200)
+    for k in ("fwd_step_us", "bwd_step_us", "fwd_train_step_us") + costmodel.TERMS:
+        assert p[k] >= 0, k
+    assert p["fwd_step_us"] > 0 and p["plan"].startswith("U")
+    # the step is at least its slowest parallel term plus the serial ones
+    assert p["fwd_step_us"] >= max(p["mma_us"], p["smem_us"], p["l2_us"]) + p["sync_us"] - 1e-9
+    legacy = costmodel.predict(cfg, h200, variant="legacy")
+    assert "(legacy)" in legacy["plan"] and legacy["fwd_step_us"] > p["fwd_step_us"]
+    bidir = C.by_name("lstm3-bidir-h512-b32-packed-bf16")
+    one = costmodel.predict(C.make("LSTM", 512, 32, 400, "bf16"), h200)
+    assert costmodel.predict(bidir, h200)["fwd_step_us"] == pytest.approx(2 * one["fwd_step_us"])
+    cell = [c for c in C.TINY if c.is_cell][0]
+    assert costmodel.predict(cell, h200) is None  # cells have no recurrence kernel
+    # rows only get predictions on CUDA devices with the cuda backend
+    assert costmodel.row_prediction(cfg, "cuda", torch.device("cpu"), False) == {}
+    assert costmodel.row_prediction(cfg, "triton", torch.device("cpu"), False) == {}
+
+
+def test_cost_model_tables_render():
+    from fusedrnn.bench import costmodel
+
+    rows = [dict(config="c", pred_plan="U16x48 nt2 flags", per_step_us=2.0, pred_fwd_step_us=1.7, pred_lat_us=0.3,
+                 pred_mma_us=0.3, pred_smem_us=0.6, pred_l2_us=0.9, pred_cell_us=0.2, pred_sync_us=0.3,
+                 pred_bwd_step_us=2.5, error=None)]
+    prof = [dict(config="c", variant="auto", plan="U16x48", inf_step_us=1.5, pred_fwd_step_us=1.7, error=None),
+            dict(config="c", variant="flags", error="RuntimeError: x")]
+    text = costmodel.format_rows(rows, costmodel.COST_COLUMNS)
+    assert "U16x48 nt2 flags" in text and "1.70" in text
+    md = costmodel.markdown(rows, prof)
+    assert "CUDA cost model" in md and "Step profile" in md and "error: RuntimeError: x" in md
+    assert costmodel.markdown([], None) == ""
+
+
+def test_profile_steps_flag_on_cpu_is_harmless(tmp_path, capsys):
+    rc = main(["--suite", "tiny", "--filter", "gru-*", "--backends", "torch", *FAST, "--profile-steps"])
+    assert rc == 0
+    assert "--profile-steps needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_profile_steps_on_cuda():
+    from fusedrnn.bench import costmodel
+
+    rows = costmodel.profile_steps([C.make("LSTM", 64, 4, 8, "bf16"), C.make("GRU", 64, 4, 8, "bf16")],
+                                   torch.device("cuda"), steps=20, reps=2, progress=None)
+    assert len(rows) == 2 * len(costmodel.VARIANTS)
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["inf_tN_ms"] > 0 and r["bwd_tN_ms"] > 0

@@ -545,3 +545,139 @@ def test_cuda_max_hidden_size():
             assert limit > 0
             cfg = RecurrenceConfig(mode, "cuda", torch.cuda.current_device(), dtype, limit + 1)
             assert "max_hidden_size" in cuda.unsupported(cfg)
+
+
+# ----------------------------------------------------------------- inference path (save=False)
+def _fwd_args(mode, dtype, T=5, B=3, H=7, P=0, seed=4):
+    gen = torch.Generator().manual_seed(seed)
+    G = (4 if mode == "lstm" else 3) * H
+    Pn = P or H
+    args = [_rand(gen, T, B, G), _rand(gen, G, Pn, scale=H ** -0.5), _rand(gen, G), _rand(gen, B, Pn)]
+    if mode == "lstm":
+        args += [_rand(gen, B, H), _rand(gen, Pn, H, scale=H ** -0.5) if P else None]
+    lens = torch.tensor([T, 1, max(1, T - 2)][:B] + [T] * max(0, B - 3), dtype=torch.int64)
+    return [None if a is None else a.to(dtype) for a in args], lens
+
+
+def check_save_false(backend, device, mode, dtype, P=0):
+    args, lens = _fwd_args(mode, dtype, P=P)
+    args = [None if a is None else a.to(device) for a in args]
+    lens = lens.to(device)
+    fwd = backend.lstm_fwd if mode == "lstm" else backend.gru_fwd
+    full = fwd(*args, lens, False)
+    inf = fwd(*args, lens, False, save=False)
+    n_state = 3 if mode == "lstm" else 2
+    saved = list(inf[n_state:])
+    for s, f in zip(saved, full[n_state:]):
+        assert s.shape == (0,) and s.dtype == f.dtype and s.device == f.device
+    # the outputs are the same function of the inputs (same kernels; the geometry may differ)
+    ref = (reference.lstm_fwd if mode == "lstm" else reference.gru_fwd)(*_f64(args), lens.cpu(), False)
+    assert_close_all(inf[:n_state], ref[:n_state], ["y", "h_n", "c_n"][:n_state], TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode,P", [("lstm", 0), ("lstm", 3), ("gru", 0)])
+def test_save_false_cpp(dtype, mode, P):
+    check_save_false(cpp, "cpu", mode, dtype, P)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_save_false_reference(mode):
+    args, lens = _fwd_args(mode, torch.float64)
+    fwd = reference.lstm_fwd if mode == "lstm" else reference.gru_fwd
+    full, inf = fwd(*args, lens, True), fwd(*args, lens, True, save=False)
+    n = 3 if mode == "lstm" else 2
+    for a, b in zip(full[:n], inf[:n]):
+        assert torch.equal(a, b)
+    assert all(t.shape == (0,) for t in inf[n:])
+    assert [t.dtype for t in inf[n:]] == [t.dtype for t in full[n:]]
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_opcheck_save_false(mode):
+    args, lens = _fwd_args(mode, torch.float32)
+    op = torch.ops.fusedrnn_ext.lstm_fwd if mode == "lstm" else torch.ops.fusedrnn_ext.gru_fwd
+    torch.library.opcheck(op.default, (*args, lens, False, False, False))
+
+
+# ---------------------------------------------------- cuda (GPU): planner variants, fit, save
+PLAN_VARIANTS = [("auto", 0), ("legacy", 0), ("barrier", 0), ("flags", 0), ("barrier", 3), ("flags", 2),
+                 ("stepwise", 0)]
+
+
+@pytest.fixture(params=PLAN_VARIANTS, ids=[f"{v}-g{g}" for v, g in PLAN_VARIANTS])
+def plan_variant(request, monkeypatch):
+    """FUSEDRNN_CUDA_PLAN / FUSEDRNN_CUDA_GROUPS for the test (read by the planner on every call)."""
+    variant, groups = request.param
+    monkeypatch.setenv("FUSEDRNN_CUDA_PLAN", variant)
+    monkeypatch.setenv("FUSEDRNN_CUDA_GROUPS", str(groups))
+    return request.param
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode,T,B,H,P", [("lstm", 6, 20, 129, 0), ("gru", 6, 20, 129, 0), ("lstm", 5, 70, 256, 0),
+                                         ("gru", 5, 45, 300, 0), ("lstm", 5, 9, 100, 37), ("lstm", 4, 1, 3, 0)])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_cuda_plan_variants(plan_variant, no_tf32, dtype, mode, T, B, H, P, reverse):
+    # every geometry and exchange protocol of the planner computes the same function
+    if mode == "lstm":
+        check_lstm(cuda, "cuda", dtype, T=T, B=B, H=H, P=P, lengths="unsorted", reverse=reverse)
+    else:
+        check_gru(cuda, "cuda", dtype, T=T, B=B, H=H, lengths="unsorted", reverse=reverse)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_cuda_plan_variants_tf32(plan_variant, mode):
+    global TOL
+    saved = TOL[torch.float32]
+    TOL[torch.float32] = 2e-3  # TF32: 10-bit mantissa in the recurrent GEMM
+    try:
+        with rnn_tf32(True):
+            check = check_lstm if mode == "lstm" else check_gru
+            check(cuda, "cuda", torch.float32, T=6, B=40, H=129)
+    finally:
+        TOL[torch.float32] = saved
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("mode,P", [("lstm", 0), ("lstm", 5), ("gru", 0)])
+def test_cuda_save_false(no_tf32, dtype, mode, P):
+    check_save_false(cuda, "cuda", mode, dtype, P)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("mode,dtype,P", [("LSTM", torch.bfloat16, 0), ("GRU", torch.bfloat16, 0),
+                                          ("LSTM", torch.bfloat16, 256), ("LSTM", torch.float32, 0),
+                                          ("GRU", torch.float64, 0)])
+def test_cuda_runs_at_the_limit(no_tf32, mode, dtype, P):
+    # the analytic fit model's largest size launches (the occupancy API must agree, else the
+    # launch raises an internal error) and computes the right values
+    dev = torch.cuda.current_device()
+    H = cuda.max_hidden_size(mode, dtype, dev, P)
+    assert H > 0 and H == fusedrnn_max_hidden(mode, dtype, P)
+    if mode == "LSTM":
+        check_lstm(cuda, "cuda", dtype, T=3, B=2, H=H, P=P, lengths="none")
+    else:
+        check_gru(cuda, "cuda", dtype, T=3, B=2, H=H, lengths="none")
+
+
+def fusedrnn_max_hidden(mode, dtype, P):
+    import fusedrnn
+
+    return fusedrnn.max_hidden_size(mode, dtype, backend="cuda", proj_size=P,
+                                    device=torch.cuda.get_device_properties(torch.cuda.current_device()))
+
+
+@gpu
+@needs_cuda
+def test_cuda_op_names_the_limit_beyond_it(no_tf32):
+    H = cuda.max_hidden_size("LSTM", torch.bfloat16, torch.cuda.current_device()) + 1
+    with pytest.raises(RuntimeError, match=rf"hidden_size={H} .*does not fit on chip.*largest hidden_size there is {H - 1}"):
+        check_lstm(cuda, "cuda", torch.bfloat16, T=2, B=1, H=H, lengths="none")

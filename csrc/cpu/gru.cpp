@@ -6,7 +6,7 @@
 namespace fusedrnn {
 
 Tensor3 gru_fwd_cpu(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b_hh, const Tensor& h0,
-                    const OptTensor& lengths, bool reverse, bool /*allow_tf32: no TF32 on CPU*/) {
+                    const OptTensor& lengths, bool reverse, bool /*allow_tf32: no TF32 on CPU*/, bool save) {
   cpu::check_cpu(xproj, "xproj");
   const checks::Dims d = checks::gru_fwd(xproj, w_hh, b_hh, h0, lengths);
   const int64_t T = d.T, B = d.B, H = d.H, G = 3 * H;
@@ -18,7 +18,8 @@ Tensor3 gru_fwd_cpu(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b_
   const Tensor h0a = cpu::acc_view(h0, acc);
   const Tensor valid = cpu::valid_steps(lengths, T, B);
   Tensor y = at::empty({T, B, H}, xproj.options());
-  Tensor gates = at::empty({T, B, 4 * H}, xproj.options());
+  // save = false (inference): gates is empty (0,) and the kernel skips its stores.
+  Tensor gates = save ? at::empty({T, B, 4 * H}, xproj.options()) : at::empty({0}, xproj.options());
   Tensor h_n = at::empty({B, H}, xproj.options().dtype(acc));
   cpu::GruFwdArgs a;
   a.s = {T, B, H, H, reverse, valid.data_ptr<uint8_t>(), cpu::recurrence_threads(B, H, G), cpu::kind_of(dtype)};
@@ -27,7 +28,7 @@ Tensor3 gru_fwd_cpu(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b_
   a.b_hh = cpu::ptr_or_null(bias);
   a.h0 = h0a.data_ptr();
   a.y = y.data_ptr();
-  a.gates = gates.data_ptr();
+  a.gates = save ? gates.data_ptr() : nullptr;
   a.h_n = h_n.data_ptr();
   cpu::kernels().gru_fwd(a);
   return {y, h_n.to(dtype), gates};

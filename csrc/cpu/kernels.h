@@ -36,8 +36,8 @@ struct LstmFwdArgs {
   const void* h0;     // acc (B, P)
   const void* c0;     // acc (B, H)
   void* y;            // (T, B, P)
-  void* gates;        // (T, B, 4H) activated [i, f, g, o]
-  void* cs;           // acc (T, B, H) cell states
+  void* gates;        // (T, B, 4H) activated [i, f, g, o], or null (inference: not stored)
+  void* cs;           // acc (T, B, H) cell states, or null with gates
   void* h_n;          // acc (B, P)
   void* c_n;          // acc (B, H)
 };
@@ -65,7 +65,7 @@ struct GruFwdArgs {
   const void* b_hh;   // acc (3H) or null
   const void* h0;     // acc (B, H)
   void* y;            // (T, B, H)
-  void* gates;        // (T, B, 4H) [r, z, n, hn]
+  void* gates;        // (T, B, 4H) [r, z, n, hn], or null (inference: not stored)
   void* h_n;          // acc (B, H)
 };
 

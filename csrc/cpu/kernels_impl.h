@@ -371,16 +371,19 @@ void lstm_fwd_impl(const LstmFwdArgs& args) {
       A* hn = hbuf.get() + ((step + 1) & 1) * B * P;
       const S* x_t = x_all + t * B * G;
       S* y_t = y_all + t * B * P;
-      S* g_t = gates_all + t * B * G;
-      A* cs_t = cs_all + t * B * H;
+      // gates / cs are null for inference (save = false): nothing the backward needs is stored.
+      S* g_t = gates_all ? gates_all + t * B * G : nullptr;
+      A* cs_t = cs_all ? cs_all + t * B * H : nullptr;
 
       auto cell = [&](int64_t b, int64_t block, const V* acc) {
         const int64_t j0 = block * L;
         const int n = static_cast<int>(std::min<int64_t>(L, H - j0));
-        S* g_b = g_t + b * G + j0;
+        S* g_b = g_t ? g_t + b * G + j0 : nullptr;
         if (!valid[b]) {  // padded step: state unchanged, zeros out
-          for (int k = 0; k < 4; ++k) vzero<A>(g_b + k * H, n);
-          vzero<A>(cs_t + b * H + j0, n);
+          if (g_b) {
+            for (int k = 0; k < 4; ++k) vzero<A>(g_b + k * H, n);
+            vzero<A>(cs_t + b * H + j0, n);
+          }
           if (proj) {
             vzero<A>(m + b * H + j0, n);
           } else {
@@ -397,11 +400,13 @@ void lstm_fwd_impl(const LstmFwdArgs& args) {
         }
         A* c_b = c + b * H + j0;
         const auto st = lstm_cell_forward<V>(pre[0], pre[1], pre[2], pre[3], vload<A>(c_b, n));
-        vstore<A>(g_b, st.i, n);
-        vstore<A>(g_b + H, st.f, n);
-        vstore<A>(g_b + 2 * H, st.g, n);
-        vstore<A>(g_b + 3 * H, st.o, n);
-        vstore<A>(cs_t + b * H + j0, st.c, n);
+        if (g_b) {
+          vstore<A>(g_b, st.i, n);
+          vstore<A>(g_b + H, st.f, n);
+          vstore<A>(g_b + 2 * H, st.g, n);
+          vstore<A>(g_b + 3 * H, st.o, n);
+          vstore<A>(cs_t + b * H + j0, st.c, n);
+        }
         vstore<A>(c_b, st.c, n);
         if (proj) {
           vstore<A>(m + b * H + j0, st.h, n);
@@ -628,13 +633,15 @@ void gru_fwd_impl(const GruFwdArgs& args) {
       A* hn = hbuf.get() + ((step + 1) & 1) * B * H;
       const S* x_t = x_all + t * B * G;
       S* y_t = y_all + t * B * H;
-      S* g_t = gates_all + t * B * 4 * H;
+      S* g_t = gates_all ? gates_all + t * B * 4 * H : nullptr;  // null: inference (save = false)
       auto cell = [&](int64_t b, int64_t block, const V* acc) {
         const int64_t j0 = block * L;
         const int n = static_cast<int>(std::min<int64_t>(L, H - j0));
-        S* g_b = g_t + b * 4 * H + j0;
+        S* g_b = g_t ? g_t + b * 4 * H + j0 : nullptr;
         if (!valid[b]) {  // padded step: state unchanged, zeros out
-          for (int k = 0; k < 4; ++k) vzero<A>(g_b + k * H, n);
+          if (g_b) {
+            for (int k = 0; k < 4; ++k) vzero<A>(g_b + k * H, n);
+          }
           vzero<A>(y_t + b * H + j0, n);
           vstore<A>(hn + b * H + j0, vload<A>(hp + b * H + j0, n), n);
           return;
@@ -647,10 +654,12 @@ void gru_fwd_impl(const GruFwdArgs& args) {
         const S* x_b = x_t + b * G + j0;
         const auto st = gru_cell_forward<V>(vload<A>(x_b, n), vload<A>(x_b + H, n), vload<A>(x_b + 2 * H, n), hid[0],
                                             hid[1], hid[2], vload<A>(hp + b * H + j0, n));
-        vstore<A>(g_b, st.r, n);
-        vstore<A>(g_b + H, st.z, n);
-        vstore<A>(g_b + 2 * H, st.n, n);
-        vstore<A>(g_b + 3 * H, hid[2], n);
+        if (g_b) {
+          vstore<A>(g_b, st.r, n);
+          vstore<A>(g_b + H, st.z, n);
+          vstore<A>(g_b + 2 * H, st.n, n);
+          vstore<A>(g_b + 3 * H, hid[2], n);
+        }
         vstore<A>(hn + b * H + j0, st.h, n);
         vstore<A>(y_t + b * H + j0, st.h, n);
       };

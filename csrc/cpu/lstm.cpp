@@ -8,7 +8,7 @@ namespace fusedrnn {
 
 Tensor5 lstm_fwd_cpu(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b_hh, const Tensor& h0,
                      const Tensor& c0, const OptTensor& w_hr, const OptTensor& lengths, bool reverse,
-                     bool /*allow_tf32: no TF32 on CPU*/) {
+                     bool /*allow_tf32: no TF32 on CPU*/, bool save) {
   cpu::check_cpu(xproj, "xproj");
   const checks::Dims d = checks::lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths);
   const int64_t T = d.T, B = d.B, H = d.H, G = 4 * H, P = d.P;
@@ -23,8 +23,9 @@ Tensor5 lstm_fwd_cpu(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b
   const Tensor valid = cpu::valid_steps(lengths, T, B);
   const auto aopt = xproj.options().dtype(acc);
   Tensor y = at::empty({T, B, P}, xproj.options());
-  Tensor gates = at::empty({T, B, G}, xproj.options());
-  Tensor cs = at::empty({T, B, H}, aopt);
+  // save = false (inference): the saved tensors are empty (0,) and the kernel skips their stores.
+  Tensor gates = save ? at::empty({T, B, G}, xproj.options()) : at::empty({0}, xproj.options());
+  Tensor cs = save ? at::empty({T, B, H}, aopt) : at::empty({0}, aopt);
   Tensor h_n = at::empty({B, P}, aopt);
   Tensor c_n = at::empty({B, H}, aopt);
 
@@ -37,8 +38,8 @@ Tensor5 lstm_fwd_cpu(const Tensor& xproj, const Tensor& w_hh, const OptTensor& b
   a.h0 = h0a.data_ptr();
   a.c0 = c0a.data_ptr();
   a.y = y.data_ptr();
-  a.gates = gates.data_ptr();
-  a.cs = cs.data_ptr();
+  a.gates = save ? gates.data_ptr() : nullptr;
+  a.cs = save ? cs.data_ptr() : nullptr;
   a.h_n = h_n.data_ptr();
   a.c_n = c_n.data_ptr();
   cpu::kernels().lstm_fwd(a);

@@ -2,10 +2,6 @@
 // done outside (igates = x W_ih^T, hgates = h W_hh^T), and max_hidden_size_cuda.  One thread per
 // (batch, unit) pair: all gates of a unit are read and written by the same thread; the math is
 // cell_math.h in the accumulation type.
-#include <map>
-#include <mutex>
-#include <tuple>
-
 #include "common.cuh"
 
 namespace fusedrnn {
@@ -119,7 +115,7 @@ __global__ void gru_cell_bwd_kernel(const T* __restrict__ dh_new, const T* __res
 
 // Calls f(T{}) with the CUDA storage type of `st`.
 template <class F>
-void dispatch_storage(at::ScalarType st, F&& f) {
+void dispatch_cell_storage(at::ScalarType st, F&& f) {
   switch (st) {
     case at::kBFloat16: f(dev::bf16{}); break;
     case at::kHalf: f(dev::f16{}); break;
@@ -152,7 +148,7 @@ Tensor3 lstm_cell_fwd_cuda(const Tensor& igates, const Tensor& hgates, const Opt
   Tensor h_new = at::empty({B, H}, ig.options()), c_new = at::empty({B, H}, ig.options());
   Tensor gates = at::empty({B, 4 * H}, ig.options());
   if (B * H == 0) return {h_new, c_new, gates};
-  dispatch_storage(dt, [&](auto tag) {
+  dispatch_cell_storage(dt, [&](auto tag) {
     using T = decltype(tag);
     launch_cells(lstm_cell_fwd_kernel<T>, B * H,
                  ptr<T>(ig), ptr<T>(hg), ptr<T>(bi), ptr<T>(bh),
@@ -175,7 +171,7 @@ Tensor2 lstm_cell_bwd_cuda(const Tensor& dh_new, const Tensor& dc_new, const Ten
   const Tensor cn = prep(c_new, dt);
   Tensor dgates = at::empty({B, 4 * H}, g.options()), dc = at::empty({B, H}, g.options());
   if (B * H == 0) return {dgates, dc};
-  dispatch_storage(dt, [&](auto tag) {
+  dispatch_cell_storage(dt, [&](auto tag) {
     using T = decltype(tag);
     launch_cells(lstm_cell_bwd_kernel<T>, B * H,
                  ptr<T>(dh), ptr<T>(dcn), ptr<T>(cc), ptr<T>(cn), ptr<T>(g), ptr<T>(dgates), ptr<T>(dc), B, H);
@@ -198,7 +194,7 @@ Tensor2 gru_cell_fwd_cuda(const Tensor& igates, const Tensor& hgates, const OptT
   const Tensor hh = prep(h, dt);
   Tensor h_new = at::empty({B, H}, ig.options()), gates = at::empty({B, 4 * H}, ig.options());
   if (B * H == 0) return {h_new, gates};
-  dispatch_storage(dt, [&](auto tag) {
+  dispatch_cell_storage(dt, [&](auto tag) {
     using T = decltype(tag);
     launch_cells(gru_cell_fwd_kernel<T>, B * H,
                  ptr<T>(ig), ptr<T>(hg), ptr<T>(bi), ptr<T>(bh),
@@ -219,7 +215,7 @@ Tensor3 gru_cell_bwd_cuda(const Tensor& dh_new, const Tensor& h, const Tensor& g
   Tensor d_i = at::empty({B, 3 * H}, g.options()), d_h = at::empty({B, 3 * H}, g.options());
   Tensor dh_prev = at::empty({B, H}, g.options());
   if (B * H == 0) return {d_i, d_h, dh_prev};
-  dispatch_storage(dt, [&](auto tag) {
+  dispatch_cell_storage(dt, [&](auto tag) {
     using T = decltype(tag);
     launch_cells(gru_cell_bwd_kernel<T>, B * H,
                  ptr<T>(dh), ptr<T>(hh), ptr<T>(g), ptr<T>(d_i), ptr<T>(d_h), ptr<T>(dh_prev), B, H);
@@ -227,31 +223,17 @@ Tensor3 gru_cell_bwd_cuda(const Tensor& dh_new, const Tensor& h, const Tensor& g
   return {d_i, d_h, dh_prev};
 }
 
-// Largest H whose forward and backward persistent kernels both fit on chip (P = H), cached per
-// (mode, dtype, device).  Ignores allow_tf32: for fp32 it is the smaller of the TF32 and FMA limits.
-int64_t max_hidden_size_cuda(const std::string& mode, at::ScalarType dtype, int64_t device_index) {
+// Largest H whose forward and backward persistent kernels both fit on chip (proj_size 0: P = H),
+// from the analytic model of fusedrnn/cuda_plan.h and this device's properties.  Ignores
+// allow_tf32: for fp32 it holds with and without TF32.
+int64_t max_hidden_size_cuda(const std::string& mode, at::ScalarType dtype, int64_t device_index, int64_t proj_size) {
   using namespace cuda_detail;
   TORCH_CHECK(mode == "LSTM" || mode == "GRU", "fusedrnn max_hidden_size_cuda: mode must be LSTM or GRU, got ", mode);
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat || dtype == at::kDouble,
               "fusedrnn max_hidden_size_cuda: unsupported dtype ", dtype);
+  TORCH_CHECK(proj_size == 0 || mode == "LSTM", "fusedrnn max_hidden_size_cuda: proj_size is an LSTM option");
   const int device = device_index < 0 ? current_device() : static_cast<int>(device_index);
-  static std::mutex mu;
-  static std::map<std::tuple<std::string, int, int>, int64_t> cache;
-  const auto key = std::make_tuple(mode, static_cast<int>(dtype), device);
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
-  }
-  const DeviceGuard guard(static_cast<c10::DeviceIndex>(device));
-  int64_t limit = 0;
-  if (device_limits(device).cooperative) {
-    limit = mode == "LSTM" ? std::min(lstm_fwd_max_hidden(dtype, device), lstm_bwd_max_hidden(dtype, device))
-                           : std::min(gru_fwd_max_hidden(dtype, device), gru_bwd_max_hidden(dtype, device));
-  }
-  std::lock_guard<std::mutex> lock(mu);
-  cache[key] = limit;
-  return limit;
+  return plan::max_hidden(mode == "LSTM", dtype_kind(dtype), proj_size, device_limits(device).record);
 }
 
 }  // namespace fusedrnn

@@ -1,10 +1,10 @@
 // Shared machinery of the persistent CUDA kernels (csrc/cuda/*.cu):
 //   * storage-type <-> accumulation-type conversions and the dtype/engine dispatch,
-//   * the grid-wide barrier used between time steps,
+//   * the two exchange protocols between time steps (split grid barrier; flag-tagged words),
 //   * the three "CTA GEMM engines" that compute, per step, out[row][n] = sum_k W[row][k] * X[n][k]
 //     for the W slice a CTA keeps in shared memory for the whole sequence and an operand X
-//     (h_{t-1}, m_t, dgates_t, ...) that the whole grid exchanged through global memory (L2),
-//   * the launch planners' helpers and the on-chip size limits.
+//     (h_{t-1}, m_t, dgates_t, ...) that the grid exchanged through global memory (L2),
+//   * the bridge to the launch planner (fusedrnn/cuda_plan.h: fit, geometry, cost model).
 // Kernels reach the hardware only through device_ops.cuh (every intrinsic and inline PTX), the
 // host code reaches the CUDA runtime only through launch.cuh: the seams a CPU emulation replaces.
 //
@@ -23,13 +23,30 @@
 // fragments of two m16n8k16 k-tiles come from ONE 16-byte global load (ld_cg: L2, never a stale
 // L1 line), and W is laid out in shared memory in the same permuted fragment order when it is
 // staged, so each A fragment is one conflict-free 16-byte shared load.  Exchange buffers are padded
-// (rows to a multiple of BN, columns to a multiple of 32, zero-filled) so no load needs a guard.
+// (rows to a multiple of BN per batch group, columns to a multiple of 32, zero-filled) so no load
+// needs a guard.
+//
+// Exchange protocols (plan::Sync; the planner picks one per launch):
+//   kSyncBarrier  elements stored plainly; per step (and batch group) the CTA stores its exchange
+//                 elements, then arrive() (__syncthreads + one release-add by thread 0), then the
+//                 stores nobody reads during the launch (y, gates, cell states) and the next step's
+//                 prefetch, then wait() (thread 0 spins with relaxed loads, then ONE acquire load,
+//                 then __syncthreads).  The release therefore only waits for the exchange stores.
+//   kSyncFlags    no barrier at all: every exchanged element is stored together with the step's
+//                 tag in one single-copy-atomic word (16-bit value | tag << 16 in 32 bits; fp32
+//                 value | tag << 32 in 64 bits) with st.relaxed, and readers re-load (ld.relaxed)
+//                 each 8-element fragment until all its tags are the expected one.  A tag names the
+//                 step, so a reader never takes a stale value; a writer is never more than one
+//                 step ahead of a reader (it needs the reader's own contribution first), so double
+//                 buffering suffices.  Padding (rows past the group, columns past K) is never
+//                 written and never checked.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 
@@ -37,15 +54,17 @@
 #include "launch.cuh"
 #include "fusedrnn/cell_math.h"
 #include "fusedrnn/checks.h"
+#include "fusedrnn/cuda_plan.h"
 #include "fusedrnn/ops.h"
 
 namespace fusedrnn {
 namespace cuda_detail {
 
-constexpr int kThreads = 256;  // 8 warps per CTA, one CTA per SM
-constexpr int kWarps = kThreads / 32;
-constexpr int kMaxMT = 4;      // at most 64 W rows per CTA per GEMM
-constexpr int kChunk = 32;     // K granularity of the engines (and padding of exchange buffers)
+constexpr int kThreads = plan::kThreads;  // 8 warps per CTA, one CTA per SM
+constexpr int kWarps = plan::kWarps;
+constexpr int kMaxMT = plan::kMaxMT;      // at most 64 W rows per CTA per GEMM
+constexpr int kChunk = plan::kChunk;      // K granularity of the engines (and padding of exchange buffers)
+constexpr int kMaxItems = plan::kMaxItems;  // pointwise items per thread per wave
 
 // ------------------------------------------------------------------------------ host helpers
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -74,6 +93,14 @@ __device__ __forceinline__ T zero_of() { return from_acc<T>(acc_t<T>(0)); }
 
 __device__ __forceinline__ uint32_t bits16(dev::bf16 x) { return dev::bits(x); }
 __device__ __forceinline__ uint32_t bits16(dev::f16 x) { return dev::bits(x); }
+template <typename T>
+__device__ __forceinline__ T from_bits16(uint32_t u);
+template <>
+__device__ __forceinline__ dev::bf16 from_bits16<dev::bf16>(uint32_t u) { return dev::bf16_from_bits(static_cast<unsigned short>(u)); }
+template <>
+__device__ __forceinline__ dev::f16 from_bits16<dev::f16>(uint32_t u) { return dev::f16_from_bits(static_cast<unsigned short>(u)); }
+__device__ __forceinline__ uint32_t float_bits(float v) { return dev::float_as_uint(v); }
+__device__ __forceinline__ float bits_float(uint32_t u) { return dev::uint_as_float(u); }
 
 // Map at:: scalar types to the CUDA storage types the kernels use.
 template <typename T>
@@ -96,25 +123,106 @@ inline const T* optr(const c10::optional<at::Tensor>& t) {
   return (t.has_value() && t->defined()) ? reinterpret_cast<const T*>(t->data_ptr()) : nullptr;
 }
 
-// ------------------------------------------------------------------------------ grid barrier
-// Monotonic arrival counter (zeroed before the launch): after the k-th barrier it holds
-// k * gridDim.x.  Co-residency of all CTAs is guaranteed by the cooperative launch, so the spin
-// terminates.  The fences make every global write issued before the barrier (by any thread of
-// any CTA) visible to every read after it (release/acquire at gpu scope, made cumulative over the
-// CTA by bar.sync, the pattern of CUTLASS's GenericBarrier); readers use ld.global.cg (ld_cg) so
-// no stale L1 line is read.
-__device__ __forceinline__ void grid_barrier(unsigned int* counter, unsigned int& target) {
-  dev::sync_threads();  // every thread's writes of this step are ordered before thread 0's release
-  target += dev::grid_dim();
-  if (dev::thread_idx() == 0) {
-    dev::red_add_release_gpu(counter, 1);
-    unsigned int v;
-    do {
-      v = dev::ld_acquire_gpu(counter);
-    } while (static_cast<int>(v - target) < 0);
+// ------------------------------------------------------------------------- exchange protocols
+constexpr int kSyncBarrier = static_cast<int>(plan::Sync::kBarrier);
+constexpr int kSyncFlags = static_cast<int>(plan::Sync::kFlags);
+
+// How a reader checks a flag-tagged operand: the expected tag, the rows of the exchange buffer
+// (from the operand pointer on) that are real, and the real K (columns past it are padding).
+struct Check {
+  uint32_t tag = 0;
+  int64_t rows = 0;
+  int64_t k = 0;
+};
+
+// Exchange element of storage type T under protocol S: word_t (what the buffer holds), put (a
+// writer's store of value v for the step tagged `tag`), get (a read of a value this CTA wrote, or
+// one published by a barrier), tag(s) (the tag of step s).
+template <typename T, int S, typename Enable = void>
+struct Xchg;
+
+template <typename T>
+struct Xchg<T, kSyncBarrier> {
+  using word_t = T;
+  static constexpr bool kFlags = false;
+  __device__ static uint32_t tag(int64_t) { return 0; }
+  __device__ static void put(word_t* p, T v, uint32_t) { *p = v; }
+  __device__ static T get(const word_t* p) { return dev::ld_cg(p); }
+};
+
+// 16-bit values: value bits | tag << 16 in one u32; tags cycle mod 65535 (a reader's stale
+// candidate is two steps old, so any cycle longer than 2 is unambiguous).
+template <typename T>
+struct Xchg<T, kSyncFlags, typename std::enable_if<sizeof(T) == 2>::type> {
+  using word_t = unsigned int;
+  static constexpr bool kFlags = true;
+  __device__ static uint32_t tag(int64_t s) { return static_cast<uint32_t>(s % 65535); }
+  __device__ static void put(word_t* p, T v, uint32_t tag) { dev::st_relaxed_gpu(p, uint32_t(bits16(v)) | (tag << 16)); }
+  __device__ static T get(const word_t* p) { return from_bits16<T>(dev::ld_relaxed_gpu(p) & 0xFFFFu); }
+};
+
+// fp32 values: value bits | tag << 32 in one u64; tags cycle mod 2^32 - 1.
+template <>
+struct Xchg<float, kSyncFlags> {
+  using word_t = unsigned long long;
+  static constexpr bool kFlags = true;
+  __device__ static uint32_t tag(int64_t s) { return static_cast<uint32_t>(s % 0xFFFFFFFFll); }
+  __device__ static void put(word_t* p, float v, uint32_t tag) {
+    dev::st_relaxed_gpu(p, (static_cast<unsigned long long>(tag) << 32) | float_bits(v));
   }
-  dev::sync_threads();  // ... and thread 0's acquire before every thread's reads of the next step
+  __device__ static float get(const word_t* p) { return bits_float(static_cast<uint32_t>(dev::ld_relaxed_gpu(p))); }
+};
+
+// Per-step synchronisation of one batch group (kSyncBarrier): a monotonic arrival counter per
+// group (zeroed before the launch; after the k-th barrier it holds k * count).  Co-residency of all
+// CTAs is guaranteed by the cooperative launch, so the spin terminates.  Release/acquire at gpu
+// scope made cumulative over the CTA by bar.sync (the pattern of CUTLASS's GenericBarrier);
+// readers use ld.global.cg so no stale L1 line is read.  `legacy`: the round-1 order (callers
+// store everything before arrive) and an acquire load on every poll.
+template <int S>
+struct StepSync {
+  unsigned int* counter;
+  unsigned int count;
+  bool legacy;
+  unsigned int target = 0;
+  __device__ void arrive() {
+    dev::sync_threads();  // every thread's exchange stores are ordered before thread 0's release
+    target += count;
+    if (dev::thread_idx() == 0) dev::red_add_release_gpu(counter, 1);
+  }
+  __device__ void wait() {
+    if (dev::thread_idx() == 0) {
+      if (legacy) {
+        while (static_cast<int>(dev::ld_acquire_gpu(counter) - target) < 0) {
+        }
+      } else {
+        while (static_cast<int>(dev::ld_relaxed_gpu(counter) - target) < 0) {
+        }
+        (void)dev::ld_acquire_gpu(counter);  // synchronises with every arrival (release sequence)
+      }
+    }
+    dev::sync_threads();  // ... and thread 0's acquire before every thread's reads of the next step
+  }
+};
+template <>
+struct StepSync<kSyncFlags> {
+  unsigned int* counter;
+  unsigned int count;
+  bool legacy;
+  __device__ void arrive() {}
+  __device__ void wait() {}
+};
+
+// ATen dtype of an exchange word (the workspace is allocated and filled through ATen views).
+template <typename W>
+inline at::ScalarType word_dtype() {
+  if constexpr (std::is_same<W, unsigned int>::value) return at::kInt;
+  else if constexpr (std::is_same<W, unsigned long long>::value) return at::kLong;
+  else return AtType<W>::value;
 }
+
+// Padded words per group row of an exchange buffer of K real columns: K rounded up to a chunk.
+inline int64_t xchg_ld(int64_t K) { return round_up(K, kChunk); }
 
 // Sum of the kWarps per-warp partials of output (row, n).
 template <typename A>
@@ -158,6 +266,93 @@ struct FixedGateInputs {
   }
 };
 
+// ================================================================= operand fragments (per lane)
+// One lane's 8 consecutive elements X[row][32c + 8q .. +7] of one n-tile row, as loaded under
+// protocol S: load(p) issues the loads, ready(tag, nvalid) checks the tags of its first nvalid
+// elements (the rest is padding), and the data in the engine's operand form.
+inline __device__ uint32_t pack_lo16(uint32_t a, uint32_t b) { return (a & 0xFFFFu) | (b << 16); }
+
+template <int S>
+struct Frag16;  // 16-bit elements
+template <>
+struct Frag16<kSyncBarrier> {
+  uint4 v;
+  template <typename W>
+  __device__ void load(const W* p) { v = dev::ld_cg(reinterpret_cast<const uint4*>(p)); }
+  __device__ bool ready(uint32_t, int) const { return true; }
+  __device__ uint4 data() const { return v; }
+};
+template <>
+struct Frag16<kSyncFlags> {
+  uint4 lo, hi;  // 8 words: value | tag << 16
+  __device__ void load(const unsigned int* p) {
+    lo = dev::ld_relaxed_gpu(reinterpret_cast<const uint4*>(p));
+    hi = dev::ld_relaxed_gpu(reinterpret_cast<const uint4*>(p) + 1);
+  }
+  __device__ bool ready(uint32_t tag, int nvalid) const {
+    const uint32_t w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    bool ok = true;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) ok &= (e >= nvalid) | ((w[e] >> 16) == tag);
+    return ok;
+  }
+  __device__ uint4 data() const {
+    uint4 r;
+    r.x = pack_lo16(lo.x, lo.y);
+    r.y = pack_lo16(lo.z, lo.w);
+    r.z = pack_lo16(hi.x, hi.y);
+    r.w = pack_lo16(hi.z, hi.w);
+    return r;
+  }
+};
+
+template <int S>
+struct Frag32;  // fp32 elements
+template <>
+struct Frag32<kSyncBarrier> {
+  float4 lo, hi;
+  __device__ void load(const float* p) {
+    lo = dev::ld_cg(reinterpret_cast<const float4*>(p));
+    hi = dev::ld_cg(reinterpret_cast<const float4*>(p) + 1);
+  }
+  __device__ bool ready(uint32_t, int) const { return true; }
+  __device__ void floats(float (&f)[8]) const {
+    f[0] = lo.x; f[1] = lo.y; f[2] = lo.z; f[3] = lo.w;
+    f[4] = hi.x; f[5] = hi.y; f[6] = hi.z; f[7] = hi.w;
+  }
+};
+template <>
+struct Frag32<kSyncFlags> {
+  ulonglong2 w[4];  // 8 words: value | tag << 32
+  __device__ void load(const unsigned long long* p) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = dev::ld_relaxed_gpu(reinterpret_cast<const ulonglong2*>(p) + i);
+  }
+  __device__ bool ready(uint32_t tag, int nvalid) const {
+    bool ok = true;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      ok &= (2 * i >= nvalid) | (static_cast<uint32_t>(w[i].x >> 32) == tag);
+      ok &= (2 * i + 1 >= nvalid) | (static_cast<uint32_t>(w[i].y >> 32) == tag);
+    }
+    return ok;
+  }
+  __device__ void floats(float (&f)[8]) const {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f[2 * i] = bits_float(static_cast<uint32_t>(w[i].x));
+      f[2 * i + 1] = bits_float(static_cast<uint32_t>(w[i].y));
+    }
+  }
+};
+
+// Real elements of the lane's 8 (column 32c + 8q on) of a row that is real (row_ok), else 0.
+__device__ __forceinline__ int frag_valid(bool row_ok, int c, int q, int64_t k) {
+  if (!row_ok) return 0;
+  const int64_t left = k - (int64_t(c) * kChunk + 8 * q);
+  return left <= 0 ? 0 : (left >= 8 ? 8 : static_cast<int>(left));
+}
+
 // ================================================================ engine: bf16 / fp16 tensor cores
 template <typename T, int NT_>
 struct MmaEngine16 {
@@ -166,8 +361,8 @@ struct MmaEngine16 {
   static constexpr int NT = NT_;
   static constexpr int BN = 8 * NT_;
   static constexpr bool kTensorCores = true;
+  static constexpr plan::Engine kKind = plan::Engine::kMma16;
 
-  // Per (m-tile, chunk): 2 k-tiles x 32 lanes x one uint4 (4 packed pairs).
   __host__ __device__ static size_t w_bytes(int MT, int KC) { return size_t(MT) * KC * 2 * 32 * sizeof(uint4); }
 
   // get(row, k) -> acc value of W[row][k] (0 for padding rows/columns).
@@ -191,8 +386,9 @@ struct MmaEngine16 {
   }
 
   // Per-warp partial GEMM over this warp's chunks; X points at row n0 of the exchange buffer.
-  __device__ static void compute(const uint4* __restrict__ ws, int MT, int KC,
-                                 const T* __restrict__ X, int64_t ldx, float* red) {
+  template <class X>
+  __device__ static void compute(const uint4* __restrict__ ws, int MT, int KC, const typename X::word_t* __restrict__ Xp,
+                                 int64_t ldx, float* red, const Check& chk) {
     const int warp = dev::thread_idx() >> 5, lane = dev::thread_idx() & 31, g = lane >> 2, q = lane & 3;
     float acc[kMaxMT][NT][4];
 #pragma unroll
@@ -203,24 +399,39 @@ struct MmaEngine16 {
         for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
 
     // Chunks c = warp, warp + 8, ...; the operand loads run kDepth chunks ahead of the math so
-    // that for H <= 1024 all of a step's loads are in flight at once (one exposed L2 latency).
-    constexpr int kDepth = NT >= 4 ? 2 : 4;
-    const T* xl = X + int64_t(g) * ldx + 8 * q;
-    auto load = [&](uint4 (&dst)[NT], int c) {
+    // that for K <= 2048 (one n-tile) all of a step's loads are in flight at once.
+    constexpr int kDepth = NT >= 4 ? 2 : (NT == 2 ? 4 : 8);
+    const typename X::word_t* xl = Xp + int64_t(g) * ldx + 8 * q;
+    bool row_ok[NT];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-        dst[nt] = dev::ld_cg(reinterpret_cast<const uint4*>(xl + int64_t(nt * 8) * ldx + c * kChunk));
+    for (int nt = 0; nt < NT; ++nt) row_ok[nt] = g + 8 * nt < chk.rows;
+    Frag16<X::kFlags ? kSyncFlags : kSyncBarrier> buf[kDepth][NT];
+    auto load = [&](int i, int c) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) buf[i][nt].load(xl + int64_t(nt * 8) * ldx + c * kChunk);
     };
-    uint4 buf[kDepth][NT];
 #pragma unroll
     for (int i = 0; i < kDepth; ++i) {
-      if (warp + i * kWarps < KC) load(buf[i], warp + i * kWarps);
+      if (warp + i * kWarps < KC) load(i, warp + i * kWarps);
     }
     for (int base = 0; warp + base * kWarps < KC; base += kDepth) {
 #pragma unroll
       for (int i = 0; i < kDepth; ++i) {
         const int c = warp + (base + i) * kWarps;
         if (c < KC) {
+          if constexpr (X::kFlags) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+              const int nvalid = frag_valid(row_ok[nt], c, q, chk.k);
+              while (!buf[i][nt].ready(chk.tag, nvalid)) buf[i][nt].load(xl + int64_t(nt * 8) * ldx + c * kChunk);
+            }
+            dev::sync_warp();  // lanes left their polls at different times: reconverge for mma.sync
+          }
+          uint4 b[NT];
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) b[nt] = buf[i][nt].data();
+          const int cn = c + kDepth * kWarps;
+          if (cn < KC) load(i, cn);
 #pragma unroll
           for (int mt = 0; mt < kMaxMT; ++mt) {
             if (mt < MT) {
@@ -228,13 +439,11 @@ struct MmaEngine16 {
               const uint4 a0 = wp[0], a1 = wp[32];
 #pragma unroll
               for (int nt = 0; nt < NT; ++nt) {
-                dev::mma_m16n8k16<T>(acc[mt][nt], a0, buf[i][nt].x, buf[i][nt].y);
-                dev::mma_m16n8k16<T>(acc[mt][nt], a1, buf[i][nt].z, buf[i][nt].w);
+                dev::mma_m16n8k16<T>(acc[mt][nt], a0, b[nt].x, b[nt].y);
+                dev::mma_m16n8k16<T>(acc[mt][nt], a1, b[nt].z, b[nt].w);
               }
             }
           }
-          const int cn = c + kDepth * kWarps;
-          if (cn < KC) load(buf[i], cn);
         }
       }
     }
@@ -263,6 +472,7 @@ struct MmaEngineTF32 {
   static constexpr int NT = NT_;
   static constexpr int BN = 8 * NT_;
   static constexpr bool kTensorCores = true;
+  static constexpr plan::Engine kKind = plan::Engine::kTf32;
 
   // Per (m-tile, chunk): 4 k-tiles (k = 8) x 32 lanes x one uint4.
   __host__ __device__ static size_t w_bytes(int MT, int KC) { return size_t(MT) * KC * 4 * 32 * sizeof(uint4); }
@@ -285,8 +495,9 @@ struct MmaEngineTF32 {
     }
   }
 
-  __device__ static void compute(const uint4* __restrict__ ws, int MT, int KC,
-                                 const float* __restrict__ X, int64_t ldx, float* red) {
+  template <class X>
+  __device__ static void compute(const uint4* __restrict__ ws, int MT, int KC, const typename X::word_t* __restrict__ Xp,
+                                 int64_t ldx, float* red, const Check& chk) {
     const int warp = dev::thread_idx() >> 5, lane = dev::thread_idx() & 31, g = lane >> 2, q = lane & 3;
     float acc[kMaxMT][NT][4];
 #pragma unroll
@@ -297,36 +508,42 @@ struct MmaEngineTF32 {
         for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
 
     constexpr int kDepth = NT == 1 ? 4 : (NT == 2 ? 2 : 1);  // loads run ahead of the math
-    const float* xl = X + int64_t(g) * ldx + 8 * q;
-    auto load = [&](float4 (&dst)[NT][2], int c) {
+    const typename X::word_t* xl = Xp + int64_t(g) * ldx + 8 * q;
+    bool row_ok[NT];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const float4* p = reinterpret_cast<const float4*>(xl + int64_t(nt * 8) * ldx + c * kChunk);
-        dst[nt][0] = dev::ld_cg(p);
-        dst[nt][1] = dev::ld_cg(p + 1);
-      }
+    for (int nt = 0; nt < NT; ++nt) row_ok[nt] = g + 8 * nt < chk.rows;
+    Frag32<X::kFlags ? kSyncFlags : kSyncBarrier> buf[kDepth][NT];
+    auto load = [&](int i, int c) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) buf[i][nt].load(xl + int64_t(nt * 8) * ldx + c * kChunk);
     };
-    float4 buf[kDepth][NT][2];
 #pragma unroll
     for (int i = 0; i < kDepth; ++i) {
-      if (warp + i * kWarps < KC) load(buf[i], warp + i * kWarps);
+      if (warp + i * kWarps < KC) load(i, warp + i * kWarps);
     }
     for (int base = 0; warp + base * kWarps < KC; base += kDepth) {
 #pragma unroll
       for (int i = 0; i < kDepth; ++i) {
         const int c = warp + (base + i) * kWarps;
         if (c < KC) {
+          if constexpr (X::kFlags) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+              const int nvalid = frag_valid(row_ok[nt], c, q, chk.k);
+              while (!buf[i][nt].ready(chk.tag, nvalid)) buf[i][nt].load(xl + int64_t(nt * 8) * ldx + c * kChunk);
+            }
+            dev::sync_warp();  // reconverge for mma.sync
+          }
           uint32_t b[NT][8];
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
-            const float4 lo = buf[i][nt][0], hi = buf[i][nt][1];
-            b[nt][0] = dev::f32_to_tf32(lo.x); b[nt][1] = dev::f32_to_tf32(lo.y);
-            b[nt][2] = dev::f32_to_tf32(lo.z); b[nt][3] = dev::f32_to_tf32(lo.w);
-            b[nt][4] = dev::f32_to_tf32(hi.x); b[nt][5] = dev::f32_to_tf32(hi.y);
-            b[nt][6] = dev::f32_to_tf32(hi.z); b[nt][7] = dev::f32_to_tf32(hi.w);
+            float f[8];
+            buf[i][nt].floats(f);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) b[nt][e] = dev::f32_to_tf32(f[e]);
           }
           const int cn = c + kDepth * kWarps;
-          if (cn < KC) load(buf[i], cn);
+          if (cn < KC) load(i, cn);
 #pragma unroll
           for (int mt = 0; mt < kMaxMT; ++mt) {
             if (mt < MT) {
@@ -363,8 +580,12 @@ struct MmaEngineTF32 {
 
 // ================================================================== engine: plain FMA (fp32/fp64)
 // W row-major in shared memory with a padded row stride (conflict-free column reads).  Lane
-// (r = lane%16, half = lane/16) owns rows mt*16 + r and batch columns 4*half .. 4*half+3; the
-// chunk of X is loaded coalesced (lane = k) and broadcast with shuffles.
+// (r = lane%16, half = lane/16) owns rows mt*16 + r and batch columns 4*half .. 4*half+3.  Each
+// warp loads its chunk of X coalesced (lane = k), stages it transposed in its slice of the `red`
+// buffer (x[k][n]) and every lane reads its four columns of row k as one 16-byte (fp64: two)
+// shared load that the whole half-warp shares (a broadcast): no shuffles.  The next chunk's loads
+// are issued before the current chunk's math.  The partial sums go to `red` after a CTA barrier
+// (every warp has left its stage by then).  Barrier protocol only.
 template <typename T>
 struct FmaEngine {
   using storage_t = T;
@@ -372,6 +593,9 @@ struct FmaEngine {
   static constexpr int NT = 1;
   static constexpr int BN = 8;
   static constexpr bool kTensorCores = false;
+  static constexpr plan::Engine kKind = sizeof(T) == 8 ? plan::Engine::kFma64 : plan::Engine::kFma32;
+  using vec_t = typename std::conditional<sizeof(T) == 8, double2, float4>::type;
+  static constexpr int kVec = sizeof(vec_t) / sizeof(T);  // elements per 16-byte shared access
 
   __host__ __device__ static int ldw(int KC) { return KC * kChunk + 1; }
   __host__ __device__ static size_t w_bytes(int MT, int KC) { return size_t(MT) * 16 * (KC * kChunk + 1) * sizeof(T); }
@@ -387,29 +611,37 @@ struct FmaEngine {
     }
   }
 
-  __device__ static void compute(const uint4* __restrict__ ws_raw, int MT, int KC,
-                                 const T* __restrict__ X, int64_t ldx, T* red) {
+  template <class X>
+  __device__ static void compute(const uint4* __restrict__ ws_raw, int MT, int KC, const typename X::word_t* __restrict__ Xp,
+                                 int64_t ldx, T* red, const Check&) {
+    static_assert(!X::kFlags, "the FMA engine exchanges through the barrier protocol only");
     const T* ws = reinterpret_cast<const T*>(ws_raw);
     const int warp = dev::thread_idx() >> 5, lane = dev::thread_idx() & 31, r = lane & 15, half = lane >> 4;
     const int ld = KC * kChunk + 1;
+    T* stage = red + warp * kChunk * 8;  // [32 k][8 n] of this warp
     T acc[kMaxMT][4];
 #pragma unroll
     for (int mt = 0; mt < kMaxMT; ++mt)
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[mt][j] = T(0);
-    for (int c = warp; c < KC; c += kWarps) {
-      T x[8];
+    T x[8];
+    auto load = [&](int c) {
 #pragma unroll
-      for (int n = 0; n < 8; ++n) x[n] = dev::ld_cg(X + int64_t(n) * ldx + c * kChunk + lane);
+      for (int n = 0; n < 8; ++n) x[n] = dev::ld_cg(Xp + int64_t(n) * ldx + c * kChunk + lane);
+    };
+    if (warp < KC) load(warp);
+    for (int c = warp; c < KC; c += kWarps) {
+      dev::sync_warp();  // the previous chunk's broadcasts are read
+      vec_t* dst = reinterpret_cast<vec_t*>(stage + lane * 8);
+#pragma unroll
+      for (int v = 0; v < 8 / kVec; ++v) dst[v] = pack_vec(x, v);
+      dev::sync_warp();
+      if (c + kWarps < KC) load(c + kWarps);
 #pragma unroll 4
       for (int kk = 0; kk < kChunk; ++kk) {
         T v[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const T lo = dev::shfl_sync(0xffffffffu, x[j], kk);
-          const T hi = dev::shfl_sync(0xffffffffu, x[4 + j], kk);
-          v[j] = half ? hi : lo;
-        }
+        const vec_t* src = reinterpret_cast<const vec_t*>(stage + kk * 8 + 4 * half);
+        unpack_vec(src, v);
 #pragma unroll
         for (int mt = 0; mt < kMaxMT; ++mt) {
           if (mt < MT) {
@@ -420,6 +652,7 @@ struct FmaEngine {
         }
       }
     }
+    dev::sync_threads();  // every warp is out of its stage: the partials may overwrite it
     const int rows = MT * 16;
 #pragma unroll
     for (int mt = 0; mt < kMaxMT; ++mt) {
@@ -427,6 +660,30 @@ struct FmaEngine {
 #pragma unroll
         for (int j = 0; j < 4; ++j) red[(warp * rows + mt * 16 + r) * BN + 4 * half + j] = acc[mt][j];
       }
+    }
+  }
+
+ private:
+  __device__ static vec_t pack_vec(const T (&x)[8], int v) {
+    vec_t out;
+    if constexpr (sizeof(T) == 8) {
+      out.x = x[2 * v];
+      out.y = x[2 * v + 1];
+    } else {
+      out.x = x[4 * v];
+      out.y = x[4 * v + 1];
+      out.z = x[4 * v + 2];
+      out.w = x[4 * v + 3];
+    }
+    return out;
+  }
+  __device__ static void unpack_vec(const vec_t* src, T (&v)[4]) {
+    if constexpr (sizeof(T) == 8) {
+      const double2 a = src[0], b = src[1];
+      v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
+    } else {
+      const float4 a = src[0];
+      v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
     }
   }
 };
@@ -470,26 +727,127 @@ inline void dispatch_engine(at::ScalarType st, bool allow_tf32, int nt, F&& f) {
   }
 }
 
-// n-tiles per batch pass for a batch of B (the launcher falls back to fewer if shared memory is short).
-inline int preferred_nt(int64_t B) { return B <= 8 ? 1 : (B <= 16 ? 2 : 4); }
-
-// Shared-memory bytes of the per-warp partial-sum buffer.
-template <class Eng>
-inline size_t red_bytes(int max_mt) {
-  return size_t(kWarps) * max_mt * 16 * Eng::BN * sizeof(typename Eng::acc_t);
+// Calls f(T{}) with the CUDA 16-bit storage type of `st` (the stepwise kernels).
+template <class F>
+inline void dispatch_storage(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kBFloat16: f(dev::bf16{}); break;
+    case at::kHalf: f(dev::f16{}); break;
+    default: TORCH_CHECK(false, "fusedrnn CUDA: internal error: the stepwise path runs bf16/fp16, got ", st);
+  }
 }
 
-// Geometry of one W slice a CTA keeps on chip: rows (<= 16*kMaxMT) x K.
-struct SliceGeom {
-  int MT = 0;  // m-tiles (rows padded to 16*MT)
-  int KC = 0;  // 32-wide K chunks (K padded to 32*KC)
+// The stepwise strategy (stepwise.cu, plan::Plan::stepwise): per step one GEMM over the batch and
+// one pointwise kernel.  Outputs are allocated by the callers (gates / cs unused when !save).
+void lstm_fwd_stepwise(const Tensor& xproj, const Tensor& w, const Tensor& bh, const Tensor& h0, const Tensor& c0,
+                       const OptTensor& lengths, bool reverse, const Tensor& y, const Tensor& h_n, const Tensor& c_n,
+                       const Tensor& gates, const Tensor& cs, bool save);
+void lstm_bwd_stepwise(const Tensor& dy, const Tensor& dh_n, const Tensor& dc_n, const Tensor& w, const Tensor& c0,
+                       const Tensor& gates, const Tensor& cs, const OptTensor& lengths, bool reverse,
+                       const Tensor& dxproj, const Tensor& dh0, const Tensor& dc0);
+void gru_fwd_stepwise(const Tensor& xproj, const Tensor& w, const Tensor& bh, const Tensor& h0,
+                      const OptTensor& lengths, bool reverse, const Tensor& y, const Tensor& h_n, const Tensor& gates,
+                      bool save);
+void gru_bwd_stepwise(const Tensor& dy, const Tensor& dh_n, const Tensor& w, const Tensor& h0, const Tensor& y,
+                      const Tensor& gates, const OptTensor& lengths, bool reverse, const Tensor& dxproj,
+                      const Tensor& dh0, const Tensor& dhn);
+
+// --------------------------------------------------------------------------- planner bridge
+// plan::Engine of a dtype under the caller's TF32 flag, and the dtype class of the limits.
+inline plan::Engine engine_kind(at::ScalarType st, bool allow_tf32) {
+  switch (st) {
+    case at::kBFloat16:
+    case at::kHalf: return plan::Engine::kMma16;
+    case at::kFloat: return allow_tf32 ? plan::Engine::kTf32 : plan::Engine::kFma32;
+    case at::kDouble: return plan::Engine::kFma64;
+    default: TORCH_CHECK(false, "fusedrnn CUDA: unsupported dtype ", st);
+  }
+}
+inline int dtype_kind(at::ScalarType st) {
+  return st == at::kDouble ? 2 : (st == at::kFloat ? 1 : 0);
+}
+
+// The launch plan of one call (fusedrnn/cuda_plan.h; FUSEDRNN_CUDA_PLAN / _GROUPS switches).
+inline plan::Plan make_plan(plan::Pass pass, at::ScalarType st, bool allow_tf32, int64_t H, int64_t P, int64_t B,
+                            bool proj, bool train, const DeviceLimits& dev) {
+  return plan::plan_pass(pass, engine_kind(st, allow_tf32), H, P, B, proj, train, dev.record,
+                         plan::Options::from_env());
+}
+
+// The error of a pass that does not fit: what does not fit, and the limit for this proj_size.
+[[noreturn]] inline void raise_not_fit(const char* op, const plan::Plan& p, at::ScalarType st, int64_t H, int64_t P,
+                                       bool proj, const DeviceLimits& dev) {
+  const bool lstm = plan::is_lstm(p.pass);
+  const int64_t limit = plan::max_hidden(lstm, dtype_kind(st), proj ? P : 0, dev.record);
+  const std::string with = proj ? " with proj_size=" + std::to_string(P) : std::string();
+  TORCH_CHECK(false, "fusedrnn CUDA ", op, ": hidden_size=", H, with, " (", st, ") does not fit on chip on ",
+              dev.record.name, " (", p.why, "); the largest hidden_size", with, " there is ", limit,
+              " (fusedrnn.max_hidden_size)");
+}
+
+// Calls f(EngineTag<T, Eng>{}, std::integral_constant<int, S>{}) for the plan's engine, n-tiles
+// and exchange protocol (the FMA engines are instantiated for the barrier protocol only).
+template <class F>
+inline void dispatch_plan(at::ScalarType st, bool allow_tf32, const plan::Plan& p, F&& f) {
+  dispatch_engine(st, allow_tf32, p.nt, [&](auto tag) {
+    using Eng = typename decltype(tag)::Eng;
+    TORCH_CHECK(Eng::kKind == p.engine, "fusedrnn CUDA: internal error: planned engine ", plan::engine_name(p.engine),
+                " differs from the dispatched one");
+    if constexpr (Eng::kTensorCores && !(Eng::kKind == plan::Engine::kTf32 && Eng::NT > 2)) {  // plan::flags_ok
+      if (p.sync == plan::Sync::kFlags) {
+        f(tag, std::integral_constant<int, kSyncFlags>{});
+      } else {
+        f(tag, std::integral_constant<int, kSyncBarrier>{});
+      }
+    } else {
+      TORCH_CHECK(p.sync == plan::Sync::kBarrier, "fusedrnn CUDA: internal error: flag exchange planned for ",
+                  plan::engine_name(p.engine), " with ", p.nt, " n-tiles");
+      f(tag, std::integral_constant<int, kSyncBarrier>{});
+    }
+  });
+}
+
+// Geometry every kernel reads from its arguments (the plan, flattened for the device).
+struct Geom {
+  int U = 0, Up = 0;       // units / P-rows per CTA
+  int gu = 1;              // unit slices per batch group
+  int64_t Bg = 0;          // batch rows per group
+  int64_t Bgp = 0;         // exchange rows per group (Bg rounded up to BN)
+  plan::Slice a, b;        // the W slices (see plan::Plan)
+  int legacy = 0;
 };
-inline SliceGeom slice_geom(int64_t rows, int64_t K) {
-  SliceGeom s;
-  s.MT = static_cast<int>(ceil_div(rows, 16));
-  s.KC = static_cast<int>(ceil_div(K, kChunk));
-  return s;
+inline Geom geom_of(const plan::Plan& p, int bn) {
+  Geom g;
+  g.U = p.U;
+  g.Up = p.Up;
+  g.gu = p.gu;
+  g.Bg = p.Bg;
+  g.Bgp = round_up(p.Bg, bn);
+  g.a = p.a;
+  g.b = p.b;
+  g.legacy = p.legacy ? 1 : 0;
+  return g;
 }
+
+// This CTA's place in the grid: unit slice iu, batch group ib with rows [b0, b0 + nb) of the batch
+// and exchange rows [ib * Bgp, ...) of each buffer.
+struct Place {
+  int iu, ib;
+  int64_t b0, xrow0;
+  int nb;
+};
+__device__ __forceinline__ Place place_of(const Geom& g, int64_t B) {
+  Place p;
+  p.iu = static_cast<int>(dev::block_idx() % static_cast<unsigned>(g.gu));
+  p.ib = static_cast<int>(dev::block_idx() / static_cast<unsigned>(g.gu));
+  p.b0 = int64_t(p.ib) * g.Bg;
+  p.nb = static_cast<int>(dev::max(int64_t(0), dev::min(g.Bg, B - p.b0)));
+  p.xrow0 = int64_t(p.ib) * g.Bgp;
+  return p;
+}
+
+// Counters of the per-group barriers, one 128-byte line each.
+constexpr int kCounterStride = 32;
 
 // Devices and layout of a CUDA op's tensors, checked after the shapes (fusedrnn/checks.h) and
 // before the CUDAGuard is built from the first one: the first must be a CUDA tensor, every other
@@ -507,59 +865,29 @@ inline void check_cuda_args(const char* op, bool contiguous, std::initializer_li
   }
 }
 
-// Per-file limit functions (largest H whose pass fits on chip; 0 if none), used by
-// max_hidden_size_cuda (cells.cu).  P = H (no projection), any batch.
-int64_t lstm_fwd_max_hidden(at::ScalarType dtype, int device);
-int64_t lstm_bwd_max_hidden(at::ScalarType dtype, int device);
-int64_t gru_fwd_max_hidden(at::ScalarType dtype, int device);
-int64_t gru_bwd_max_hidden(at::ScalarType dtype, int device);
-
-// Largest H in [1, hi] with fits(H) (fits is monotone non-increasing in H in practice; we scan
-// down from the analytic bound so a non-monotone corner can only make the answer conservative).
-template <class Fits>
-inline int64_t largest_fitting(int64_t hi, Fits fits) {
-  for (int64_t h = hi; h >= 1; --h)
-    if (fits(h)) return h;
-  return 0;
-}
-
-// ------------------------------------------------------------------ launch-plan helpers (host)
-// A plan (p.ok, p.grid, p.smem) that fits the device: its smem fits and all CTAs are co-resident.
-template <class Kernel, class Plan>
-inline bool plan_fits(Kernel kernel, const Plan& p, const DeviceLimits& dev) {
-  return p.ok && co_resident_ctas(kernel, kThreads, p.smem, dev) >= p.grid;
-}
-
-// Limit query of one recurrence pass: the smallest over the engines `dtype` may use (fp32: with and
-// without TF32; nt = 1) of query(EngineTag<T, Eng>{}) -> largest fitting H.
-template <class Query>
-inline int64_t max_hidden_over_engines(at::ScalarType dtype, Query query) {
-  auto one = [&](bool tf32) {
-    int64_t found = 0;
-    dispatch_engine(dtype, tf32, 1, [&](auto tag) { found = query(tag); });
-    return found;
-  };
-  int64_t best = one(false);
-  if (dtype == at::kFloat) best = std::min(best, one(true));
-  return best;
-}
-
-// Tries n-tile counts preferred_nt(B), /2, ..., 1: try_launch(EngineTag<T, Eng>{}) plans and
-// launches, returning false when the plan does not fit.  Returns whether a launch happened.
-template <class TryLaunch>
-inline bool launch_first_fitting(at::ScalarType dt, bool allow_tf32, int64_t B, TryLaunch try_launch) {
-  bool launched = false;
-  for (int nt = preferred_nt(B); nt >= 1 && !launched; nt /= 2) {
-    dispatch_engine(dt, allow_tf32, nt, [&](auto tag) {
-      if (launched) return;
-      launched = try_launch(tag);
-    });
-  }
-  return launched;
-}
-
 inline const int64_t* lengths_ptr(const c10::optional<at::Tensor>& lengths) {
   return checks::defined(lengths) ? lengths->data_ptr<int64_t>() : nullptr;
+}
+
+// Exchange buffer h0 -> rows of each group (flag protocol: tag 0 = the tag of step 0): fills
+// buf (groups * Bgp, ld) words from src (B, n) of storage dtype st.  Runs as ATen ops on the
+// current stream into the zeroed workspace.
+inline void fill_exchange(const at::Tensor& words, const at::Tensor& src, int64_t Bg, int64_t Bgp, int gb,
+                          bool flags, at::ScalarType st) {
+  const int64_t B = src.size(0), n = src.size(1);
+  for (int ib = 0; ib < gb; ++ib) {
+    const int64_t b0 = ib * Bg, nb = std::min(Bg, B - b0);
+    if (nb <= 0) break;
+    at::Tensor dst = words.narrow(0, ib * Bgp, nb).narrow(1, 0, n);
+    at::Tensor part = src.narrow(0, b0, nb).to(st);
+    if (!flags) {
+      dst.copy_(part);
+    } else if (at::elementSize(st) == 2) {  // u32 words: value bits in the low half, tag 0
+      dst.copy_(part.contiguous().view(at::kShort).to(at::kInt).bitwise_and(0xFFFF));
+    } else {  // u64 words: fp32 bits in the low half, tag 0
+      dst.copy_(part.contiguous().view(at::kInt).to(at::kLong).bitwise_and(0xFFFFFFFFll));
+    }
+  }
 }
 
 }  // namespace cuda_detail

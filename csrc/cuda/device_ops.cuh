@@ -11,7 +11,9 @@
 //   types
 //     dev::bf16, dev::f16                 16-bit storage types (bfloat16, IEEE half); trivially
 //                                         copyable, 2 bytes, no arithmetic used on them.
-//     uint4, float4, float2, make_float2  CUDA vector types (16-byte aligned uint4/float4).
+//     uint4, float4, float2, double2, ulonglong2, make_float2
+//                                         CUDA vector types (16-byte aligned: uint4, float4,
+//                                         double2, ulonglong2).
 //   thread geometry (1-D launches only; unsigned like the built-ins, so codegen is unchanged)
 //     thread_idx()  threadIdx.x   block_idx()  blockIdx.x
 //     block_dim()   blockDim.x    grid_dim()   gridDim.x
@@ -34,7 +36,17 @@
 //                           this thread - and, after a bar.sync, of its block - see what the
 //                           releasing writers published).  An emulation should let other blocks
 //                           run when a thread spins on it.
+//     ld_relaxed_gpu(p)     ld.relaxed.gpu.global: a strong load at gpu scope (never an L1 line;
+//                           no ordering of other accesses).  T = unsigned int, unsigned long long
+//                           (one single-copy-atomic scalar), uint4 (four u32 elements, each
+//                           atomic, not the vector), ulonglong2 (two u64 elements, each atomic).
+//                           Used to spin on a counter and to poll flag-tagged exchange words; an
+//                           emulation should let other blocks run on every call.
+//     st_relaxed_gpu(p, v)  st.relaxed.gpu.global: a strong single-copy-atomic store of one
+//                           unsigned int / unsigned long long (a flag-tagged exchange word).
 //   warp collectives
+//     sync_warp()           __syncwarp(): the 32 lanes of the warp reconverge (and their shared /
+//                           global accesses before it are ordered before those after it).
 //     shfl_sync(mask, v, src_lane)   __shfl_sync: returns v of lane src_lane (0..31) to every
 //                           lane in mask; T: float, double.
 //     mma_m16n8k16<T>(d, a, b0, b1)  mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: D = A.B + D
@@ -53,6 +65,8 @@
 //     bf16_to_f32, f16_to_f32        exact widening.
 //     f32_to_bf16, f32_to_f16        round to nearest even (__float2bfloat16 / __float2half).
 //     bits(bf16), bits(f16)          the 16-bit pattern (as unsigned short).
+//     bf16_from_bits(u), f16_from_bits(u)   the value whose 16-bit pattern is u (inverse of bits).
+//     float_as_uint(f), uint_as_float(u)    fp32 <-> its 32-bit pattern (__float_as_uint).
 //     min(a, b), max(a, b)  int64_t minimum / maximum.
 //     fma_rn(a, b, c)       a*b + c with one rounding (float and double).
 //
@@ -122,7 +136,39 @@ __device__ __forceinline__ unsigned int ld_acquire_gpu(const unsigned int* p) {
   return v;
 }
 
+__device__ __forceinline__ unsigned int ld_relaxed_gpu(const unsigned int* p) {
+  unsigned int v;
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ unsigned long long ld_relaxed_gpu(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint4 ld_relaxed_gpu(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.relaxed.gpu.global.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p)
+               : "memory");
+  return v;
+}
+__device__ __forceinline__ ulonglong2 ld_relaxed_gpu(const ulonglong2* p) {
+  ulonglong2 v;
+  asm volatile("ld.relaxed.gpu.global.v2.u64 {%0,%1}, [%2];" : "=l"(v.x), "=l"(v.y) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_relaxed_gpu(unsigned int* p, unsigned int v) {
+  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_relaxed_gpu(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
 // ------------------------------------------------------------------------------ warp collectives
+__device__ __forceinline__ void sync_warp() { __syncwarp(); }
+
 template <typename T>
 __device__ __forceinline__ T shfl_sync(unsigned mask, T v, int src_lane) {
   return __shfl_sync(mask, v, src_lane);
@@ -165,6 +211,10 @@ __device__ __forceinline__ bf16 f32_to_bf16(float x) { return __float2bfloat16(x
 __device__ __forceinline__ f16 f32_to_f16(float x) { return __float2half(x); }
 __device__ __forceinline__ unsigned short bits(bf16 x) { return __bfloat16_as_ushort(x); }
 __device__ __forceinline__ unsigned short bits(f16 x) { return __half_as_ushort(x); }
+__device__ __forceinline__ bf16 bf16_from_bits(unsigned short u) { return __ushort_as_bfloat16(u); }
+__device__ __forceinline__ f16 f16_from_bits(unsigned short u) { return __ushort_as_half(u); }
+__device__ __forceinline__ unsigned int float_as_uint(float f) { return __float_as_uint(f); }
+__device__ __forceinline__ float uint_as_float(unsigned int u) { return __uint_as_float(u); }
 
 // CUDA's integer min/max (std::min/max give other, equivalent SASS: kept as they were).
 __device__ __forceinline__ int64_t min(int64_t a, int64_t b) { return ::min(a, b); }

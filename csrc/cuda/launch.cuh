@@ -4,18 +4,23 @@
 // this header (and the kernels only through device_ops.cuh), so a CPU emulation of the kernels
 // (issue 9, FUSEDRNN_CUDA_EMULATION) replaces exactly these two headers.
 //
-//   DeviceLimits device_limits(device)    SM count, opt-in shared memory per block, cooperative
-//                                         launch support (cached per device).
+//   DeviceLimits device_limits(device)    the device's plan::DeviceRecord (what the planner of
+//                                         fusedrnn/cuda_plan.h reads: SMs, shared memory, registers,
+//                                         threads, cooperative launch), cached per device.
 //   int current_device()                  the current CUDA device index.
 //   DeviceGuard                           RAII: makes a device (or a tensor's device) current.
 //   co_resident_ctas(kernel, threads, smem, dev)   CTAs of `threads` threads and `smem` bytes of
 //                                         dynamic shared memory that fit on dev at once (cached).
-//   launch_cooperative(kernel, grid, threads, smem, args, dev, what)   cooperative launch of
-//                                         kernel(args) on the current stream; raises if the grid
-//                                         cannot be co-resident.
+//   launch_cooperative(kernel, grid, threads, smem, args, dev, what, per_sm)   cooperative launch
+//                                         of kernel(args) on the current stream, after confirming
+//                                         with the occupancy API the planner's analytic
+//                                         co-residency (per_sm CTAs per SM): a disagreement raises.
 //   launch_plain(kernel, grid, threads, args...)    ordinary launch on the current stream.
 //   Workspace                             one byte allocation per launch; a prefix zeroed by one
 //                                         cudaMemsetAsync on the current stream (workspace_fill).
+//   gemm_acc_out(out, a, b)               out (M, N, fp32) = a (M, K) . b (K, N) for bf16/fp16 a, b
+//                                         with fp32 accumulation (cuBLAS through ATen's mm.dtype_out),
+//                                         on the current stream: the stepwise strategy's GEMM.
 //   on_op_device(t), kOpDeviceName        whether t is on the device the ops run on, and its name
 //                                         for error messages.
 // emulation/launch_emu.h provides the same names (the Workspace class below is shared).
@@ -29,6 +34,8 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+
+#include "fusedrnn/cuda_plan.h"
 
 #if defined(FUSEDRNN_CUDA_EMULATION)
 #include "emulation/launch_emu.h"
@@ -54,12 +61,11 @@ inline int current_device() {
   return device;
 }
 
-// Device facts used by the planners.
+// Device facts used by the planner (fusedrnn/cuda_plan.h).
 struct DeviceLimits {
   int device = 0;
   int sms = 0;
-  size_t smem_optin = 0;
-  bool cooperative = false;
+  plan::DeviceRecord record;
 };
 // Cached per device (cudaGetDeviceProperties is slow).
 inline DeviceLimits device_limits(int device) {
@@ -68,14 +74,23 @@ inline DeviceLimits device_limits(int device) {
   std::lock_guard<std::mutex> lock(mu);
   if (device >= static_cast<int>(cache.size())) cache.resize(device + 1);
   if (cache[device].sms == 0) {
-    int sms = 0, optin = 0, coop = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
+    cudaDeviceProp prop{};
+    C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    plan::DeviceRecord& r = cache[device].record;
+    r.name = prop.name;
+    r.major = prop.major;
+    r.minor = prop.minor;
+    r.multi_processor_count = prop.multiProcessorCount;
+    r.shared_memory_per_block_optin = static_cast<int64_t>(prop.sharedMemPerBlockOptin);
+    r.shared_memory_per_multiprocessor = static_cast<int64_t>(prop.sharedMemPerMultiprocessor);
+    r.regs_per_multiprocessor = prop.regsPerMultiprocessor;
+    r.max_threads_per_multi_processor = prop.maxThreadsPerMultiProcessor;
+    r.total_memory = static_cast<int64_t>(prop.totalGlobalMem);
+    r.L2_cache_size = prop.l2CacheSize;
+    r.warp_size = prop.warpSize;
+    r.cooperative_launch = prop.cooperativeLaunch != 0;
     cache[device].device = device;
-    cache[device].sms = sms;
-    cache[device].smem_optin = static_cast<size_t>(optin);
-    cache[device].cooperative = coop != 0;
+    cache[device].sms = prop.multiProcessorCount;
   }
   return cache[device];
 }
@@ -107,14 +122,16 @@ inline int co_resident_ctas(Kernel kernel, int threads, size_t smem, const Devic
   return it->second * dev.sms;
 }
 
-// One cooperative launch on the current stream: all `grid` CTAs co-resident or an error.
+// One cooperative launch on the current stream: all `grid` CTAs co-resident or an error.  The
+// planner decided the fit analytically (per_sm CTAs per SM); the occupancy API must agree.
 template <class Kernel, class Args>
 inline void launch_cooperative(Kernel kernel, int grid, int threads, size_t smem, const Args& args,
-                               const DeviceLimits& dev, const char* what) {
+                               const DeviceLimits& dev, const char* what, int per_sm) {
   const int resident = co_resident_ctas(kernel, threads, smem, dev);
-  TORCH_CHECK(grid <= resident, "fusedrnn CUDA ", what, ": ", grid, " CTAs with ", smem,
-              " B of shared memory each cannot be co-resident (device holds ", resident,
-              "); reduce the hidden size (see fusedrnn max_hidden_size_cuda)");
+  TORCH_CHECK(grid <= resident && resident >= per_sm * dev.sms, "fusedrnn CUDA ", what,
+              ": internal error: the analytic fit model (fusedrnn/cuda_plan.h) gives ", per_sm,
+              " CTA(s) per SM with ", smem, " B of shared memory for a grid of ", grid,
+              ", the occupancy API ", resident, " CTAs on ", dev.sms, " SMs; please report this");
   Args copy = args;
   void* kargs[] = {reinterpret_cast<void*>(&copy)};
   C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(threads),
@@ -134,6 +151,11 @@ inline void workspace_fill(const at::Tensor& buf, size_t zeroed) {
   if (zeroed > 0) {
     C10_CUDA_CHECK(cudaMemsetAsync(buf.data_ptr(), 0, zeroed, c10::cuda::getCurrentCUDAStream()));
   }
+}
+
+// out (M, N, fp32) = a (M, K) . b (K, N), a and b bf16/fp16: tensor-core GEMM, fp32 result.
+inline void gemm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  at::mm_out(out, a, b, at::kFloat);
 }
 
 }  // namespace cuda_detail

@@ -2,21 +2,22 @@
 // order of the forward.  Only the sequential part is here: dxproj (= d pre-activations), dh0, dc0
 // and, with a projection, dh_seq; the weight gradients are GEMMs over all steps in Python.
 //
-// Design (see lstm_fwd.cu / common.cuh):
-//   * CTA i owns hidden units [i*U, i*U + U) for the pointwise part (c gradient in a fp32
-//     workspace it alone touches) and the rows {u} of W_hh^T (U x 4H, staged once in shared
-//     memory) for dh_{t-1} = dpre_t . W_hh.  U = 16*MT (full row tiles): for H = 768 on 132 SMs,
-//     U = 16 -> 48 CTAs, 16 x 3072 x 2 B = 96 KB of W_hh^T per CTA.
-//   * no projection, per step: pointwise (dpre of own units -> dxproj and a double-buffered
-//     exchange buffer) | grid barrier | dh = dpre . W_hh^T-slice (tensor cores) for own units.
-//     One barrier per step.
-//   * projection (P < H): dh lives on P; CTA i also owns P-rows [i*Up, i*Up + Up):
-//     dh_tot = dh + dy -> exchange (and dh_seq) | barrier | dm = dh_tot . W_hr (rows of W_hr^T for
-//     own units) + pointwise -> dpre exchange | barrier | dh = dpre . W_hh (own P-rows of W_hh^T).
-//   * padded steps: dxproj / dh_seq zero, dh and dc pass through unchanged.
-// Per step at H = 768, B = 16, bf16: 75.5 MFLOP; each of the 48 CTAs reads the whole dpre_t
-// (16 x 3072 x 2 B = 96 KB) from L2 (4.7 MB grid-wide) and issues 1 m-tile x 2 n-tiles x 192
-// k-tiles = 384 mma.m16n8k16 (48 per warp, 192 KB of A-fragment shared loads).
+// Design (see lstm_fwd.cu, common.cuh, fusedrnn/cuda_plan.h):
+//   * grid gu unit slices x gb batch groups.  CTA (iu, ib) owns hidden units [iu*U, iu*U + U) for
+//     the pointwise part (dc in registers or a workspace it alone touches) and the rows p of W_hh^T
+//     (Up x 4H, staged once in shared memory) for dh_{t-1} = dpre_t . W_hh, for the group's rows.
+//     U = 16*MT (full row tiles, up to 64).
+//   * no projection, per step: pointwise (dpre of own units -> the double-buffered exchange, then
+//     dxproj) | exchange | dh = dpre . W_hh^T-slice (tensor cores) for own units.  One exchange.
+//   * projection (P < H): dh lives on P; CTA also owns P-rows [iu*Up, iu*Up + Up):
+//     dh_tot = dh + dy -> exchange (then dh_seq) | dm = dh_tot . W_hr (rows of W_hr^T for own units)
+//     + pointwise -> dpre exchange | dh = dpre . W_hh (own P-rows of W_hh^T).  Two exchanges.
+//   * padded steps: dxproj / dh_seq zero, dh and dc pass through unchanged (zeros are still
+//     exchanged: readers need every real row of every step).
+// Per step at H = 768, B = 16, bf16 (planner's choice on an H200): U = 32, 24 unit slices x 2
+// batch groups, 32 x 3072 x 2 B = 192 KB of W_hh^T per CTA; each CTA reads its group's dpre_t
+// (8 x 3072 x 2 B = 48 KB) from L2 and issues 2 m-tiles x 1 n-tile x 192 k-tiles = 384 mma;
+// predicted 2.5 us per step (BENCHMARKS.md, "CUDA design round 2").
 #include "common.cuh"
 
 namespace fusedrnn {
@@ -38,50 +39,63 @@ struct LstmBwdArgs {
   T* dh_seq;               // (T, B, P) (projection only)
   acc_t<T>* dh_state;      // (B, P) workspace, = dh_n on entry
   acc_t<T>* dc_state;      // (B, H) workspace, = dc_n on entry
-  T* dpbuf;                // (2, Bpad, ldp) exchange of dpre (double-buffered), zero padding
-  T* dtbuf;                // (Bpad, ldq) exchange of dh_tot (projection), zero padding
-  unsigned int* barrier;
+  void* dpbuf;             // (2, gb*Bgp, ldp) exchange words of dpre, zero padding
+  void* dtbuf;             // (2, gb*Bgp, ldq) exchange words of dh_tot (projection), zero padding
+  unsigned int* barrier;   // one counter per batch group (barrier protocol)
   int64_t T_, B, H, P;
-  int64_t ldp, ldq, dpbuf_stride;
-  int U, Up;
-  SliceGeom g_b;  // W_hh^T slice: Up rows x 4H
-  SliceGeom g_a;  // W_hr^T slice (projection): U rows x P
+  int64_t ldp, ldq, dp_stride, dt_stride;
+  Geom g;                  // a: W_hh^T slice (Up rows x 4H); b: W_hr^T slice (U rows x P)
   int reverse;
 };
 
-template <typename T, class Eng>
+template <typename T>
+struct GradRec {  // dxproj of one unit (or dh_seq of one P-row), stored after the exchange
+  int64_t row = 0, col = 0;
+  T v[4];
+  bool on = false, valid = false;
+};
+
+template <typename T, class Eng, int S>
 __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdArgs<T> a) {
   using A = typename Eng::acc_t;
+  using X = Xchg<T, S>;
+  using W = typename X::word_t;
   constexpr int BN = Eng::BN;
+  constexpr int kWave = kThreads * kMaxItems;
+  const Geom& g = a.g;
   unsigned char* const smem = dev::dynamic_smem();
   const bool proj = a.w_hr != nullptr;
-  uint4* ws_b = reinterpret_cast<uint4*>(smem);
-  size_t off = align16(Eng::w_bytes(a.g_b.MT, a.g_b.KC));
-  uint4* ws_a = reinterpret_cast<uint4*>(smem + off);
-  if (proj) off += align16(Eng::w_bytes(a.g_a.MT, a.g_a.KC));
+  uint4* ws_a = reinterpret_cast<uint4*>(smem);
+  size_t off = align16(Eng::w_bytes(g.a.MT, g.a.KC));
+  uint4* ws_b = reinterpret_cast<uint4*>(smem + off);
+  if (proj) off += align16(Eng::w_bytes(g.b.MT, g.b.KC));
   A* red = reinterpret_cast<A*>(smem + off);
 
   const int64_t H = a.H, P = a.P, B = a.B, G = 4 * H, T_ = a.T_;
-  const int U = a.U;
-  const int64_t u0 = int64_t(dev::block_idx()) * U;
+  const int tid = static_cast<int>(dev::thread_idx());
+  const Place pl = place_of(g, B);
+  const int U = g.U;
+  const int64_t u0 = int64_t(pl.iu) * U;
   const int nu = static_cast<int>(dev::max(int64_t(0), dev::min(int64_t(U), H - u0)));
-  const int64_t p0 = int64_t(dev::block_idx()) * a.Up;
-  const int np = static_cast<int>(dev::max(int64_t(0), dev::min(int64_t(a.Up), P - p0)));
+  const int64_t p0 = int64_t(pl.iu) * g.Up;
+  const int np = static_cast<int>(dev::max(int64_t(0), dev::min(int64_t(g.Up), P - p0)));
 
   // W_hh^T rows p0..p0+np: row r, column k = W_hh[k][p0 + r].
-  Eng::stage_w(ws_b, a.g_b.MT, a.g_b.KC, [&](int r, int k) -> A {
+  Eng::stage_w(ws_a, g.a.MT, g.a.KC, [&](int r, int k) -> A {
     if (r >= np || k >= G) return A(0);
     return to_acc(a.w_hh[int64_t(k) * P + p0 + r]);
   });
   if (proj) {  // W_hr^T rows u0..u0+nu: row r, column k = W_hr[k][u0 + r].
-    Eng::stage_w(ws_a, a.g_a.MT, a.g_a.KC, [&](int r, int k) -> A {
+    Eng::stage_w(ws_b, g.b.MT, g.b.KC, [&](int r, int k) -> A {
       if (r >= nu || k >= P) return A(0);
       return to_acc(a.w_hr[int64_t(k) * H + u0 + r]);
     });
   }
   dev::sync_threads();
 
-  const int rows_b = a.g_b.MT * 16, rows_a = a.g_a.MT * 16;
+  const int rows_a = g.a.MT * 16, rows_b = g.b.MT * 16;
+  W* const dpbuf = static_cast<W*>(a.dpbuf) + pl.xrow0 * a.ldp;  // this group's rows
+  W* const dtbuf = proj ? static_cast<W*>(a.dtbuf) + pl.xrow0 * a.ldq : nullptr;
 
   // Inputs of the pointwise backward of (own unit j, batch b) at step t.
   struct Pre {
@@ -110,169 +124,205 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_bwd_kernel(const LstmBwdArgs
     return q;
   };
 
-  // Latency hiding (as in lstm_fwd.cu): each thread's first item is the same every step (in the
-  // pointwise phase and, without projection, in the dh epilogue): its dc (and dh) stay in
-  // registers and its saved tensors for the next step are loaded before the grid barrier.
-  const int first_nb = static_cast<int>(dev::min(int64_t(BN), B));
-  const bool has_fixed = static_cast<int>(dev::thread_idx()) < nu * first_nb;
-  const int fj = has_fixed ? static_cast<int>(dev::thread_idx()) % nu : 0;
-  const int64_t fb = has_fixed ? static_cast<int>(dev::thread_idx()) / nu : 0;
-  A f_dc = has_fixed ? a.dc_state[fb * H + u0 + fj] : A(0);
-  A f_dh = (has_fixed && !proj) ? a.dh_state[fb * P + u0 + fj] : A(0);
-  Pre f_pre{};
-  if (has_fixed) f_pre = load_pre(a.reverse ? 0 : T_ - 1, fj, fb);
+  // Latency hiding (as in lstm_fwd.cu): the items of the first wave of the first batch pass are
+  // the same every step (in the pointwise phase and, without projection, in the dh epilogue):
+  // their dc (and dh) stay in registers and their saved tensors for the next step are loaded
+  // before the exchange wait.
+  const int first_items = static_cast<int>(
+      dev::min(int64_t(kWave), int64_t(nu) * dev::min(int64_t(BN), int64_t(pl.nb))));
+  bool res[kMaxItems];
+  int rj[kMaxItems];
+  int64_t rb[kMaxItems];
+  A r_dc[kMaxItems], r_dh[kMaxItems];
+  Pre r_pre[kMaxItems];
+#pragma unroll
+  for (int i = 0; i < kMaxItems; ++i) {
+    const int idx = tid + i * kThreads;
+    res[i] = idx < first_items;
+    rj[i] = res[i] ? idx % nu : 0;
+    rb[i] = res[i] ? pl.b0 + idx / nu : 0;
+    r_dc[i] = res[i] ? a.dc_state[rb[i] * H + u0 + rj[i]] : A(0);
+    r_dh[i] = (res[i] && !proj) ? a.dh_state[rb[i] * P + u0 + rj[i]] : A(0);
+    if (res[i]) r_pre[i] = load_pre(a.reverse ? 0 : T_ - 1, rj[i], rb[i]);
+  }
 
-  unsigned int target = 0;
+  const T zero = zero_of<T>();
+  auto flush_dx = [&](const GradRec<T>& r) {
+    if (!r.on) return;
+    T* dx = a.dxproj + r.row * G + r.col;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) dx[k * H] = r.valid ? r.v[k] : zero;
+  };
+  auto flush_seq = [&](const GradRec<T>& r) {
+    if (r.on) a.dh_seq[r.row * P + r.col] = r.valid ? r.v[0] : zero;
+  };
+
+  StepSync<S> sync{a.barrier + pl.ib * kCounterStride, static_cast<unsigned int>(g.gu), g.legacy != 0};
   for (int64_t s = 0; s < T_; ++s) {
     const int64_t t = a.reverse ? s : T_ - 1 - s;  // opposite of the forward order
     const int64_t t_next = a.reverse ? t + 1 : t - 1;
-    T* dp = a.dpbuf + (proj ? 0 : (s & 1) * a.dpbuf_stride);
-
-    // Pointwise cell backward for (own unit j, batch b) given dh reaching m_t; returns dc_{t-1}.
-    auto cell = [&](int j, int64_t b, const Pre& q, A dh_m, A dc) -> A {
-      const int64_t u = u0 + j, row = t * B + b;
-      T* dx = a.dxproj + row * G + u;
-      T* dpr = dp + b * a.ldp + u;
-      if (!q.valid) {
-        const T z = zero_of<T>();
-        dpr[0] = z; dpr[H] = z; dpr[2 * H] = z; dpr[3 * H] = z;
-        dx[0] = z; dx[H] = z; dx[2 * H] = z; dx[3 * H] = z;
-        return dc;
-      }
-      const LstmGrad<A> d = lstm_cell_backward<A>(q.i, q.f, q.g, q.o, q.c, q.c_prev, dh_m, dc);
-      const T di = from_acc<T>(d.d_i), df = from_acc<T>(d.d_f), dg = from_acc<T>(d.d_g),
-              dO = from_acc<T>(d.d_o);
-      dpr[0] = di; dpr[H] = df; dpr[2 * H] = dg; dpr[3 * H] = dO;  // exchange first (critical path)
-      dx[0] = di; dx[H] = df; dx[2 * H] = dg; dx[3 * H] = dO;
-      return d.dc_prev;
-    };
+    W* dp = dpbuf + (s & 1) * a.dp_stride;
+    const uint32_t tag = X::tag(s + 1);
     auto is_valid = [&](int64_t b) { return a.lengths == nullptr || t < dev::ld_nc(a.lengths + b); };
 
+    // Pointwise cell backward of item (j, n) given dh reaching m_t: publishes dpre, returns the
+    // dxproj record and updates dc.
+    auto cell = [&](int i, bool fixed, int j, int n, A dh_m_extra, bool dm_given) -> GradRec<T> {
+      const int64_t b = pl.b0 + n, u = u0 + j;
+      const Pre q = fixed ? r_pre[i] : load_pre(t, j, b);
+      GradRec<T> r;
+      r.on = true;
+      r.row = t * B + b;
+      r.col = u;
+      r.valid = q.valid;
+      W* dpr = dp + int64_t(n) * a.ldp + u;
+      if (!q.valid) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) X::put(dpr + k * H, zero, tag);
+        return r;  // dc passes through
+      }
+      const A dc = fixed ? r_dc[i] : a.dc_state[b * H + u];
+      const A dh_m = dm_given ? dh_m_extra : (fixed ? r_dh[i] : a.dh_state[b * P + u]) + q.dy;
+      const LstmGrad<A> d = lstm_cell_backward<A>(q.i, q.f, q.g, q.o, q.c, q.c_prev, dh_m, dc);
+      r.v[0] = from_acc<T>(d.d_i);
+      r.v[1] = from_acc<T>(d.d_f);
+      r.v[2] = from_acc<T>(d.d_g);
+      r.v[3] = from_acc<T>(d.d_o);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) X::put(dpr + k * H, r.v[k], tag);  // the exchange first
+      if (fixed) r_dc[i] = d.dc_prev;
+      else a.dc_state[b * H + u] = d.dc_prev;
+      return r;
+    };
+
+    GradRec<T> rec[kMaxItems];
     if (!proj) {
-      for (int64_t idx = dev::thread_idx(); idx < int64_t(nu) * B; idx += kThreads) {
-        const bool fixed = has_fixed && idx == int64_t(dev::thread_idx());
-        const int j = static_cast<int>(idx % nu);
-        const int64_t b = idx / nu;
-        const Pre q = fixed ? f_pre : load_pre(t, j, b);
-        const A dh = fixed ? f_dh : a.dh_state[b * P + u0 + j];
-        if (fixed) {
-          f_dc = cell(j, b, q, dh + q.dy, f_dc);
-        } else {
-          a.dc_state[b * H + u0 + j] = cell(j, b, q, dh + q.dy, a.dc_state[b * H + u0 + j]);
+      const int items = nu * pl.nb;
+      for (int base = 0; base < items; base += kWave) {
+        const bool defer = base + kWave >= items && !g.legacy;
+#pragma unroll
+        for (int i = 0; i < kMaxItems; ++i) {
+          const int idx = base + i * kThreads + tid;
+          if (idx >= items) continue;
+          const GradRec<T> r = cell(i, base == 0 && res[i], idx % nu, idx / nu, A(0), false);
+          if (defer) rec[i] = r;
+          else flush_dx(r);
         }
       }
-      if (has_fixed && s + 1 < T_) f_pre = load_pre(t_next, fj, fb);
-      grid_barrier(a.barrier, target);
+      sync.arrive();
+#pragma unroll
+      for (int i = 0; i < kMaxItems; ++i) flush_dx(rec[i]);
+#pragma unroll
+      for (int i = 0; i < kMaxItems; ++i) {
+        if (res[i] && s + 1 < T_) r_pre[i] = load_pre(t_next, rj[i], rb[i]);
+      }
+      sync.wait();
     } else {
-      // dh_tot for own P-rows -> exchange + dh_seq
-      for (int64_t idx = dev::thread_idx(); idx < int64_t(np) * B; idx += kThreads) {
-        const int j = static_cast<int>(idx % np);
-        const int64_t b = idx / np, p = p0 + j, row = t * B + b;
-        if (is_valid(b)) {
-          const T v = from_acc<T>(a.dh_state[b * P + p] + A(to_acc(a.dy[row * P + p])));
-          a.dtbuf[b * a.ldq + p] = v;
-          a.dh_seq[row * P + p] = v;
-        } else {
-          a.dtbuf[b * a.ldq + p] = zero_of<T>();
-          a.dh_seq[row * P + p] = zero_of<T>();
+      // dh_tot for own P-rows -> exchange (then dh_seq)
+      W* dt = dtbuf + (s & 1) * a.dt_stride;
+      const int items = np * pl.nb;
+      for (int base = 0; base < items; base += kWave) {
+        const bool defer = base + kWave >= items && !g.legacy;
+#pragma unroll
+        for (int i = 0; i < kMaxItems; ++i) {
+          const int idx = base + i * kThreads + tid;
+          if (idx >= items) continue;
+          const int j = idx % np, n = idx / np;
+          const int64_t b = pl.b0 + n, p = p0 + j;
+          GradRec<T> r;
+          r.on = true;
+          r.row = t * B + b;
+          r.col = p;
+          r.valid = is_valid(b);
+          r.v[0] = r.valid ? from_acc<T>(a.dh_state[b * P + p] + A(to_acc(a.dy[r.row * P + p]))) : zero;
+          X::put(dt + int64_t(n) * a.ldq + p, r.v[0], tag);
+          if (defer) rec[i] = r;
+          else flush_seq(r);
         }
       }
-      grid_barrier(a.barrier, target);
+      sync.arrive();
+#pragma unroll
+      for (int i = 0; i < kMaxItems; ++i) flush_seq(rec[i]);
+      sync.wait();
       // dm = dh_tot . W_hr for own units, then the cell
-      for (int64_t n0 = 0; n0 < B; n0 += BN) {
-        Eng::compute(ws_a, a.g_a.MT, a.g_a.KC, a.dtbuf + n0 * a.ldq, a.ldq, red);
+      GradRec<T> drec[kMaxItems];
+      for (int64_t n0 = 0; n0 < pl.nb; n0 += BN) {
+        Eng::template compute<X>(ws_b, g.b.MT, g.b.KC, dt + n0 * a.ldq, a.ldq, red, Check{tag, pl.nb - n0, P});
         dev::sync_threads();
-        const int nb = static_cast<int>(dev::min(int64_t(BN), B - n0));
-        for (int idx = dev::thread_idx(); idx < nu * nb; idx += kThreads) {
-          const bool fixed = has_fixed && n0 == 0 && idx == static_cast<int>(dev::thread_idx());
-          const int j = idx % nu, n = idx / nu;
-          const int64_t b = n0 + n;
-          const Pre q = fixed ? f_pre : load_pre(t, j, b);
-          const A dm = red_sum(red, rows_a, BN, j, n);
-          if (fixed) {
-            f_dc = cell(j, b, q, dm, f_dc);
-          } else {
-            a.dc_state[b * H + u0 + j] = cell(j, b, q, dm, a.dc_state[b * H + u0 + j]);
+        const int nb = static_cast<int>(dev::min(int64_t(BN), pl.nb - n0));
+        const int pitems = nu * nb;
+        const bool last_pass = n0 + BN >= pl.nb;
+        for (int base = 0; base < pitems; base += kWave) {
+          const bool defer = last_pass && base + kWave >= pitems && !g.legacy;
+#pragma unroll
+          for (int i = 0; i < kMaxItems; ++i) {
+            const int idx = base + i * kThreads + tid;
+            if (idx >= pitems) continue;
+            const int j = idx % nu, n = idx / nu;
+            const A dm = red_sum(red, rows_b, BN, j, n);
+            const GradRec<T> r = cell(i, n0 == 0 && base == 0 && res[i], j, static_cast<int>(n0) + n, dm, true);
+            if (defer) drec[i] = r;
+            else flush_dx(r);
           }
         }
         dev::sync_threads();
       }
-      if (has_fixed && s + 1 < T_) f_pre = load_pre(t_next, fj, fb);
-      grid_barrier(a.barrier, target);
+      sync.arrive();
+#pragma unroll
+      for (int i = 0; i < kMaxItems; ++i) flush_dx(drec[i]);
+#pragma unroll
+      for (int i = 0; i < kMaxItems; ++i) {
+        if (res[i] && s + 1 < T_) r_pre[i] = load_pre(t_next, rj[i], rb[i]);
+      }
+      sync.wait();
     }
 
     // dh_{t-1} = dpre_t . W_hh for own P-rows (padded steps: dh unchanged)
-    for (int64_t n0 = 0; n0 < B; n0 += BN) {
-      Eng::compute(ws_b, a.g_b.MT, a.g_b.KC, dp + n0 * a.ldp, a.ldp, red);
+    for (int64_t n0 = 0; n0 < pl.nb; n0 += BN) {
+      Eng::template compute<X>(ws_a, g.a.MT, g.a.KC, dp + n0 * a.ldp, a.ldp, red, Check{tag, pl.nb - n0, G});
       dev::sync_threads();
-      const int nb = static_cast<int>(dev::min(int64_t(BN), B - n0));
-      for (int idx = dev::thread_idx(); idx < np * nb; idx += kThreads) {
-        const bool fixed = !proj && has_fixed && n0 == 0 && idx == static_cast<int>(dev::thread_idx());
-        const int j = idx % np, n = idx / np;
-        const int64_t b = n0 + n;
-        if (is_valid(b)) {
-          const A v = red_sum(red, rows_b, BN, j, n);
-          if (fixed) f_dh = v;
-          else a.dh_state[b * P + p0 + j] = v;
+      const int nb = static_cast<int>(dev::min(int64_t(BN), pl.nb - n0));
+      const int items = np * nb;
+      for (int base = 0; base < items; base += kWave) {
+#pragma unroll
+        for (int i = 0; i < kMaxItems; ++i) {
+          const int idx = base + i * kThreads + tid;
+          if (idx >= items) continue;
+          const bool fixed = !proj && n0 == 0 && base == 0 && res[i];
+          const int j = idx % np, n = idx / np;
+          const int64_t b = pl.b0 + n0 + n;
+          if (is_valid(b)) {
+            const A v = red_sum(red, rows_a, BN, j, n);
+            if (fixed) r_dh[i] = v;
+            else a.dh_state[b * P + p0 + j] = v;
+          }
         }
       }
       dev::sync_threads();
     }
   }
-  if (has_fixed) {
-    a.dc_state[fb * H + u0 + fj] = f_dc;
-    if (!proj) a.dh_state[fb * P + u0 + fj] = f_dh;
+#pragma unroll
+  for (int i = 0; i < kMaxItems; ++i) {
+    if (res[i]) {
+      a.dc_state[rb[i] * H + u0 + rj[i]] = r_dc[i];
+      if (!proj) a.dh_state[rb[i] * P + u0 + rj[i]] = r_dh[i];
+    }
   }
   dev::sync_threads();
 
-  store_own_cols(a.dh0, a.dh_state, P, p0, np, B);
-  store_own_cols(a.dc0, a.dc_state, H, u0, nu, B);
-}
-
-struct BwdPlan {
-  bool ok = false;
-  int U = 0, Up = 0, grid = 0;
-  SliceGeom g_b, g_a;
-  size_t smem = 0;
-};
-
-template <class Eng>
-BwdPlan plan_lstm_bwd(int64_t H, int64_t P, bool proj, const DeviceLimits& dev) {
-  BwdPlan p;
-  const int64_t mt = ceil_div(ceil_div(H, dev.sms), 16);
-  if (mt > kMaxMT) return p;
-  p.U = static_cast<int>(std::min<int64_t>(mt * 16, H));  // full row tiles: fewer CTAs
-  p.grid = static_cast<int>(ceil_div(H, p.U));
-  p.Up = proj ? static_cast<int>(ceil_div(P, p.grid)) : p.U;
-  p.g_b = slice_geom(p.Up, 4 * H);
-  int max_mt = p.g_b.MT;
-  p.smem = align16(Eng::w_bytes(p.g_b.MT, p.g_b.KC));
-  if (proj) {
-    p.g_a = slice_geom(p.U, P);
-    max_mt = std::max(max_mt, p.g_a.MT);
-    p.smem += align16(Eng::w_bytes(p.g_a.MT, p.g_a.KC));
-  } else {
-    p.g_a = SliceGeom{1, 1};
+  for (int idx = tid; idx < np * pl.nb; idx += kThreads) {
+    const int j = idx % np, n = idx / np;
+    const int64_t b = pl.b0 + n;
+    a.dh0[b * P + p0 + j] = from_acc<T>(a.dh_state[b * P + p0 + j]);
   }
-  if (max_mt > kMaxMT) return p;
-  p.smem += red_bytes<Eng>(max_mt);
-  p.ok = p.smem <= dev.smem_optin;
-  return p;
+  for (int idx = tid; idx < nu * pl.nb; idx += kThreads) {
+    const int j = idx % nu, n = idx / nu;
+    const int64_t b = pl.b0 + n;
+    a.dc0[b * H + u0 + j] = from_acc<T>(a.dc_state[b * H + u0 + j]);
+  }
 }
 
 }  // namespace
-
-int64_t lstm_bwd_max_hidden(at::ScalarType dtype, int device) {
-  const DeviceLimits dev = device_limits(device);
-  return max_hidden_over_engines(dtype, [&](auto tag) {
-    using T = typename decltype(tag)::T;
-    using Eng = typename decltype(tag)::Eng;
-    return largest_fitting(int64_t(kMaxMT) * 16 * dev.sms, [&](int64_t H) {
-      return plan_fits(lstm_bwd_kernel<T, Eng>, plan_lstm_bwd<Eng>(H, H, false, dev), dev);
-    });
-  });
-}
-
 }  // namespace cuda_detail
 
 Tensor4 lstm_bwd_cuda(const Tensor& dy, const Tensor& dh_n, const Tensor& dc_n, const Tensor& w_hh,
@@ -306,23 +356,31 @@ Tensor4 lstm_bwd_cuda(const Tensor& dy, const Tensor& dh_n, const Tensor& dc_n, 
 
   const int device = dy.get_device();
   const DeviceLimits dev = device_limits(device);
-  const bool launched = launch_first_fitting(dt, allow_tf32, B, [&](auto tag) {
+  const plan::Plan p = make_plan(plan::Pass::kLstmBwd, dt, allow_tf32, H, P, B, proj, true, dev);
+  if (!p.ok) raise_not_fit("lstm_bwd", p, dt, H, P, proj, dev);
+  if (p.stepwise) {
+    lstm_bwd_stepwise(dy, dh_n, dc_n, w, c0c, gatesc, csc, lengths, reverse, dxproj, dh0, dc0);
+    return {dxproj, dh0, dc0, dh_seq};
+  }
+  dispatch_plan(dt, allow_tf32, p, [&](auto tag, auto sync) {
     using Tt = typename decltype(tag)::T;
     using Eng = typename decltype(tag)::Eng;
-    const BwdPlan p = plan_lstm_bwd<Eng>(H, P, proj, dev);
-    if (!p.ok) return false;
-    const int64_t Bpad = round_up(B, Eng::BN);
-    const int64_t ldp = round_up(G, kChunk), ldq = round_up(P, kChunk);
-    // zeroed: barrier, dpbuf (1 or 2, Bpad, ldp), dtbuf (Bpad, ldq); then dh_state = dh_n, dc_state = dc_n
+    constexpr int S = decltype(sync)::value;
+    using W = typename Xchg<Tt, S>::word_t;
+    const Geom g = geom_of(p, Eng::BN);
+    const int64_t rows = int64_t(p.gb) * g.Bgp;
+    const int64_t ldp = xchg_ld(G), ldq = xchg_ld(P);
+    const auto wdt = word_dtype<W>();
+    // zeroed: counters, dpbuf (2, rows, ldp), dtbuf (2, rows, ldq); then dh_state = dh_n, dc_state = dc_n
     Workspace ws;
-    const size_t o_barrier = ws.take(1, at::kInt);
-    const size_t o_dpbuf = ws.take((proj ? 1 : 2) * Bpad * ldp, dt);
-    const size_t o_dtbuf = proj ? ws.take(Bpad * ldq, dt) : 0;
+    const size_t o_barrier = ws.take(int64_t(p.gb) * kCounterStride, at::kInt);
+    const size_t o_dpbuf = ws.take(2 * rows * ldp, wdt);
+    const size_t o_dtbuf = proj ? ws.take(2 * rows * ldq, wdt) : 0;
     ws.mark_zeroed();
     const size_t o_dh = ws.take(B * P, acc), o_dc = ws.take(B * H, acc);
     ws.allocate(dy);
-    ws.view(o_dh, acc, {B, P}).copy_(dh_n);
-    ws.view(o_dc, acc, {B, H}).copy_(dc_n);
+    ws.view(o_dh, acc, {B, P}).copy_(dh_n.reshape({B, P}));
+    ws.view(o_dc, acc, {B, H}).copy_(dc_n.reshape({B, H}));
     LstmBwdArgs<Tt> a;
     a.dy = ptr<Tt>(dy);
     a.w_hh = ptr<Tt>(w);
@@ -337,19 +395,15 @@ Tensor4 lstm_bwd_cuda(const Tensor& dy, const Tensor& dh_n, const Tensor& dc_n, 
     a.dh_seq = proj ? ptr<Tt>(dh_seq) : nullptr;
     a.dh_state = ws.ptr<acc_t<Tt>>(o_dh);
     a.dc_state = ws.ptr<acc_t<Tt>>(o_dc);
-    a.dpbuf = ws.ptr<Tt>(o_dpbuf);
-    a.dtbuf = proj ? ws.ptr<Tt>(o_dtbuf) : nullptr;
+    a.dpbuf = ws.ptr<W>(o_dpbuf);
+    a.dtbuf = proj ? ws.ptr<W>(o_dtbuf) : nullptr;
     a.barrier = ws.ptr<unsigned int>(o_barrier);
     a.T_ = T; a.B = B; a.H = H; a.P = P;
-    a.ldp = ldp; a.ldq = ldq; a.dpbuf_stride = Bpad * ldp;
-    a.U = p.U; a.Up = p.Up; a.g_b = p.g_b; a.g_a = p.g_a;
+    a.ldp = ldp; a.ldq = ldq; a.dp_stride = rows * ldp; a.dt_stride = rows * ldq;
+    a.g = g;
     a.reverse = reverse ? 1 : 0;
-    launch_cooperative(lstm_bwd_kernel<Tt, Eng>, p.grid, kThreads, p.smem, a, dev, "lstm_bwd");
-    return true;
+    launch_cooperative(lstm_bwd_kernel<Tt, Eng, S>, p.grid, kThreads, p.smem, a, dev, "lstm_bwd", p.ctas_per_sm);
   });
-  TORCH_CHECK(launched, "fusedrnn CUDA lstm_bwd: hidden size H=", H, " (P=", P, ", dtype ", dt,
-              ") does not fit on chip; the limit on this device is H <= ",
-              max_hidden_size_cuda("LSTM", dt, device), " (max_hidden_size_cuda)");
   return {dxproj, dh0, dc0, dh_seq};
 }
 

@@ -12,6 +12,52 @@ from .backends import BACKENDS, available_backends
 from .modules import GRU, LSTM, GRUCell, LSTMCell, convert
 
 
+def max_hidden_size(mode: str, dtype, *, backend: str, proj_size: int = 0, device=None) -> int:
+    """Largest ``hidden_size`` whose recurrence (forward and backward) ``backend`` keeps on chip.
+
+    mode       "LSTM" or "GRU" (``proj_size`` is an LSTM option)
+    dtype      torch.float32, float64, bfloat16 or float16 (fp32 limits hold with and without TF32)
+    backend    "cuda" or "triton": the kernel backends with an on-chip limit (the others have none)
+    proj_size  LSTM projection size (0: none); the limit is for hidden sizes above it
+    device     None (the current CUDA device), a ``torch.device`` / index, or any object with the
+               attributes of ``torch.cuda.get_device_properties()`` (``name, major, minor,
+               multi_processor_count, shared_memory_per_block_optin,
+               shared_memory_per_multiprocessor, regs_per_multiprocessor,
+               max_threads_per_multi_processor, total_memory, L2_cache_size, warp_size``), so the
+               limits of an H100/H200/A100 are computed on a machine without a GPU
+               (``fusedrnn.backends.cuda.KNOWN_DEVICES`` holds those records).
+
+    Returns the limit in hidden units; 0 when no hidden size fits (e.g. proj_size too large).
+    Beyond it an explicit ``backend=`` raises ValueError naming this limit and ``backend="auto"``
+    falls back with a one-time warning.  Raises ValueError for an unknown mode, dtype or backend,
+    RuntimeError when ``device`` is None or a torch device and CUDA is not available, or when the
+    compiled extension (which holds the CUDA planner) is missing for ``backend="cuda"``.
+    """
+    import torch as _torch
+
+    if mode not in ("LSTM", "GRU"):
+        raise ValueError(f"fusedrnn.max_hidden_size: mode must be 'LSTM' or 'GRU', got {mode!r}")
+    if proj_size < 0 or (proj_size and mode != "LSTM"):
+        raise ValueError(f"fusedrnn.max_hidden_size: proj_size must be >= 0 and only for LSTM, got {proj_size}")
+    if dtype not in (_torch.float32, _torch.float64, _torch.bfloat16, _torch.float16):
+        raise ValueError(f"fusedrnn.max_hidden_size: unsupported dtype {dtype}")
+    if backend == "cuda":
+        from .backends import cuda as _cuda
+
+        return _cuda.max_hidden_size(mode, dtype, device, proj_size)
+    if backend == "triton":
+        from .backends import cuda as _cuda
+        from .backends.triton import _common as _tc
+
+        import types as _types
+
+        rec = _cuda.device_record(device)
+        info = _tc.info_from_properties(_types.SimpleNamespace(**rec))
+        return int(_tc.max_hidden_size(4 if mode == "LSTM" else 3, dtype, proj_size=proj_size, info=info))
+    raise ValueError(f"fusedrnn.max_hidden_size: backend must be 'cuda' or 'triton' (the kernel backends with an "
+                     f"on-chip limit), got {backend!r}")
+
+
 def _enable_dynamo_rnn() -> None:
     """Let torch.compile trace fusedrnn modules.
 
@@ -43,6 +89,7 @@ __all__ = [
     "GRUCell",
     "convert",
     "available_backends",
+    "max_hidden_size",
     "BACKENDS",
     "__version__",
 ]

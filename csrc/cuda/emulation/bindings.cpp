@@ -25,6 +25,21 @@ py::dict device_dict(const DeviceProps& p) {
   d["max_blocks_per_sm"] = p.max_blocks_per_sm;
   d["compute_capability"] = py::make_tuple(p.cc_major, p.cc_minor);
   d["index"] = p.id;
+  // What the planner reads (launch_emu.h device_limits), with torch.cuda.get_device_properties()'s
+  // names: fusedrnn.backends.cuda.device_record() takes it as it is.
+  py::dict r;
+  r["name"] = p.record_name;
+  r["major"] = p.cc_major;
+  r["minor"] = p.cc_minor;
+  r["multi_processor_count"] = p.sms;
+  r["shared_memory_per_block_optin"] = p.smem_optin;
+  r["shared_memory_per_multiprocessor"] = p.smem_per_sm;
+  r["regs_per_multiprocessor"] = p.regs_per_sm;
+  r["max_threads_per_multi_processor"] = p.max_threads_per_sm;
+  r["total_memory"] = p.total_memory;
+  r["L2_cache_size"] = p.l2_bytes;
+  r["warp_size"] = 32;
+  d["record"] = r;
   return d;
 }
 py::dict options_dict(const Options& o) {

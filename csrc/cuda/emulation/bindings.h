@@ -15,7 +15,7 @@ namespace fusedrnn_emu {
 // Adds set_device, device, set_options, options, kernel_launch_counts, reset_kernel_launch_counts.
 FUSEDRNN_EMU_API void add_bindings(pybind11::module_& m);
 
-// max_hidden_size_cuda of the emulated kernels on the emulated device.
-FUSEDRNN_EMU_API int64_t max_hidden_size(const std::string& mode, at::ScalarType dtype);
+// max_hidden_size_cuda of the emulated kernels on the emulated device (proj_size 0: none).
+FUSEDRNN_EMU_API int64_t max_hidden_size(const std::string& mode, at::ScalarType dtype, int64_t proj_size);
 
 }  // namespace fusedrnn_emu

@@ -41,6 +41,12 @@ struct alignas(16) float4 {
 struct alignas(8) float2 {
   float x, y;
 };
+struct alignas(16) double2 {
+  double x, y;
+};
+struct alignas(16) ulonglong2 {
+  unsigned long long x, y;
+};
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
 
 namespace fusedrnn {
@@ -84,7 +90,34 @@ inline T ld_nc(const T* p) {
 inline void red_add_release_gpu(unsigned int* p, unsigned int v) { fusedrnn_emu::red_add_release_gpu(p, v); }
 inline unsigned int ld_acquire_gpu(const unsigned int* p) { return fusedrnn_emu::ld_acquire_gpu(p); }
 
+// ld.relaxed.gpu / st.relaxed.gpu: strong (single-copy-atomic per element) accesses; the
+// emulator lets other blocks run when a thread polls (runtime.h).
+inline unsigned int ld_relaxed_gpu(const unsigned int* p) {
+  unsigned int v;
+  fusedrnn_emu::ld_relaxed_gpu(p, &v, 4, 4);
+  return v;
+}
+inline unsigned long long ld_relaxed_gpu(const unsigned long long* p) {
+  unsigned long long v;
+  fusedrnn_emu::ld_relaxed_gpu(p, &v, 8, 8);
+  return v;
+}
+inline uint4 ld_relaxed_gpu(const uint4* p) {
+  uint4 v;
+  fusedrnn_emu::ld_relaxed_gpu(p, &v, 16, 4);
+  return v;
+}
+inline ulonglong2 ld_relaxed_gpu(const ulonglong2* p) {
+  ulonglong2 v;
+  fusedrnn_emu::ld_relaxed_gpu(p, &v, 16, 8);
+  return v;
+}
+inline void st_relaxed_gpu(unsigned int* p, unsigned int v) { fusedrnn_emu::st_relaxed_gpu(p, &v, 4); }
+inline void st_relaxed_gpu(unsigned long long* p, unsigned long long v) { fusedrnn_emu::st_relaxed_gpu(p, &v, 8); }
+
 // ------------------------------------------------------------------------------ warp collectives
+inline void sync_warp() { fusedrnn_emu::sync_warp(); }
+
 template <typename T>
 inline T shfl_sync(unsigned mask, T v, int src_lane) {
   static_assert(sizeof(T) == 4 || sizeof(T) == 8, "shfl_sync: 4- or 8-byte values");
@@ -126,6 +159,18 @@ inline bf16 f32_to_bf16(float x) { return bf16{c10::detail::round_to_nearest_eve
 inline f16 f32_to_f16(float x) { return f16{c10::detail::fp16_ieee_from_fp32_value(x)}; }
 inline unsigned short bits(bf16 x) { return x.x; }
 inline unsigned short bits(f16 x) { return x.x; }
+inline bf16 bf16_from_bits(unsigned short u) { return bf16{u}; }
+inline f16 f16_from_bits(unsigned short u) { return f16{u}; }
+inline unsigned int float_as_uint(float f) {
+  unsigned int u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float uint_as_float(unsigned int u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max(int64_t a, int64_t b) { return a < b ? b : a; }

@@ -26,8 +26,8 @@ TORCH_LIBRARY_IMPL(fusedrnn_emu, CPU, m) {
 
 namespace fusedrnn_emu {
 
-int64_t max_hidden_size(const std::string& mode, at::ScalarType dtype) {
-  return fusedrnn_emu_kernels::max_hidden_size_cuda(mode, dtype, -1);
+int64_t max_hidden_size(const std::string& mode, at::ScalarType dtype, int64_t proj_size) {
+  return fusedrnn_emu_kernels::max_hidden_size_cuda(mode, dtype, -1, proj_size);
 }
 
 }  // namespace fusedrnn_emu

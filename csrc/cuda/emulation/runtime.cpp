@@ -63,16 +63,21 @@ DeviceProps preset(const std::string& name) {
   p.max_threads_per_sm = 2048;
   p.max_blocks_per_sm = 32;
   p.smem_reserved = 1024;
-  if (name == "H100" || name == "H200") {  // SXM: 132 SMs, 228 KB shared memory per SM, 227 KB per block
+  // cudaGetDeviceProperties of the SXM parts (the records of fusedrnn.backends.cuda.KNOWN_DEVICES).
+  if (name == "H100" || name == "H200") {  // 132 SMs, 228 KB shared memory per SM, 227 KB per block
     p.sms = 132;
     p.smem_per_sm = 233472;
     p.smem_optin = 232448;
     p.cc_major = 9;
+    p.total_memory = name == "H100" ? 85045166080LL : 150110011392LL;  // 80 GB HBM3 / 141 GB HBM3e
+    p.l2_bytes = 52428800;
   } else if (name == "A100") {  // 108 SMs, 164 KB per SM, 163 KB per block
     p.sms = 108;
     p.smem_per_sm = 167936;
     p.smem_optin = 166912;
     p.cc_major = 8;
+    p.total_memory = 85097971712LL;
+    p.l2_bytes = 41943040;
   } else {
     TORCH_CHECK(false, "fusedrnn CUDA emulation: unknown device ", name, " (H100, H200 or A100)");
   }
@@ -90,6 +95,10 @@ DeviceProps& device_unlocked() {
     return p;
   }();
   return d;
+}
+
+std::string record_name(const DeviceProps& p) {
+  return "emulated " + p.name + " with " + std::to_string(p.sms) + " SMs";
 }
 
 // A distinct device index per configuration: the host code caches limits per device index.
@@ -423,6 +432,9 @@ struct Fiber {
   bool started = false;
   bool polled = false;
   unsigned last_poll = 0;
+  // Addresses of this thread's ld.relaxed loads since it last ran on (ld_relaxed_gpu: polling).
+  uintptr_t relaxed[32];
+  int nrelaxed = 0;
   ThreadState ts;
 };
 
@@ -449,7 +461,7 @@ void remove_guards(Buffer* b) {
 
 // ===================================================================================== launches
 struct WarpOp {
-  int kind = 0;  // 1 shfl, 2 mma
+  int kind = 0;  // 1 shfl, 2 mma, 3 syncwarp (kWarpOpNames)
   MmaKind mma = MmaKind::kBf16;
   unsigned mask = 0;
   int src = 0;
@@ -459,6 +471,7 @@ struct WarpOp {
   uint32_t a[4] = {0, 0, 0, 0};
   uint32_t b0 = 0, b1 = 0;
 };
+const char* const kWarpOpNames[] = {"?", "shfl_sync", "mma.sync", "__syncwarp"};
 struct Warp {
   int arrived = 0;
   int first = -1;
@@ -484,6 +497,7 @@ struct Watched {
   std::vector<unsigned char> snap;
   std::vector<uint64_t> writer;   // per 2-byte granule: (block + 1) << 32 | epoch, 0 = not written
   std::vector<uint32_t> readers;  // per granule x block: epoch of the block's last ld_cg read
+  std::vector<uint8_t> strong;    // per granule: its last write was a st.relaxed (not a plain store)
   bool underrun_reported = false;
 };
 
@@ -564,11 +578,13 @@ void race(int kind, Watched& w, size_t granule, unsigned block, unsigned other, 
       "race: a cross-block ld.global.cg read of data another block wrote in the same barrier phase",
       "race: conflicting writes by two blocks in the same barrier phase",
       "race: a write to data another block reads (ld.global.cg) in the same barrier phase",
+      "race: a cross-block ld.relaxed read of data another block wrote with a plain (weak) store in the same "
+      "barrier phase",
   };
   Problem p;
   std::ostringstream head, tail;
   head << what[kind] << ", in " << L.where << ": block " << block;
-  head << (kind == 0 ? " read " : " wrote ");
+  head << (kind == 0 || kind == 3 ? " read " : " wrote ");
   p.head = head.str();
   p.buf = w.buf;
   p.offset = static_cast<int64_t>(w.begin + granule * 2) - static_cast<int64_t>(w.buf->data);
@@ -581,8 +597,8 @@ void race(int kind, Watched& w, size_t granule, unsigned block, unsigned other, 
 
 uint64_t writer_word(unsigned block, uint32_t epoch) { return (uint64_t(block) + 1) << 32 | epoch; }
 
-// Block b wrote 2-byte granule g of w (found by the diff).
-void on_write(Watched& w, size_t g, unsigned b) {
+// Block b wrote 2-byte granule g of w (found by the diff; strong: by st.relaxed).
+void on_write(Watched& w, size_t g, unsigned b, bool strong = false) {
   LaunchState& L = *g_launch;
   const uintptr_t addr = w.begin + g * 2;
   if (addr < w.buf->data) {
@@ -613,10 +629,16 @@ void on_write(Watched& w, size_t g, unsigned b) {
     }
   }
   w.writer[g] = writer_word(b, vc[b]);
+  if (strong || !w.strong.empty()) {
+    if (w.strong.empty()) w.strong.assign(w.writer.size(), 0);
+    w.strong[g] = strong ? 1 : 0;
+  }
 }
 
-// Every write block b made since its last flush: diff against the snapshot.
-void flush(Block& blk) {
+// Every write block b made since its last flush: diff against the snapshot.  Returns whether it
+// wrote anything (progress, for the deadlock detection of polling loops).
+bool flush(Block& blk) {
+  bool wrote = false;
   for (Watched& w : g_launch->watched) {
     const size_t n = w.end - w.begin;
     const unsigned char* cur = reinterpret_cast<const unsigned char*>(w.begin);
@@ -627,6 +649,7 @@ void flush(Block& blk) {
       std::memcpy(&x, cur + i, 8);
       std::memcpy(&y, snap + i, 8);
       if (x == y) continue;
+      wrote = true;
       for (size_t k = 0; k < 8; k += 2) {
         if (cur[i + k] != snap[i + k] || cur[i + k + 1] != snap[i + k + 1]) on_write(w, (i + k) / 2, blk.bid);
       }
@@ -634,11 +657,13 @@ void flush(Block& blk) {
     }
     for (; i < n; ++i) {
       if (cur[i] != snap[i]) {
+        wrote = true;
         on_write(w, i / 2, blk.bid);
         snap[i] = cur[i];
       }
     }
   }
+  return wrote;
 }
 
 // ----------------------------------------------------------------------------- fiber switching
@@ -668,6 +693,7 @@ void enter(Fiber* f) {
 // control returns to the scheduler.  Returns when this fiber is resumed.
 void suspend() {
   Fiber* me = g_cur;
+  me->nrelaxed = 0;  // the next load of any address is a fresh one
   Fiber* next = g_launch->abort ? nullptr : pop_runnable(me->ts.block);
   if (next) {
     start_if_fresh(next);
@@ -694,7 +720,7 @@ void fiber_main() {
   // Exited lanes can never join a warp collective their warp is waiting in.
   Warp& w = me->ts.block->warps[me->ts.tid >> 5];
   if (w.arrived > 0 && !g_launch->abort) {
-    fatal("warp collective (" + std::string(w.ops[w.first].kind == 1 ? "shfl_sync" : "mma.sync") +
+    fatal("warp collective (" + std::string(kWarpOpNames[w.ops[w.first].kind]) +
           ") that an exited lane never reaches: " + thread_str(me->ts) + " returned");
   }
   suspend();
@@ -761,11 +787,11 @@ std::string block_states(const Block& b) {
   for (const Fiber& f : b.fibers) n[static_cast<int>(f.st)]++;
   std::ostringstream os;
   os << "block " << b.bid << ": " << n[1] << " threads at __syncthreads, " << n[2] << " in a warp collective, "
-     << n[3] << " spinning on an acquire, " << n[4] << " exited";
+     << n[3] << " polling (ld.acquire / ld.relaxed), " << n[4] << " exited";
   for (size_t w = 0; w < b.warps.size(); ++w) {
     if (b.warps[w].arrived > 0) {
       os << "; warp " << w << " has " << b.warps[w].arrived << " lanes in "
-         << (b.warps[w].ops[b.warps[w].first].kind == 1 ? "shfl_sync" : "mma.sync");
+         << kWarpOpNames[b.warps[w].ops[b.warps[w].first].kind];
     }
   }
   return os.str();
@@ -782,7 +808,7 @@ void run_slice(Block& b) {
     g_cur = nullptr;
   }
   if (g_launch->abort) return;
-  flush(b);
+  if (flush(b)) g_launch->progress = true;
   const unsigned n = static_cast<unsigned>(b.fibers.size());
   int barrier = 0, spin = 0;
   for (const Fiber& x : b.fibers) {
@@ -1030,8 +1056,9 @@ void arrive(Warp& w, unsigned lane) {
     fatal("mma.sync in a partial warp");
     suspend();
   }
-  if (op.kind == 1 && op.mask != (lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1))) {
-    fatal("shfl_sync with a mask other than the full warp (not emulated): " + thread_str(me->ts));
+  if ((op.kind == 1 || op.kind == 3) && op.mask != (lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1))) {
+    fatal(std::string(kWarpOpNames[op.kind]) + " with a mask other than the full warp (not emulated): " +
+          thread_str(me->ts));
     suspend();
   }
   if (w.arrived == 0) {
@@ -1051,7 +1078,7 @@ void arrive(Warp& w, unsigned lane) {
     return;
   }
   if (op.kind == 2) compute_mma(w);
-  else compute_shfl(w, lanes);
+  else if (op.kind == 1) compute_shfl(w, lanes);
   w.arrived = 0;
   Fiber* lane0 = &b->fibers[wi * 32];
   for (int l = 0; l < lanes; ++l) {
@@ -1181,11 +1208,75 @@ unsigned ld_acquire_gpu(const unsigned* p) {
   return v;
 }
 
+void ld_relaxed_gpu(const void* p, void* out, unsigned bytes, unsigned elem) {
+  check_align(p, bytes, "ld.relaxed.gpu");
+  Fiber* me = g_cur;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  bool again = false;
+  for (int i = 0; i < me->nrelaxed; ++i) again |= me->relaxed[i] == a;
+  if (again) {  // polling: let the other blocks run first (the slice ends here)
+    me->st = FiberState::kSpin;
+    suspend();
+  }
+  if (me->nrelaxed == 32) me->nrelaxed = 0;
+  me->relaxed[me->nrelaxed++] = a;
+  LaunchState& L = *g_launch;
+  if (L.race_check) {
+    if (Watched* w = find_watched(a)) {
+      // A strong load of another block's plain store that it has not synchronised with is a data
+      // race in the PTX memory model (a strong store, or a synchronised plain one, is fine).
+      const unsigned b = g_thread->bid;
+      const std::vector<uint32_t>& vc = L.blocks[b]->vc;
+      const uintptr_t hi = std::min<uintptr_t>(a + bytes, w->end);
+      for (uintptr_t x = a & ~uintptr_t(1); x < hi && !w->writer.empty(); x += 2) {
+        const size_t g = (x - w->begin) / 2;
+        if (w->writer[g] == 0 || (!w->strong.empty() && w->strong[g])) continue;
+        const unsigned pb = static_cast<unsigned>(w->writer[g] >> 32) - 1;
+        const uint32_t pe = static_cast<uint32_t>(w->writer[g]);
+        if (pb != b && pe > vc[pb]) race(3, *w, g, b, pb, pe, vc[pb]);
+      }
+    }
+  }
+  (void)elem;  // each element is read whole: the emulator never tears a word
+  std::memcpy(out, p, bytes);
+}
+
+void st_relaxed_gpu(void* p, const void* v, unsigned bytes) {
+  check_align(p, bytes, "st.relaxed.gpu");
+  LaunchState& L = *g_launch;
+  const unsigned b = g_thread->bid;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  Watched* w = find_watched(a);
+  if (w && a + bytes <= w->end) {
+    // The block's plain writes so far are its own (diffed at the slice's end); record this one now
+    // as strong and keep it out of the diff.
+    for (unsigned k = 0; k < bytes; k += 2) on_write(*w, (a + k - w->begin) / 2, b, true);
+    std::memcpy(p, v, bytes);
+    std::memcpy(w->snap.data() + (a - w->begin), p, bytes);
+  } else {
+    std::memcpy(p, v, bytes);  // beyond a buffer: faults on the guard and is reported
+  }
+  L.progress = true;
+}
+
+void sync_warp() {
+  const unsigned tid = g_thread->tid;
+  Warp& w = g_cur->ts.block->warps[tid >> 5];
+  WarpOp& op = w.ops[tid & 31];
+  const unsigned wi = tid >> 5;
+  const unsigned lanes = std::min<unsigned>(32, g_block_dim - wi * 32);
+  op.kind = 3;
+  op.mask = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1);
+  op.bytes = 0;
+  arrive(w, tid & 31);
+}
+
 // ======================================================================================= devices
 const DeviceProps& device() {
   std::lock_guard<std::mutex> lock(g_state_mu);
   DeviceProps& d = device_unlocked();
   d.id = config_id(d);
+  d.record_name = record_name(d);
   return d;
 }
 
@@ -1197,6 +1288,7 @@ const DeviceProps& set_device(const std::string& name, int sms) {
   DeviceProps& d = device_unlocked();
   d = p;
   d.id = config_id(d);
+  d.record_name = record_name(d);
   return d;
 }
 

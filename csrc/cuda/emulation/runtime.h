@@ -65,14 +65,25 @@ FUSEDRNN_EMU_API void on_ld_cg(const void* p, unsigned bytes, unsigned align);
 FUSEDRNN_EMU_API void on_ld_nc(const void* p, unsigned bytes, unsigned align);
 FUSEDRNN_EMU_API void red_add_release_gpu(unsigned* p, unsigned v);
 FUSEDRNN_EMU_API unsigned ld_acquire_gpu(const unsigned* p);
+// ld.relaxed.gpu of `bytes` bytes (elements of `elem` bytes, each single-copy atomic) into *out.
+// A thread that loads an address again without having been suspended since its last load of it is
+// polling: it is suspended first, so the other blocks run.
+FUSEDRNN_EMU_API void ld_relaxed_gpu(const void* p, void* out, unsigned bytes, unsigned elem);
+// st.relaxed.gpu of one 4- or 8-byte word (a strong store: the race checker tells it from a plain
+// store, so a strong load of a plain store by an unsynchronised block is reported).
+FUSEDRNN_EMU_API void st_relaxed_gpu(void* p, const void* v, unsigned bytes);
+// __syncwarp() with the full mask: a warp collective without data.
+FUSEDRNN_EMU_API void sync_warp();
 
 // ------------------------------------------------------------------ device properties
-// What the planners ask (launch.cuh) plus what occupancy needs.  Presets: "H100", "H200", "A100"
-// with their real SM counts; `sms` overrides the count (a small count keeps tests fast while the
-// planners still build multi-block grids).
+// What the planner asks (launch.cuh builds its plan::DeviceRecord from these; names in brackets
+// are torch.cuda.get_device_properties()'s) plus what occupancy needs.  Presets: "H100", "H200",
+// "A100" with their real SM counts; `sms` overrides the count (a small count keeps tests fast while
+// the planners still build multi-block grids).
 struct DeviceProps {
   std::string name;
-  int sms = 0;
+  std::string record_name;      // [name]: "emulated H100 with 9 SMs"
+  int sms = 0;                  // [multi_processor_count]
   size_t smem_optin = 0;        // cudaDevAttrMaxSharedMemoryPerBlockOptin
   size_t smem_per_sm = 0;       // cudaDevAttrMaxSharedMemoryPerMultiprocessor
   size_t smem_reserved = 0;     // cudaDevAttrReservedSharedMemoryPerBlock
@@ -81,6 +92,8 @@ struct DeviceProps {
   int max_threads_per_sm = 0;
   int max_blocks_per_sm = 0;
   int cc_major = 0, cc_minor = 0;
+  int64_t total_memory = 0;     // [total_memory] (the cost model tells an H200 by its HBM)
+  int64_t l2_bytes = 0;         // [L2_cache_size]
   int id = 0;                   // the "device index" of this configuration (keys the host caches)
 };
 FUSEDRNN_EMU_API const DeviceProps& device();

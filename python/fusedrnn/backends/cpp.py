@@ -46,15 +46,16 @@ def _register_fakes(namespace: str) -> None:
     lib = namespace + "::"
 
     @torch.library.register_fake(lib + "lstm_fwd")
-    def _(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, allow_tf32):
+    def _(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, allow_tf32, save=True):
         T, B, G = xproj.shape
         H, P = G // 4, w_hh.shape[1]
+        acc = acc_dtype(xproj.dtype)
         return (
             xproj.new_empty((T, B, P)),
             xproj.new_empty((B, P)),
             xproj.new_empty((B, H)),
-            xproj.new_empty((T, B, G)),
-            xproj.new_empty((T, B, H), dtype=acc_dtype(xproj.dtype)),
+            xproj.new_empty((T, B, G) if save else (0,)),
+            xproj.new_empty((T, B, H) if save else (0,), dtype=acc),
         )
 
     @torch.library.register_fake(lib + "lstm_bwd")
@@ -64,10 +65,11 @@ def _register_fakes(namespace: str) -> None:
         return dy.new_empty((T, B, G)), dy.new_empty(dh_n.shape), dy.new_empty(dc_n.shape), dh_seq
 
     @torch.library.register_fake(lib + "gru_fwd")
-    def _(xproj, w_hh, b_hh, h0, lengths, reverse, allow_tf32):
+    def _(xproj, w_hh, b_hh, h0, lengths, reverse, allow_tf32, save=True):
         T, B, G = xproj.shape
         H = G // 3
-        return xproj.new_empty((T, B, H)), xproj.new_empty((B, H)), xproj.new_empty((T, B, 4 * H))
+        gates = xproj.new_empty((T, B, 4 * H) if save else (0,))
+        return xproj.new_empty((T, B, H)), xproj.new_empty((B, H)), gates
 
     @torch.library.register_fake(lib + "gru_bwd")
     def _(dy, dh_n, w_hh, h0, y, gates, lengths, reverse, allow_tf32):
@@ -126,8 +128,9 @@ def unsupported(cfg) -> Optional[str]:
 # The fusedrnn_ext ops dispatch on the tensors' device, so the cuda backend reuses these with
 # its TF32 flag (CPU kernels ignore allow_tf32).
 def lstm_fwd(xproj: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, c0: Tensor,
-             w_hr: Optional[Tensor], lengths: Optional[Tensor], reverse: bool, allow_tf32: bool = False):
-    return _ops().lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, allow_tf32)
+             w_hr: Optional[Tensor], lengths: Optional[Tensor], reverse: bool, allow_tf32: bool = False,
+             save: bool = True):
+    return _ops().lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, allow_tf32, save)
 
 
 def lstm_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], c0: Tensor,
@@ -136,8 +139,8 @@ def lstm_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, w_hh: Tensor, w_hr: Optiona
 
 
 def gru_fwd(xproj: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, lengths: Optional[Tensor],
-            reverse: bool, allow_tf32: bool = False):
-    return _ops().gru_fwd(xproj, w_hh, b_hh, h0, lengths, reverse, allow_tf32)
+            reverse: bool, allow_tf32: bool = False, save: bool = True):
+    return _ops().gru_fwd(xproj, w_hh, b_hh, h0, lengths, reverse, allow_tf32, save)
 
 
 def gru_bwd(dy: Tensor, dh_n: Tensor, w_hh: Tensor, h0: Tensor, y: Tensor, gates: Tensor,

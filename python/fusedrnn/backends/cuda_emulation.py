@@ -63,26 +63,17 @@ def ops():
     return torch.ops.fusedrnn_emu
 
 
-def max_hidden_size(mode: str, dtype: torch.dtype) -> int:
-    """Largest hidden size the emulated kernels keep on chip on the emulated device."""
-    return int(controls().max_hidden_size(_LIMIT_MODE.get(mode, mode), str(dtype).replace("torch.", "")))
+def device_record() -> dict:
+    """The emulated device as the planner sees it: a record with the keys of
+    ``fusedrnn.backends.cuda.RECORD_FIELDS`` (name "emulated H100 with 9 SMs", ...)."""
+    return dict(controls().device()["record"])
 
 
-def unsupported(cfg) -> Optional[str]:
-    """The cuda backend's limits for a CPU configuration under the emulation."""
-    if cfg.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        return f"dtype {cfg.dtype} is not supported (float32, float64, bfloat16, float16)"
-    if cfg.mode in ("LSTMCell", "GRUCell"):
-        return None
-    limit = max_hidden_size(cfg.mode, cfg.dtype)
-    if cfg.hidden_size > limit:
-        dev = controls().device()
-        return (
-            f"hidden_size={cfg.hidden_size} exceeds the largest hidden size the persistent CUDA kernels keep "
-            f"on chip for {cfg.mode} in {cfg.dtype} on the emulated {dev['name']} with {dev['sms']} SMs "
-            f"(max_hidden_size={limit})"
-        )
-    return None
+def max_hidden_size(mode: str, dtype: torch.dtype, proj_size: int = 0) -> int:
+    """Largest hidden size the emulated kernels keep on chip on the emulated device (the same
+    planner, fusedrnn/cuda_plan.h, as on a GPU)."""
+    return int(controls().max_hidden_size(_LIMIT_MODE.get(mode, mode), str(dtype).replace("torch.", ""),
+                                          int(proj_size)))
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from typing import List, Optional
 import torch
 
 from . import configs as C
-from . import harness, report
+from . import costmodel, harness, report
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="plain per-row lines instead of a progress bar")
     p.add_argument("--from-json", metavar="FILE",
                    help="run nothing: render the table / --markdown / --plot of an earlier --json file")
+    p.add_argument("--profile-steps", action="store_true",
+                   help="CUDA: after the suite, time the recurrence ops alone (T=1 vs T=N, inference vs "
+                        "training, backward) for every FUSEDRNN_CUDA_PLAN variant next to the cost model")
+    p.add_argument("--profile-T", type=int, default=1000, metavar="N", help="long sequence of --profile-steps")
     return p
 
 
@@ -84,6 +88,10 @@ def _write_reports(args, meta, rows, cfgs) -> None:
         print(f"wrote {args.ratios}")
     if args.markdown:
         report.write_markdown(args.markdown, meta, rows)
+        extra = costmodel.markdown(rows, meta.get("profile"))
+        if extra:
+            with open(args.markdown, "a") as f:
+                f.write(extra)
         print(f"wrote {args.markdown}")
     if args.plot:
         try:
@@ -233,9 +241,22 @@ def _run(args, argv: List[str]) -> int:
     rows = harness.run_suite(cfgs, backends, device, opts=opts, check=not args.no_check, seed=args.seed,
                              time_budget_s=args.time_budget, progress="lines" if args.no_progress else True,
                              on_config_done=checkpoint, counter=counter)
+    if args.profile_steps:
+        if device.type != "cuda":
+            print("fusedrnn.bench: --profile-steps needs a CUDA device", file=sys.stderr)
+        else:
+            meta["profile"] = costmodel.profile_steps(cfgs, device, steps=max(2, args.profile_T),
+                                                      tf32=harness.rnn_tf32_enabled())
     meta["elapsed_s"] = round(time.perf_counter() - t0, 2)
     print()
     print(report.format_table(rows))
+    cost = costmodel.cost_rows(rows)
+    if cost:
+        print("\nCUDA cost model (forward us per step: measured vs predicted terms)")
+        print(costmodel.format_rows(cost, costmodel.COST_COLUMNS))
+    if meta.get("profile"):
+        print("\nStep profile (recurrence ops alone, layer 0)")
+        print(costmodel.format_rows(meta["profile"], costmodel.PROFILE_COLUMNS))
     print(f"\n{len(rows)} rows in {meta['elapsed_s']:.1f} s")
     if args.json:
         report.write_json(args.json, meta, rows)

@@ -52,6 +52,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from ..backends import rnn_tf32_enabled
+from . import costmodel
 from .configs import BenchConfig
 
 # ====================================================================================== device rates
@@ -742,6 +743,7 @@ def finish_row(cfg: BenchConfig, row: dict, case: "Case", device: torch.device) 
             row["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - base) / _MIB
         row["tokens_per_s"] = row["tokens"] / (row["fwdbwd_ms"] * 1e-3)
         row["per_step_us"] = row["fwd_ms"] * 1e3 / _steps(cfg)
+        row.update(costmodel.row_prediction(cfg, backend, device, tf32))  # CUDA rows: the model's terms
         if row["floor_ms"]:
             row["fwd_over_floor"] = row["fwd_ms"] / row["floor_ms"]
             row["fwdbwd_over_floor"] = row["fwdbwd_ms"] / row["floor_fwdbwd_ms"]
