@@ -9,13 +9,17 @@ executed under a CUDA-semantics emulator (README, "CUDA emulation").  This file 
 * the kernel-level checks of test_cpp.py for every engine (bf16, fp16, TF32, fp32 FMA, fp64) and
   hostile shapes (H in 1, 3, 37, 129; B in 1, 5, 12, 17, 33; unsorted lengths with a zero length;
   reverse; bias-less; proj_size; T = 1) on a small emulated H100 (9 SMs) that still gives
-  multi-block grids, several batch passes and several m-tiles per block, and checks every
-  ``__global__`` kernel instantiation of csrc/cuda was launched;
-* the device records (the planners' limits on the emulated H200 equal the ones measured on the
-  real H200);
+  multi-block grids, batch groups, several batch passes and several m-tiles per block;
+* every planner variant (FUSEDRNN_CUDA_PLAN: legacy geometry and barrier, split barrier, flag
+  exchange, forced batch groups, the stepwise large-batch strategy) and the inference path
+  (``save=False``: the same y / h_n / c_n, nothing saved);
+* the launches against the planner (fusedrnn/cuda_plan.h): every persistent launch has the grid,
+  shared memory, engine and exchange protocol the planner computes from the emulated device record
+  (H100, H200, A100, also with a small SM count), and the device records are the real ones;
+* every ``__global__`` kernel instantiation compiled into the emulation is launched;
 * mutation sanity: a test-only build of deliberately broken kernels (a fragment layout, a grid
-  barrier, a double-buffer index, a bounds check, a __syncthreads, a barrier only some blocks
-  reach), each caught by the emulation.
+  barrier's wait, its acquire, a double-buffer index, a bounds check, a __syncthreads, an arrival
+  some blocks skip, a flag tag, an unchecked flag, a plain store in the flag exchange), each caught.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import sys
 import pytest
 import torch
 
+import fusedrnn
 from fusedrnn.backends import cuda, cuda_emulation as emu, rnn_tf32
 
 if emu.unavailable() is not None:
@@ -50,6 +55,8 @@ SMALL_SMS = 9
 def emulation(monkeypatch):
     """FUSEDRNN_CUDA_EMULATION=1 on a small emulated H100, fixed interleaving seed, checker on."""
     monkeypatch.setenv(emu.ENV_VAR, "1")
+    for var in ("FUSEDRNN_CUDA_PLAN", "FUSEDRNN_CUDA_GROUPS"):  # the planner's own choice unless a test says
+        monkeypatch.delenv(var, raising=False)
     with emu.emulated_device("H100", SMALL_SMS), emu.emulation_options(
         seed=0, race_check=True, block_order="random", thread_order="shuffle"
     ):
@@ -150,6 +157,16 @@ def test_backend_availability_follows_the_env_var(monkeypatch):
     assert cuda.unavailable() is None and cuda.unsupported(cfg) is None
     big = RecurrenceConfig("LSTM", "cpu", -1, torch.float32, 10_000)
     assert "max_hidden_size" in cuda.unsupported(big) and "emulated H100 with 9 SMs" in cuda.unsupported(big)
+    # proj_size counts in the fit (issue 8 item 9), on the emulated device too
+    limit = emu.max_hidden_size("LSTM", torch.bfloat16)
+    assert limit == cuda.max_hidden_size("LSTM", torch.bfloat16, emu.device_record())
+    plimit = emu.max_hidden_size("LSTM", torch.bfloat16, proj_size=16)
+    assert plimit == cuda.max_hidden_size("LSTM", torch.bfloat16, emu.device_record(), 16) > 16
+    assert cuda.unsupported(RecurrenceConfig("LSTM", "cpu", -1, torch.bfloat16, plimit, 16)) is None
+    assert "proj_size=16" in cuda.unsupported(RecurrenceConfig("LSTM", "cpu", -1, torch.bfloat16, plimit + 1, 16))
+    with emu.emulated_device("H100", 3):  # an explicit backend raises naming the limit
+        with pytest.raises(ValueError, match="max_hidden_size"):
+            fusedrnn.LSTM(4, 129, backend="cuda")(torch.randn(2, 1, 4))
     monkeypatch.delenv(emu.ENV_VAR)
     assert "CUDA" in cuda.unsupported(cfg)
     with pytest.raises(RuntimeError, match="FUSEDRNN_CUDA_EMULATION=1"):
@@ -169,51 +186,133 @@ def test_emulated_op_rejects_non_cpu_tensors():
 
 # ============================================================================ device records
 def test_device_records_match_the_real_devices():
-    """The emulated device answers the planners' questions as the GPU does.
+    """The emulated device answers the planner's questions as the GPU does.
 
-    Attributes: cudaGetDeviceProperties of H100/H200 (132 SMs, 227 KiB opt-in shared memory per
-    block, 228 KiB per SM) and A100 (108 SMs, 163 / 164 KiB).  Planner limits on the emulated
-    H200: equal to max_hidden_size measured on the real H200 (BENCHMARKS.md run 1: LSTM bf16
-    H = 1664, GRU bf16 H = 2112) - a change of the planners changes both."""
+    Its record (the fields of torch.cuda.get_device_properties() the planner reads) equals the
+    H100 / H200 / A100 records of fusedrnn.backends.cuda.KNOWN_DEVICES, so the emulated kernels'
+    limits equal fusedrnn.max_hidden_size for those devices (with and without proj_size), and a
+    small SM count scales them down."""
     c = emu.controls()
-    for name, sms, optin, per_sm in (("H100", 132, 232448, 233472), ("H200", 132, 232448, 233472),
-                                     ("A100", 108, 166912, 167936)):
+    for name, known in cuda.KNOWN_DEVICES.items():
         with emu.emulated_device(name) as d:
-            assert (d["sms"], d["smem_optin"], d["smem_per_sm"], d["regs_per_sm"]) == (sms, optin, per_sm, 65536)
+            rec = emu.device_record()
+            assert rec["name"] == f"emulated {name} with {known['multi_processor_count']} SMs"
+            assert {k: v for k, v in rec.items() if k != "name"} == {k: v for k, v in known.items() if k != "name"}
+            assert d["smem_optin"] == known["shared_memory_per_block_optin"]
+    for name in ("H200", "A100"):
+        with emu.emulated_device(name):
+            for mode, dtype, proj in (("LSTM", torch.bfloat16, 0), ("GRU", torch.float32, 0),
+                                      ("LSTM", torch.bfloat16, 1280), ("LSTM", torch.float64, 0)):
+                want = fusedrnn.max_hidden_size(mode, dtype, backend="cuda", proj_size=proj,
+                                                device=cuda.KNOWN_DEVICES[name])
+                assert emu.max_hidden_size(mode, dtype, proj) == want, (name, mode, dtype, proj)
     with emu.emulated_device("H200"):
-        assert c.max_hidden_size("LSTM", "bfloat16") == 1664
-        assert c.max_hidden_size("GRU", "bfloat16") == 2112
+        assert c.max_hidden_size("LSTM", "bfloat16") == 1664  # Run 1's measurement on the real H200
     with emu.emulated_device("H100", 4):  # the limits scale with the SM count
         assert 0 < c.max_hidden_size("LSTM", "bfloat16") < 1664 // 8
 
 
-def test_small_device_gives_multi_block_grids():
+def _kernel_name(pass_, dtype, tf32, plan):
+    """The emulator's name of the persistent kernel instantiation that runs `plan`."""
+    t = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "float", torch.float64: "double"}[dtype]
+    nt = plan["n_tiles"]
+    eng = {"mma16": f"MmaEngine16<{t}, {nt}>", "tf32": f"MmaEngineTF32<{nt}>", "fma32": "FmaEngine<float>",
+           "fma64": "FmaEngine<double>"}[plan["engine"]]
+    return f"{pass_}_kernel<{t}, {eng}, {1 if plan['sync'] == 'flags' else 0}>"
+
+
+def _plans(mode, dtype, tf32, H, B, P=0, variant="", groups=-1, train=True):
+    """{pass: plan} of the forward and backward on the emulated device (the planner of the kernels)."""
+    rec = emu.device_record()
+    return {f"{mode}_{d}": cuda.plan(f"{mode}_{d}", dtype, H, B, proj_size=P, device=rec, train=train or d == "bwd",
+                                     tf32=tf32, variant=variant, groups=groups)
+            for d in ("fwd", "bwd")}
+
+
+# (device, SMs, mode, dtype, TF32, H, B, P, FUSEDRNN_CUDA_PLAN, FUSEDRNN_CUDA_GROUPS)
+PLANNED = [
+    ("H100", SMALL_SMS, "lstm", torch.bfloat16, False, 37, 17, 0, "", -1),   # flags, 3 batch groups
+    ("H100", SMALL_SMS, "gru", torch.float32, False, 37, 17, 0, "", -1),     # FMA, barrier, 3 groups
+    ("H100", SMALL_SMS, "lstm", torch.float32, True, 129, 33, 0, "barrier", 2),
+    ("H100", SMALL_SMS, "lstm", torch.float16, False, 37, 17, 5, "legacy", -1),
+    ("H100", SMALL_SMS, "gru", torch.bfloat16, False, 17, 17, 0, "", -1),    # 2 n-tiles
+    ("H200", 0, "gru", torch.bfloat16, False, 64, 24, 0, "", -1),             # the full chip
+    ("A100", 0, "lstm", torch.bfloat16, False, 64, 24, 0, "", -1),
+    ("A100", 6, "lstm", torch.float64, False, 37, 9, 0, "", -1),
+]
+
+
+@pytest.mark.parametrize("name,sms,mode,dtype,tf32,H,B,P,variant,groups", PLANNED)
+def test_launches_follow_the_planner(monkeypatch, name, sms, mode, dtype, tf32, H, B, P, variant, groups):
+    """Every persistent launch has the grid, shared memory, engine, n-tiles and exchange protocol
+    that fusedrnn/cuda_plan.h computes from the emulated device's record."""
+    monkeypatch.setenv("FUSEDRNN_CUDA_PLAN", variant)
+    monkeypatch.setenv("FUSEDRNN_CUDA_GROUPS", str(max(groups, 0)))
+    if tf32:
+        monkeypatch.setitem(kernels.TOL, torch.float32, 2e-3)
     c = emu.controls()
-    c.clear_launch_log()
-    with rnn_tf32(False):
-        kernels.check_lstm(cuda, "cpu", torch.bfloat16, T=3, B=33, H=129)
-    persistent = [r for r in c.launch_log() if r["cooperative"]]
-    assert persistent and all(r["grid"] == SMALL_SMS for r in persistent), persistent
-    with emu.emulated_device("H100", 3):
-        with pytest.raises(ValueError, match="max_hidden_size"):
-            import fusedrnn
+    with emu.emulated_device(name, sms), rnn_tf32(tf32):
+        plans = _plans(mode, dtype, tf32, H, B, P, variant, groups)
+        c.clear_launch_log()
+        if mode == "lstm":
+            kernels.check_lstm(cuda, "cpu", dtype, T=2, B=B, H=H, P=P, lengths="unsorted")
+        else:
+            kernels.check_gru(cuda, "cpu", dtype, T=2, B=B, H=H, lengths="unsorted")
+        launched = [r for r in c.launch_log() if r["cooperative"]]
+    assert [r["kernel"] for r in launched] == [_kernel_name(p, dtype, tf32, plans[p]) for p in plans]
+    assert [(r["grid"], r["smem"]) for r in launched] == [(plans[p]["grid"], plans[p]["smem"]) for p in plans]
+    assert all(r["threads"] == 256 for r in launched)
 
-            fusedrnn.LSTM(4, 129, backend="cuda")(torch.randn(2, 1, 4))
+
+def test_planned_geometries_cover_the_design():
+    """PLANNED (above) runs multi-block grids, several batch groups, both exchange protocols, the
+    legacy plan and the FMA engine: the geometry the planner has, not just one point of it."""
+    seen = []
+    for name, sms, mode, dtype, tf32, H, B, P, variant, groups in PLANNED:
+        with emu.emulated_device(name, sms):
+            seen += list(_plans(mode, dtype, tf32, H, B, P, variant, groups).values())
+    assert any(p["batch_groups"] > 1 for p in seen) and any(p["unit_slices"] > 1 for p in seen)
+    assert {p["sync"] for p in seen} == {"flags", "barrier"} and any(p["legacy"] for p in seen)
+    assert {p["engine"] for p in seen} == {"mma16", "tf32", "fma32", "fma64"}
+    assert {p["n_tiles"] for p in seen} >= {1, 2, 4}
 
 
-def test_results_do_not_depend_on_the_interleaving():
-    """Correct kernels give bitwise the same results under every schedule the emulator tries."""
+def test_design_point_on_the_emulated_h200(monkeypatch):
+    """LSTM bf16 H=768 B=16 (issue 10's design point) forward on the full emulated H200: the grid
+    the planner chooses for the real H200 (KNOWN_DEVICES), and the right numbers."""
+    from fusedrnn.backends import reference
+
+    c = emu.controls()
+    x, w, b, h0, c0 = _lstm_inputs(torch.bfloat16, T=2, B=16, H=768)
+    want = cuda.plan("lstm_fwd", torch.bfloat16, 768, 16, device=cuda.KNOWN_DEVICES["H200"], train=False)
+    with emu.emulated_device("H200"), emu.emulation_options(race_check=False):
+        c.clear_launch_log()
+        y = torch.ops.fusedrnn_emu.lstm_fwd(x, w, b, h0, c0, None, None, False, False, False)
+        (r,) = c.launch_log()
+    assert (r["kernel"], r["grid"], r["smem"]) == (_kernel_name("lstm_fwd", torch.bfloat16, False, want),
+                                                   want["grid"], want["smem"])
+    assert want["grid"] >= 48  # the design: 48 or more of the 132 SMs work
+    ref = reference.lstm_fwd(*[t.double() for t in (x, w, b, h0, c0)], None, None, False)
+    for got, exp in zip(y[:3], ref[:3]):
+        assert _rel(got, exp) < 2e-2
+
+
+def test_results_do_not_depend_on_the_interleaving(monkeypatch):
+    """Correct kernels give bitwise the same results under every schedule the emulator tries, for
+    both exchange protocols."""
     x, w, b, h0, c0 = _lstm_inputs(torch.bfloat16, T=3, B=33, H=129)
     xg, wg, bg, _ = _gru_inputs(torch.bfloat16, T=3, B=33, H=129)
-    results = []
-    for block_order, thread_order, seed in (("random", "shuffle", 0), ("random", "shuffle", 7),
-                                            ("round_robin", "forward", 0), ("round_robin", "reverse", 0)):
-        with emu.emulation_options(block_order=block_order, thread_order=thread_order, seed=seed):
-            y = torch.ops.fusedrnn_emu.lstm_fwd(x, w, b, h0, c0, None, None, False, False)
-            g = torch.ops.fusedrnn_emu.gru_fwd(xg, wg, bg, h0, None, True, False)
-            results.append(list(y) + list(g))
-    for other in results[1:]:
-        assert all(torch.equal(a, o) for a, o in zip(results[0], other))
+    for variant in ("barrier", "flags"):
+        monkeypatch.setenv("FUSEDRNN_CUDA_PLAN", variant)
+        results = []
+        for block_order, thread_order, seed in (("random", "shuffle", 0), ("random", "shuffle", 7),
+                                                ("round_robin", "forward", 0), ("round_robin", "reverse", 0)):
+            with emu.emulation_options(block_order=block_order, thread_order=thread_order, seed=seed):
+                y = torch.ops.fusedrnn_emu.lstm_fwd(x, w, b, h0, c0, None, None, False, False)
+                g = torch.ops.fusedrnn_emu.gru_fwd(xg, wg, bg, h0, None, True, False)
+                results.append(list(y) + list(g))
+        for other in results[1:]:
+            assert all(torch.equal(a, o) for a, o in zip(results[0], other)), variant
 
 
 # ===================================================================== kernel-level checks
@@ -281,6 +380,95 @@ def test_kernels_cells(dtype, H):
     kernels.check_gru_cell(cuda, "cpu", dtype, B=5, H=H, bias=(False, True))
 
 
+# ================================================================ planner variants, stepwise
+VARIANTS = [("legacy", 0), ("barrier", 0), ("flags", 0), ("barrier", 3), ("flags", 2)]
+
+
+@pytest.mark.parametrize("variant,groups", VARIANTS, ids=[f"{v}-g{g}" for v, g in VARIANTS])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("mode,H,B,P", [("lstm", 37, 20, 0), ("gru", 37, 20, 0), ("lstm", 40, 9, 13)])
+def test_plan_variants(monkeypatch, variant, groups, dtype, mode, H, B, P):
+    """Every geometry and exchange protocol of the planner computes the same function (test_cpp's
+    GPU test_cuda_plan_variants, here through the emulation)."""
+    monkeypatch.setenv("FUSEDRNN_CUDA_PLAN", variant)
+    monkeypatch.setenv("FUSEDRNN_CUDA_GROUPS", str(groups))
+    monkeypatch.setattr(kernels, "_lengths", _lengths_with_zero)
+    tf32 = dtype == torch.float32 and variant == "flags"  # flags need tensor cores: TF32 for fp32
+    if tf32:
+        monkeypatch.setitem(kernels.TOL, torch.float32, 2e-3)
+    with rnn_tf32(tf32):
+        if mode == "lstm":
+            kernels.check_lstm(cuda, "cpu", dtype, T=3, B=B, H=H, P=P, lengths="unsorted", reverse=True)
+        else:
+            kernels.check_gru(cuda, "cpu", dtype, T=3, B=B, H=H, lengths="unsorted", reverse=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_stepwise_strategy(monkeypatch, dtype, mode, reverse):
+    """The large-batch strategy (stepwise.cu: per step a GEMM with an fp32 result, then the
+    pointwise kernel): forced with FUSEDRNN_CUDA_PLAN=stepwise, lengths unsorted with a zero."""
+    monkeypatch.setenv("FUSEDRNN_CUDA_PLAN", "stepwise")
+    monkeypatch.setattr(kernels, "_lengths", _lengths_with_zero)
+    c = emu.controls()
+    c.clear_launch_log()
+    check = kernels.check_lstm if mode == "lstm" else kernels.check_gru
+    check(cuda, "cpu", dtype, T=4, B=9, H=37, lengths="unsorted", reverse=reverse)
+    names = {r["kernel"].split("<")[0] for r in c.launch_log()}
+    assert names == {f"{mode}_step_fwd_kernel", f"{mode}_step_bwd_kernel"}, names
+
+
+# ============================================================== inference path (save=False)
+SAVE_CASES = [  # (mode, dtype, TF32, H, B, P, FUSEDRNN_CUDA_PLAN)
+    ("lstm", torch.bfloat16, False, 37, 17, 0, "flags"),
+    ("lstm", torch.bfloat16, False, 37, 17, 0, "barrier"),
+    ("lstm", torch.bfloat16, False, 37, 17, 0, "legacy"),
+    ("lstm", torch.float16, False, 37, 17, 0, "stepwise"),
+    ("lstm", torch.float32, False, 37, 17, 13, ""),
+    ("lstm", torch.float32, True, 37, 17, 13, "flags"),
+    ("lstm", torch.float64, False, 20, 5, 0, ""),
+    ("gru", torch.bfloat16, False, 37, 17, 0, "flags"),
+    ("gru", torch.bfloat16, False, 37, 17, 0, "barrier"),
+    ("gru", torch.bfloat16, False, 37, 17, 0, "stepwise"),
+    ("gru", torch.float32, False, 37, 17, 0, ""),
+    ("gru", torch.float64, False, 20, 5, 0, "legacy"),
+]
+
+
+@pytest.mark.parametrize("mode,dtype,tf32,H,B,P,variant", SAVE_CASES,
+                         ids=[f"{c[0]}-{str(c[1])[6:]}{'-tf32' if c[2] else ''}-P{c[5]}-{c[6] or 'auto'}"
+                              for c in SAVE_CASES])
+def test_save_false_gives_the_same_outputs(monkeypatch, mode, dtype, tf32, H, B, P, variant):
+    """save=False (inference) returns y, h_n (and c_n) identical to save=True and the saved
+    tensors as empty (0,) tensors of their dtypes; the kernels skip those stores."""
+    monkeypatch.setenv("FUSEDRNN_CUDA_PLAN", variant)
+    lens = _lengths_with_zero(B, 4, "unsorted")
+    ops = torch.ops.fusedrnn_emu
+    with rnn_tf32(tf32):
+        if mode == "lstm":
+            x, w, b, h0, c0 = _lstm_inputs(dtype, T=4, B=B, H=H)
+            wr = None
+            if P:
+                g = torch.Generator().manual_seed(5)
+                w = (torch.randn(4 * H, P, generator=g, dtype=torch.float64) * P ** -0.5).to(dtype)
+                wr = (torch.randn(P, H, generator=g, dtype=torch.float64) * H ** -0.5).to(dtype)
+                h0 = h0[:, :P].contiguous()
+            full = ops.lstm_fwd(x, w, b, h0, c0, wr, lens, True, tf32, True)
+            inf = ops.lstm_fwd(x, w, b, h0, c0, wr, lens, True, tf32, False)
+            n = 3
+        else:
+            x, w, b, h0 = _gru_inputs(dtype, T=4, B=B, H=H)
+            full = ops.gru_fwd(x, w, b, h0, lens, True, tf32, True)
+            inf = ops.gru_fwd(x, w, b, h0, lens, True, tf32, False)
+            n = 2
+    for a, o in zip(full[:n], inf[:n]):
+        assert torch.equal(a, o)
+    for saved, f in zip(inf[n:], full[n:]):
+        assert saved.shape == (0,) and saved.dtype == f.dtype and f.numel() > 0
+
+
+# ====================================================================== every kernel runs
 def _global_kernels():
     """Names of the __global__ functions of csrc/cuda/*.cu."""
     names = set()
@@ -290,94 +478,140 @@ def _global_kernels():
     return names
 
 
+def _compiled_kernel_instantiations():
+    """Every instantiation of a __global__ kernel of csrc/cuda compiled into the emulation (read
+    from the extension's symbol table: the template instantiations the kernels' dispatch makes)."""
+    globals_ = _global_kernels()
+    return {n for n in emu.controls().compiled_functions() if n.split("<")[0] in globals_}
+
+
+# Small configurations the instantiation test draws from, cheapest first: (SMs, FUSEDRNN_CUDA_PLAN,
+# H, B).  Which kernel each runs is the planner's choice on that device, asked before running.
+_SEARCH = [(sms, variant, H, B) for sms in (SMALL_SMS, 2) for variant in ("barrier", "flags", "legacy")
+           for H, B in ((3, 5), (17, 9), (17, 17), (3, 33), (17, 33))]
+_ENGINE_RUNS = [(torch.bfloat16, False), (torch.float16, False), (torch.float32, True), (torch.float32, False),
+                (torch.float64, False)]
+
+
 def test_every_kernel_instantiation_is_executed(monkeypatch):
-    """Every __global__ kernel of csrc/cuda, in every engine / dtype instantiation, runs here."""
+    """Every __global__ kernel of csrc/cuda, in every template instantiation compiled into the
+    emulation (engine, n-tiles, exchange protocol; storage type of the cells and the stepwise
+    kernels), is launched and checked against the fp64 reference here."""
     c = emu.controls()
-    c.reset_kernel_launch_counts()
+    compiled = _compiled_kernel_instantiations()
+    # every kernel of the source is compiled in (a kernel no dispatch instantiates would be dead)
+    assert {n.split("<")[0] for n in compiled} == _global_kernels()
     monkeypatch.setitem(kernels.TOL, torch.float32, 2e-3)  # TF32 runs among them
-    for _, dtype, tf32 in ENGINES:
-        with rnn_tf32(tf32):
-            for B in (5, 12, 17):  # 1, 2 and 4 n-tiles
-                kernels.check_lstm(cuda, "cpu", dtype, T=2, B=B, H=3, lengths="none")
-                kernels.check_gru(cuda, "cpu", dtype, T=2, B=B, H=3, lengths="none")
-        if not tf32:
-            kernels.check_lstm_cell(cuda, "cpu", dtype, B=2, H=3)
-            kernels.check_gru_cell(cuda, "cpu", dtype, B=2, H=3)
-    launched = set(c.kernel_launch_counts())
-    expected = set()
-    tensor_core = [f"MmaEngine16<{t}, {nt}>" for t in ("bf16", "f16") for nt in (1, 2, 4)]
-    tensor_core += [f"MmaEngineTF32<{nt}>" for nt in (1, 2, 4)]
-    for k in ("lstm_fwd_kernel", "lstm_bwd_kernel", "gru_fwd_kernel", "gru_bwd_kernel"):
-        for eng in tensor_core:
-            t = "bf16" if "bf16" in eng else "f16" if "f16" in eng else "float"
-            expected.add(f"{k}<{t}, {eng}>")
-        expected.add(f"{k}<float, FmaEngine<float>>")
-        expected.add(f"{k}<double, FmaEngine<double>>")
-    for k in ("lstm_cell_fwd_kernel", "lstm_cell_bwd_kernel", "gru_cell_fwd_kernel", "gru_cell_bwd_kernel"):
-        for t in ("bf16", "f16", "float", "double"):
-            expected.add(f"{k}<{t}>")
-    assert expected <= launched, sorted(expected - launched)
-    # ... and that is every __global__ kernel of the source.
-    assert {name.split("<")[0] for name in expected} == _global_kernels()
+    c.reset_kernel_launch_counts()
+    for dtype in kernels.DTYPES:
+        kernels.check_lstm_cell(cuda, "cpu", dtype, B=2, H=3)
+        kernels.check_gru_cell(cuda, "cpu", dtype, B=2, H=3)
+    monkeypatch.setenv("FUSEDRNN_CUDA_PLAN", "stepwise")
+    for dtype in (torch.bfloat16, torch.float16):
+        kernels.check_lstm(cuda, "cpu", dtype, T=2, B=5, H=3, lengths="unsorted")
+        kernels.check_gru(cuda, "cpu", dtype, T=2, B=5, H=3, lengths="unsorted")
+    missing = compiled - set(c.kernel_launch_counts())
+    for sms, variant, H, B in _SEARCH:
+        monkeypatch.setenv("FUSEDRNN_CUDA_PLAN", variant)
+        with emu.emulated_device("H100", sms):
+            for dtype, tf32 in _ENGINE_RUNS:
+                for mode in ("lstm", "gru"):
+                    plans = _plans(mode, dtype, tf32, H, B, variant=variant)
+                    if not {_kernel_name(p, dtype, tf32, plans[p]) for p in plans} & missing:
+                        continue
+                    with rnn_tf32(tf32):
+                        check = kernels.check_lstm if mode == "lstm" else kernels.check_gru
+                        check(cuda, "cpu", dtype, T=2, B=B, H=H, lengths="unsorted")
+                    missing -= set(c.kernel_launch_counts())
+    assert not missing, sorted(missing)
+    assert set(c.kernel_launch_counts()) == compiled
 
 
 # ====================================================================== mutation sanity
 # Each mutation is one exact text replacement in the kernel source; if the source no longer
 # contains the text, the kernels changed and the mutation must be updated (the test fails).
+# name: (test-only build it goes into, file mutated, old text, new text).  A build compiles the
+# kernel files of its ops once (parsing ATen and instantiating the kernels dominate CI's time), so
+# mutations share a build where they cannot meet: different files of different ops, or parts of
+# common.cuh no test of the other mutation runs (noted per test).
 MUTATIONS = {
     # a1 and a2 registers of the m16n8k16 A fragment swapped (the m16n8k8 order)
-    "fragment": ("common.cuh", "lstm_fwd.cu",
+    "fragment": ("common_a", "common.cuh",
                  "      v.y = pack(row + 8, k);      // a1: row g+8\n      v.z = pack(row, k + 2);  ",
                  "      v.y = pack(row, k + 2);      // a1: row g+8\n      v.z = pack(row + 8, k);  "),
-    # the grid barrier at the end of each step left out
-    "barrier": ("lstm_fwd.cu", "lstm_fwd.cu",
-                "      prefetch(a.reverse ? t - 1 : t + 1);\n      grid_barrier(a.barrier, target);",
+    # flag exchange of fp32 (TF32 engine): a plain (weak) store instead of st.relaxed
+    "flag_weak": ("common_a", "common.cuh",
+                  "    dev::st_relaxed_gpu(p, (static_cast<unsigned long long>(tag) << 32) | float_bits(v));",
+                  "    *p = (static_cast<unsigned long long>(tag) << 32) | float_bits(v);"),
+    # the acquire after the split barrier's relaxed spin left out
+    "acquire": ("common_b", "common.cuh",
+                "        (void)dev::ld_acquire_gpu(counter);  // synchronises with every arrival (release sequence)\n",
+                ""),
+    # flag exchange of 16-bit words: readers take them without checking their tags
+    "flag_check": ("common_b", "common.cuh",
+                   "    for (int e = 0; e < 8; ++e) ok &= (e >= nvalid) | ((w[e] >> 16) == tag);",
+                   "    for (int e = 0; e < 8; ++e) ok &= (e >= nvalid) | true;"),
+    # the split barrier's wait left out (arrive stays): the next step reads unpublished h
+    "barrier": ("files_a", "lstm_fwd.cu",
+                "      prefetch(a.reverse ? t - 1 : t + 1);\n      sync.wait();",
                 "      prefetch(a.reverse ? t - 1 : t + 1);"),
     # the double buffer of h collapsed to one buffer (h_t written where h_{t-1} is still read)
-    "buffer": ("gru_fwd.cu", "gru_fwd.cu",
-               "T* hnxt = a.hbuf + ((s + 1) & 1) * a.hbuf_stride;",
-               "T* hnxt = a.hbuf + (s & 1) * a.hbuf_stride;"),
+    "buffer": ("files_a", "gru_fwd.cu",
+               "W* hnxt = hbuf + ((s + 1) & 1) * a.hbuf_stride;",
+               "W* hnxt = hbuf + (s & 1) * a.hbuf_stride;"),
     # the bounds check of the LSTM cell kernel off by one
-    "bounds": ("cells.cu", "cells.cu",
+    "bounds": ("files_a", "cells.cu",
                "  if (idx >= B * H) return;\n  const int64_t b = idx / H, u = idx % H, G = 4 * H;\n  A pre[4];",
                "  if (idx > B * H) return;\n  const int64_t b = idx / H, u = idx % H, G = 4 * H;\n  A pre[4];"),
     # no __syncthreads between staging W_hh in shared memory and the first GEMM
-    "syncthreads": ("lstm_fwd.cu", "lstm_fwd.cu",
-                    "  dev::sync_threads();\n\n  const int rows_hh = a.g_hh.MT * 16, rows_hr = a.g_hr.MT * 16;",
-                    "\n  const int rows_hh = a.g_hh.MT * 16, rows_hr = a.g_hr.MT * 16;"),
-    # a grid barrier block 0 never reaches
-    "deadlock": ("gru_fwd.cu", "gru_fwd.cu",
-                 "      prefetch(a.reverse ? t - 1 : t + 1);\n      grid_barrier(a.barrier, target);",
-                 "      prefetch(a.reverse ? t - 1 : t + 1);\n      if (dev::block_idx() != 0) grid_barrier(a.barrier, target);"),
+    "syncthreads": ("files_b", "lstm_fwd.cu",
+                    "  dev::sync_threads();\n\n  const int rows_hh = g.a.MT * 16, rows_hr = g.b.MT * 16;",
+                    "\n  const int rows_hh = g.a.MT * 16, rows_hr = g.b.MT * 16;"),
+    # block 0 never arrives at the grid barrier the others wait in (barrier protocol only)
+    "deadlock": ("files_b", "gru_fwd.cu",
+                 "    if (s + 1 < a.T_) sync.arrive();",
+                 "    if (s + 1 < a.T_ && dev::block_idx() != 0) sync.arrive();"),
+    # flag exchange: h_t published with the tag of step t-1 (readers wait for a tag never written;
+    # the tags mean nothing to the barrier protocol)
+    "flag_tag": ("files_b", "gru_fwd.cu",
+                 "const uint32_t tag_h = X::tag(s), tag_n = X::tag(s + 1);",
+                 "const uint32_t tag_h = X::tag(s), tag_n = X::tag(s);"),
 }
-OP_OF_FILE = {"lstm_fwd.cu": ["lstm_fwd"], "gru_fwd.cu": ["gru_fwd"], "cells.cu": ["lstm_cell_fwd"]}
+# the ops each test-only build exposes; each op's translation unit needs its kernel file and the
+# stepwise strategy it may call
+MUTANT_OPS = {"common_a": ["lstm_fwd", "gru_fwd"], "common_b": ["gru_fwd"],
+              "files_a": ["lstm_fwd", "gru_fwd", "lstm_cell_fwd"], "files_b": ["lstm_fwd", "gru_fwd"]}
+FILES_OF_OP = {"lstm_fwd": ["lstm_fwd.cu", "stepwise.cu"], "gru_fwd": ["gru_fwd.cu", "stepwise.cu"],
+               "lstm_cell_fwd": ["cells.cu"]}
 
 
 @pytest.fixture(scope="module")
 def mutants(tmp_path_factory):
-    """The test-only build: each mutation applied to a copy of csrc, its kernel file compiled for
-    the emulation into its own namespace, all in one extension with its own emulator runtime."""
+    """The test-only builds: the mutations applied to copies of csrc, each build's kernel files
+    compiled for the emulation into its own namespace (one translation unit each), all in one
+    extension with its own emulator runtime.  Returns (its controls, {mutation: torch.ops namespace})."""
     from torch.utils import cpp_extension
 
     build = tmp_path_factory.mktemp("mutants")
     emu_src = ROOT / "csrc" / "cuda" / "emulation"
     sources = [str(emu_src / "runtime.cpp"), str(emu_src / "bindings.cpp")]
-    for name, (target, kernel_file, old, new) in MUTATIONS.items():
+    for name, ops in MUTANT_OPS.items():
         tree = build / name
         shutil.copytree(ROOT / "csrc", tree / "csrc")
-        path = tree / "csrc" / "cuda" / target
-        text = path.read_text()
-        assert text.count(old) == 1, f"mutation {name!r}: its text is not (once) in csrc/cuda/{target}; update it"
-        path.write_text(text.replace(old, new))
+        for mutation, (where, target, old, new) in MUTATIONS.items():
+            if where != name:
+                continue
+            path = tree / "csrc" / "cuda" / target
+            text = path.read_text()
+            assert text.count(old) == 1, f"mutation {mutation!r}: its text is not (once) in csrc/cuda/{target}; update it"
+            path.write_text(text.replace(old, new))
         ns = f"fusedrnn_mutant_{name}"
-        ops = OP_OF_FILE[kernel_file]
+        files = list(dict.fromkeys(f for op in ops for f in FILES_OF_OP[op]))
         wrapper = tree / "csrc" / "cuda" / "emulation" / f"mutant_{name}.cpp"  # object files are named by basename
-        # the whole op set of csrc/cuda (its files reference each other: max_hidden_size_cuda),
-        # one file mutated; one translation unit per mutant (parsing ATen dominates its build)
         wrapper.write_text(
             f"#define FUSEDRNN_EMU_NAMESPACE {ns}\n"
             '#include "kernel_tu.h"\n'
-            + "".join(f'#include "../{f.name}"\n' for f in sorted((tree / "csrc" / "cuda").glob("*.cu")))
+            + "".join(f'#include "../{f}"\n' for f in files)
             + "#undef fusedrnn\n"
             "#include <torch/library.h>\n"
             '#include "ops_emu.h"\n'
@@ -397,7 +631,7 @@ def mutants(tmp_path_factory):
         if shutil.which("ninja") is None:  # pip's ninja sits next to the venv's interpreter
             mp.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
         controls = _load_mutants(cpp_extension, sources, emu_src, build)
-    return controls, {name: getattr(torch.ops, f"fusedrnn_mutant_{name}") for name in MUTATIONS}
+    return controls, {m: getattr(torch.ops, f"fusedrnn_mutant_{where}") for m, (where, *_) in MUTATIONS.items()}
 
 
 def _load_mutants(cpp_extension, sources, emu_src, build):
@@ -436,56 +670,73 @@ def _gru_inputs(dtype, T=4, B=33, H=129, seed=0):
     return [t.to(dtype) for t in (x, w, b, h0)]
 
 
-def _mutant_setup(mutants):
+def _mutant_setup(mutants, monkeypatch, plan):
+    """The mutants' emulator on the small H100, fixed seed, checker on; FUSEDRNN_CUDA_PLAN=plan."""
     controls, ops = mutants
     controls.set_device("H100", SMALL_SMS)
     controls.set_options(seed=0, race_check=True, block_order="random", thread_order="shuffle")
+    monkeypatch.setenv("FUSEDRNN_CUDA_PLAN", plan)
     return controls, ops
 
 
-def test_mutation_fragment_layout_gives_wrong_numbers(mutants):
-    """A1/a2 swapped in the A fragment: the warp-level fragment exchange computes the GEMM the
-    hardware would, so the numbers are wrong (and nothing else is reported)."""
+def _lstm_ref(x, w, b, h0, c0):
     from fusedrnn.backends import reference
 
-    controls, ops = _mutant_setup(mutants)
+    return reference.lstm_fwd(*[t.double() for t in (x, w, b, h0, c0)], None, None, False)[0]
+
+
+def _gru_ref(x, w, b, h0):
+    from fusedrnn.backends import reference
+
+    return reference.gru_fwd(*[t.double() for t in (x, w, b, h0)], None, False)[0]
+
+
+@pytest.mark.parametrize("plan", ["barrier", "flags"])
+def test_mutation_fragment_layout_gives_wrong_numbers(mutants, monkeypatch, plan):
+    """A1/a2 swapped in the A fragment: the warp-level fragment exchange computes the GEMM the
+    hardware would, so the numbers are wrong (and nothing else is reported)."""
+    controls, ops = _mutant_setup(mutants, monkeypatch, plan)
     x, w, b, h0, c0 = _lstm_inputs(torch.bfloat16, B=5, H=37)
-    y = ops["fragment"].lstm_fwd(x, w, b, h0, c0, None, None, False, False)[0]
-    ref = reference.lstm_fwd(*[t.double() for t in (x, w, b, h0, c0)], None, None, False)[0]
+    y = ops["fragment"].lstm_fwd(x, w, b, h0, c0, None, None, False, False, True)[0]
     good = torch.ops.fusedrnn_emu.lstm_fwd(x, w, b, h0, c0, None, None, False, False)[0]
+    ref = _lstm_ref(x, w, b, h0, c0)
     assert _rel(good, ref) < 2e-2
     assert _rel(y, ref) > 0.1, _rel(y, ref)
 
 
-def test_mutation_missing_grid_barrier_is_caught(mutants):
-    from fusedrnn.backends import reference
-
-    controls, ops = _mutant_setup(mutants)
+def test_mutation_missing_barrier_wait_is_caught(mutants, monkeypatch):
+    controls, ops = _mutant_setup(mutants, monkeypatch, "barrier")
     x, w, b, h0, c0 = _lstm_inputs(torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"race: a cross-block ld\.global\.cg read .* lstm_fwd_kernel"):
-        ops["barrier"].lstm_fwd(x, w, b, h0, c0, None, None, False, False)
+        ops["barrier"].lstm_fwd(x, w, b, h0, c0, None, None, False, False, True)
     # the interleaving of the blocks alone (checker off) already gives wrong numbers
     controls.set_options(race_check=False)
-    y = ops["barrier"].lstm_fwd(x, w, b, h0, c0, None, None, False, False)[0]
-    ref = reference.lstm_fwd(*[t.double() for t in (x, w, b, h0, c0)], None, None, False)[0]
-    assert _rel(y, ref) > 2e-2, _rel(y, ref)
+    y = ops["barrier"].lstm_fwd(x, w, b, h0, c0, None, None, False, False, True)[0]
+    assert _rel(y, _lstm_ref(x, w, b, h0, c0)) > 2e-2
 
 
-def test_mutation_single_buffer_is_caught(mutants):
-    from fusedrnn.backends import reference
+def test_mutation_missing_acquire_is_caught(mutants, monkeypatch):
+    """The relaxed spin sees every arrival but, without the acquire after it, synchronises with
+    none: the emulator's memory is sequentially consistent (the numbers come out right), the
+    checker's vector clocks are not, so the next step's reads are reported."""
+    controls, ops = _mutant_setup(mutants, monkeypatch, "barrier")
+    x, w, b, h0 = _gru_inputs(torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"race: a cross-block ld\.global\.cg read .* gru_fwd_kernel"):
+        ops["acquire"].gru_fwd(x, w, b, h0, None, False, False, True)
 
-    controls, ops = _mutant_setup(mutants)
+
+def test_mutation_single_buffer_is_caught(mutants, monkeypatch):
+    controls, ops = _mutant_setup(mutants, monkeypatch, "barrier")
     x, w, b, h0 = _gru_inputs(torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"race: .*gru_fwd_kernel"):
-        ops["buffer"].gru_fwd(x, w, b, h0, None, False, False)
+        ops["buffer"].gru_fwd(x, w, b, h0, None, False, False, True)
     controls.set_options(race_check=False)
-    y = ops["buffer"].gru_fwd(x, w, b, h0, None, False, False)[0]
-    ref = reference.gru_fwd(*[t.double() for t in (x, w, b, h0)], None, False)[0]
-    assert _rel(y, ref) > 2e-2, _rel(y, ref)
+    y = ops["buffer"].gru_fwd(x, w, b, h0, None, False, False, True)[0]
+    assert _rel(y, _gru_ref(x, w, b, h0)) > 2e-2
 
 
-def test_mutation_out_of_bounds_is_reported(mutants):
-    controls, ops = _mutant_setup(mutants)
+def test_mutation_out_of_bounds_is_reported(mutants, monkeypatch):
+    controls, ops = _mutant_setup(mutants, monkeypatch, "")
     B, H = 3, 5  # 15 threads of one block: thread 15 reads one element past every (B, 4H) input
     ig, hg, c = torch.randn(B, 4 * H), torch.randn(B, 4 * H), torch.randn(B, H)
     with pytest.raises(RuntimeError) as e:
@@ -495,15 +746,47 @@ def test_mutation_out_of_bounds_is_reported(mutants):
                      r"input 'igates' \(Float\[3, 20\]\) at element 60 \(it has 60\)", msg), msg
 
 
-def test_mutation_missing_syncthreads_reads_poisoned_shared_memory(mutants):
-    controls, ops = _mutant_setup(mutants)
+def test_mutation_missing_syncthreads_reads_poisoned_shared_memory(mutants, monkeypatch):
+    # barrier protocol: a lane's first suspension is its first mma.sync, after it read its W
+    # fragments (the flag protocol's __syncwarp before it lets the whole block stage first)
+    controls, ops = _mutant_setup(mutants, monkeypatch, "barrier")
     x, w, b, h0, c0 = _lstm_inputs(torch.bfloat16, B=5, H=37)
-    y = ops["syncthreads"].lstm_fwd(x, w, b, h0, c0, None, None, False, False)[0]
+    y = ops["syncthreads"].lstm_fwd(x, w, b, h0, c0, None, None, False, False, True)[0]
     assert torch.isnan(y.float()).any()  # W_hh read before it was staged: NaN-poisoned shared memory
 
 
-def test_mutation_unreached_barrier_is_a_deadlock_not_a_hang(mutants):
-    controls, ops = _mutant_setup(mutants)
+def test_mutation_unreached_barrier_is_a_deadlock_not_a_hang(mutants, monkeypatch):
+    controls, ops = _mutant_setup(mutants, monkeypatch, "barrier")
     x, w, b, h0 = _gru_inputs(torch.bfloat16, B=5, H=37)
     with pytest.raises(RuntimeError, match="deadlock: every block waits"):
-        ops["deadlock"].gru_fwd(x, w, b, h0, None, False, False)
+        ops["deadlock"].gru_fwd(x, w, b, h0, None, False, False, True)
+
+
+def test_mutation_wrong_flag_tag_is_a_deadlock_not_a_hang(mutants, monkeypatch):
+    """Flag exchange: readers poll for a tag no writer stores; every block ends up polling."""
+    controls, ops = _mutant_setup(mutants, monkeypatch, "flags")
+    x, w, b, h0 = _gru_inputs(torch.bfloat16, B=5, H=37)
+    with pytest.raises(RuntimeError, match=r"deadlock: every block waits.*polling"):
+        ops["flag_tag"].gru_fwd(x, w, b, h0, None, False, False, True)
+
+
+def test_mutation_unchecked_flags_give_wrong_numbers(mutants, monkeypatch):
+    """Flag exchange without the tag check: blocks interleaved by the emulator read words of a
+    step their writers have not reached (the zeroed buffer, or two steps old)."""
+    controls, ops = _mutant_setup(mutants, monkeypatch, "flags")
+    x, w, b, h0 = _gru_inputs(torch.bfloat16)
+    y = ops["flag_check"].gru_fwd(x, w, b, h0, None, False, False, True)[0]
+    assert _rel(y, _gru_ref(x, w, b, h0)) > 2e-2, _rel(y, _gru_ref(x, w, b, h0))
+
+
+def test_mutation_weak_store_in_flag_exchange_is_caught(mutants, monkeypatch):
+    """A plain store where the flag protocol needs st.relaxed: on the GPU a data race with the
+    readers' ld.relaxed (no single-copy atomicity, may be torn or stale); the numbers come out
+    right here, the checker reports it."""
+    controls, ops = _mutant_setup(mutants, monkeypatch, "flags")
+    x, w, b, h0 = _gru_inputs(torch.float32, B=12, H=37)  # TF32: 64-bit flag words
+    plan = cuda.plan("gru_fwd", torch.float32, 37, 12, device=emu.device_record(), tf32=True, variant="flags")
+    assert plan["sync"] == "flags" and plan["grid"] > 1
+    with pytest.raises(RuntimeError, match=r"race: a cross-block ld\.relaxed read of data another block wrote with "
+                                           r"a plain \(weak\) store.*gru_fwd_kernel<float, MmaEngineTF32"):
+        ops["flag_weak"].gru_fwd(x, w, b, h0, None, False, True, True)

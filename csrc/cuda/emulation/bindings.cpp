@@ -1,6 +1,7 @@
 // Python bindings of the emulator's controls (fusedrnn._C.emulation; also used by the
 // test-only mutant builds of tests/test_cuda_emulation.py, which carry their own runtime).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <c10/util/Exception.h>
 
@@ -92,6 +93,9 @@ void add_bindings(py::module_& m) {
     return d;
   }, "dict: emulated kernel (short name) -> number of launches since the last reset");
   m.def("reset_kernel_launch_counts", &reset_kernel_launch_counts);
+  m.def("compiled_functions", &compiled_functions, py::arg("ns") = "fusedrnn_emu_kernels",
+        "short names of the void functions of namespace ns in this extension (the kernel instantiations "
+        "that exist, among helpers)");
   m.def("launch_log", [] {
     py::list out;
     for (const LaunchRecord& r : launch_log()) {

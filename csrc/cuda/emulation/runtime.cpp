@@ -250,8 +250,40 @@ std::string short_kernel_name(std::string s) {
   return out;
 }
 
-// Local (static, anonymous-namespace) functions are not in the dynamic symbol table: read the
-// ELF .symtab of the shared object that holds the kernel.
+// Function symbols (address relative to the object's load base -> mangled name) of a shared
+// object's ELF .symtab and .dynsym: local (static, anonymous-namespace) functions are not in the
+// dynamic symbol table.
+std::map<uintptr_t, std::string> read_function_symbols(const char* path) {
+  std::map<uintptr_t, std::string> syms;
+  const int fd = open(path, O_RDONLY);
+  struct stat st {};
+  if (fd >= 0 && fstat(fd, &st) == 0 && static_cast<size_t>(st.st_size) > sizeof(Elf64_Ehdr)) {
+    void* m = mmap(nullptr, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (m != MAP_FAILED) {
+      const auto* base = static_cast<const unsigned char*>(m);
+      const auto* eh = reinterpret_cast<const Elf64_Ehdr*>(base);
+      if (std::memcmp(eh->e_ident, ELFMAG, SELFMAG) == 0 && eh->e_ident[EI_CLASS] == ELFCLASS64 &&
+          eh->e_shoff + size_t(eh->e_shnum) * sizeof(Elf64_Shdr) <= static_cast<size_t>(st.st_size)) {
+        const auto* sh = reinterpret_cast<const Elf64_Shdr*>(base + eh->e_shoff);
+        for (int i = 0; i < eh->e_shnum; ++i) {
+          if (sh[i].sh_type != SHT_SYMTAB && sh[i].sh_type != SHT_DYNSYM) continue;
+          const auto* sym = reinterpret_cast<const Elf64_Sym*>(base + sh[i].sh_offset);
+          const char* str = reinterpret_cast<const char*>(base + sh[sh[i].sh_link].sh_offset);
+          const size_t n = sh[i].sh_size / sizeof(Elf64_Sym);
+          for (size_t k = 0; k < n; ++k) {
+            if (ELF64_ST_TYPE(sym[k].st_info) == STT_FUNC && sym[k].st_value != 0 && sym[k].st_name != 0) {
+              syms.emplace(sym[k].st_value, str + sym[k].st_name);
+            }
+          }
+        }
+      }
+      munmap(m, st.st_size);
+    }
+  }
+  if (fd >= 0) close(fd);
+  return syms;
+}
+
 std::string symbol_name(const void* addr) {
   static std::mutex mu;
   static std::map<std::string, std::map<uintptr_t, std::string>> tables;
@@ -264,36 +296,7 @@ std::string symbol_name(const void* addr) {
   struct link_map* lm = nullptr;
   if (dladdr1(addr, &info, reinterpret_cast<void**>(&lm), RTLD_DL_LINKMAP) && info.dli_fname && lm) {
     auto t = tables.find(info.dli_fname);
-    if (t == tables.end()) {
-      std::map<uintptr_t, std::string> syms;
-      const int fd = open(info.dli_fname, O_RDONLY);
-      struct stat st {};
-      if (fd >= 0 && fstat(fd, &st) == 0 && static_cast<size_t>(st.st_size) > sizeof(Elf64_Ehdr)) {
-        void* m = mmap(nullptr, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
-        if (m != MAP_FAILED) {
-          const auto* base = static_cast<const unsigned char*>(m);
-          const auto* eh = reinterpret_cast<const Elf64_Ehdr*>(base);
-          if (std::memcmp(eh->e_ident, ELFMAG, SELFMAG) == 0 && eh->e_ident[EI_CLASS] == ELFCLASS64 &&
-              eh->e_shoff + size_t(eh->e_shnum) * sizeof(Elf64_Shdr) <= static_cast<size_t>(st.st_size)) {
-            const auto* sh = reinterpret_cast<const Elf64_Shdr*>(base + eh->e_shoff);
-            for (int i = 0; i < eh->e_shnum; ++i) {
-              if (sh[i].sh_type != SHT_SYMTAB && sh[i].sh_type != SHT_DYNSYM) continue;
-              const auto* sym = reinterpret_cast<const Elf64_Sym*>(base + sh[i].sh_offset);
-              const char* str = reinterpret_cast<const char*>(base + sh[sh[i].sh_link].sh_offset);
-              const size_t n = sh[i].sh_size / sizeof(Elf64_Sym);
-              for (size_t k = 0; k < n; ++k) {
-                if (ELF64_ST_TYPE(sym[k].st_info) == STT_FUNC && sym[k].st_value != 0 && sym[k].st_name != 0) {
-                  syms.emplace(sym[k].st_value, str + sym[k].st_name);
-                }
-              }
-            }
-          }
-          munmap(m, st.st_size);
-        }
-      }
-      if (fd >= 0) close(fd);
-      t = tables.emplace(info.dli_fname, std::move(syms)).first;
-    }
+    if (t == tables.end()) t = tables.emplace(info.dli_fname, read_function_symbols(info.dli_fname)).first;
     auto s = t->second.find(reinterpret_cast<uintptr_t>(addr) - lm->l_addr);
     if (s != t->second.end()) name = short_kernel_name(demangle(s->second.c_str()));
   }
@@ -432,9 +435,16 @@ struct Fiber {
   bool started = false;
   bool polled = false;
   unsigned last_poll = 0;
-  // Addresses of this thread's ld.relaxed loads since it last ran on (ld_relaxed_gpu: polling).
-  uintptr_t relaxed[32];
-  int nrelaxed = 0;
+  // This thread's recent ld.relaxed loads (ld_relaxed_gpu): address, the suspension count when it
+  // was loaded (the same count again means polling) and the bytes it read (a change is progress).
+  struct Poll {
+    uintptr_t addr = 0;
+    uint64_t seq = 0;
+    unsigned char val[16];
+  };
+  Poll polls[16];
+  int npolls = 0, next_poll = 0;
+  uint64_t seq = 0;  // suspensions so far
   ThreadState ts;
 };
 
@@ -693,7 +703,7 @@ void enter(Fiber* f) {
 // control returns to the scheduler.  Returns when this fiber is resumed.
 void suspend() {
   Fiber* me = g_cur;
-  me->nrelaxed = 0;  // the next load of any address is a fresh one
+  me->seq++;  // the next load of any address is a fresh one
   Fiber* next = g_launch->abort ? nullptr : pop_runnable(me->ts.block);
   if (next) {
     start_if_fresh(next);
@@ -787,7 +797,7 @@ std::string block_states(const Block& b) {
   for (const Fiber& f : b.fibers) n[static_cast<int>(f.st)]++;
   std::ostringstream os;
   os << "block " << b.bid << ": " << n[1] << " threads at __syncthreads, " << n[2] << " in a warp collective, "
-     << n[3] << " polling (ld.acquire / ld.relaxed), " << n[4] << " exited";
+     << n[3] + n[0] << " polling (ld.acquire / ld.relaxed), " << n[4] << " exited";  // (pollers are requeued)
   for (size_t w = 0; w < b.warps.size(); ++w) {
     if (b.warps[w].arrived > 0) {
       os << "; warp " << w << " has " << b.warps[w].arrived << " lanes in "
@@ -1212,14 +1222,14 @@ void ld_relaxed_gpu(const void* p, void* out, unsigned bytes, unsigned elem) {
   check_align(p, bytes, "ld.relaxed.gpu");
   Fiber* me = g_cur;
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  bool again = false;
-  for (int i = 0; i < me->nrelaxed; ++i) again |= me->relaxed[i] == a;
-  if (again) {  // polling: let the other blocks run first (the slice ends here)
+  Fiber::Poll* poll = nullptr;
+  for (int i = 0; i < me->npolls; ++i) {
+    if (me->polls[i].addr == a) poll = &me->polls[i];
+  }
+  if (poll && poll->seq == me->seq) {  // polling: let the other blocks run first (the slice ends here)
     me->st = FiberState::kSpin;
     suspend();
   }
-  if (me->nrelaxed == 32) me->nrelaxed = 0;
-  me->relaxed[me->nrelaxed++] = a;
   LaunchState& L = *g_launch;
   if (L.race_check) {
     if (Watched* w = find_watched(a)) {
@@ -1239,6 +1249,22 @@ void ld_relaxed_gpu(const void* p, void* out, unsigned bytes, unsigned elem) {
   }
   (void)elem;  // each element is read whole: the emulator never tears a word
   std::memcpy(out, p, bytes);
+  // A poll that reads something new is progress (for the deadlock detection: the write that
+  // changed it may have been the last thing another block did before exiting).
+  if (!poll) {
+    if (me->npolls < 16) {
+      poll = &me->polls[me->npolls++];
+    } else {
+      poll = &me->polls[me->next_poll];
+      me->next_poll = (me->next_poll + 1) % 16;
+    }
+    poll->addr = a;
+    std::memcpy(poll->val, out, bytes);
+  } else if (std::memcmp(poll->val, out, bytes) != 0) {
+    std::memcpy(poll->val, out, bytes);
+    L.progress = true;
+  }
+  poll->seq = me->seq;
 }
 
 void st_relaxed_gpu(void* p, const void* v, unsigned bytes) {
@@ -1456,6 +1482,21 @@ void OpScope::check() const {
   os << "fusedrnn CUDA emulation: " << g_scope->problems.size() << " problem(s) in op " << op_ << ":";
   for (const Problem& p : g_scope->problems) os << "\n  - " << describe(p);
   TORCH_CHECK(false, os.str());
+}
+
+std::vector<std::string> compiled_functions(const std::string& ns) {
+  std::vector<std::string> out;
+  Dl_info info{};
+  if (!dladdr(reinterpret_cast<const void*>(&compiled_functions), &info) || !info.dli_fname) return out;
+  const std::string prefix = "void " + ns + "::";
+  std::set<std::string> seen;
+  for (const auto& kv : read_function_symbols(info.dli_fname)) {
+    const std::string d = demangle(kv.second.c_str());
+    if (d.compare(0, prefix.size(), prefix) == 0 && seen.insert(short_kernel_name(d)).second) {
+      out.push_back(short_kernel_name(d));
+    }
+  }
+  return out;
 }
 
 std::vector<std::pair<std::string, long>> kernel_launch_counts() {

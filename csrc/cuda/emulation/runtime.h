@@ -141,6 +141,10 @@ class FUSEDRNN_EMU_API OpScope {
 // Launch statistics (for tests: every kernel of csrc/cuda is executed): kernel name -> launches.
 FUSEDRNN_EMU_API std::vector<std::pair<std::string, long>> kernel_launch_counts();
 FUSEDRNN_EMU_API void reset_kernel_launch_counts();
+// Short names (as in kernel_launch_counts) of the void functions of namespace `ns` compiled into
+// the shared object that holds this runtime: the kernel instantiations that exist (with helpers
+// the caller filters out by name).
+FUSEDRNN_EMU_API std::vector<std::string> compiled_functions(const std::string& ns);
 // The most recent launches (at most 4096): kernel, grid, threads per block, dynamic shared memory.
 struct LaunchRecord {
   std::string kernel;
