@@ -743,7 +743,8 @@ def finish_row(cfg: BenchConfig, row: dict, case: "Case", device: torch.device) 
             row["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - base) / _MIB
         row["tokens_per_s"] = row["tokens"] / (row["fwdbwd_ms"] * 1e-3)
         row["per_step_us"] = row["fwd_ms"] * 1e3 / _steps(cfg)
-        row.update(costmodel.row_prediction(cfg, backend, device, tf32))  # CUDA rows: the model's terms
+        # CUDA rows: the cost model's terms
+        row.update(costmodel.row_prediction(cfg, row["backend"], device, tf32_enabled(cfg, device)))
         if row["floor_ms"]:
             row["fwd_over_floor"] = row["fwd_ms"] / row["floor_ms"]
             row["fwdbwd_over_floor"] = row["fwdbwd_ms"] / row["floor_fwdbwd_ms"]
