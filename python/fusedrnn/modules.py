@@ -785,12 +785,12 @@ def _torch_class_of(cls: type) -> Optional[type]:
 def _as_torch_keys(spec, what: str):
     """``spec`` (a qconfig_spec set or dict, or a mapping) with fusedrnn's four classes replaced
     by the torch.nn classes they stand for; a clash (both named, different values) raises."""
-    if spec is None:
-        return None
-    if isinstance(spec, (set, frozenset)):
+    if isinstance(spec, set):
         return {_TORCH_CLASS.get(k, k) for k in spec}
+    if not isinstance(spec, dict):
+        return spec  # None, or something torch itself accepts or refuses
     out = {}
-    for key, value in dict(spec).items():
+    for key, value in spec.items():
         key = _TORCH_CLASS.get(key, key)
         if key in out and out[key] is not value:
             raise ValueError(f"fusedrnn.quantize_dynamic: {what} gives {key} and its fusedrnn "
@@ -817,6 +817,10 @@ def quantize_dynamic(model: nn.Module, qconfig_spec=None, dtype: torch.dtype = t
     (its qconfig tables and module mappings are keyed by ``torch.nn.LSTM`` ..., and ``from_float``
     checks ``type(module)``), so it would skip fusedrnn modules; fusedrnn makes that skip a
     RuntimeWarning, or a RuntimeError when the module was given a qconfig.
+
+    Raises ValueError when ``qconfig_spec`` or ``mapping`` gives a torch.nn class and its fusedrnn
+    class different values; otherwise whatever torch's quantize_dynamic raises for the same model
+    written with torch.nn (the model is then left with its fusedrnn classes).
     """
     from torch.ao.quantization import quantize_dynamic as torch_quantize_dynamic
 
