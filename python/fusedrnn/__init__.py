@@ -9,7 +9,7 @@
 import os as _os
 
 from .backends import BACKENDS, available_backends
-from .modules import GRU, LSTM, GRUCell, LSTMCell, convert
+from .modules import GRU, LSTM, GRUCell, LSTMCell, convert, quantize_dynamic
 
 
 def _enable_dynamo_rnn() -> None:
@@ -42,6 +42,7 @@ __all__ = [
     "LSTMCell",
     "GRUCell",
     "convert",
+    "quantize_dynamic",
     "available_backends",
     "BACKENDS",
     "__version__",
