@@ -82,6 +82,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import itertools
 import os
 import threading
 from typing import Callable, Optional, Sequence
@@ -939,8 +940,9 @@ def aot_recurrence_specs(cell: CellSpec, capability: int, build: Callable) -> li
     (:func:`checked_variant`), so each group lists the first ``AOT_ALTERNATIVES`` candidates, each
     as the specs of its launch phases; ``tools/triton_aot.py`` compiles them in order and reports
     the first that passes :func:`resources_reason`, which is what a GPU with this triton runs.
-    ``build(v, H, P, dtype, precision, phase_a, phase_b, tag)`` makes one spec (the cell module
-    knows its kernel and pointer types).  Specs record the modelled shared memory
+    ``build(v, H, P, dtype, precision, phase_a, phase_b, tag, save=...)`` makes one spec (the cell
+    module knows its kernel and pointer types); every forward group comes twice, saving the
+    tensors backward needs and not (``save=False``, inference: kernel name ``*_fwd_nosave``).  Specs record the modelled shared memory
     (:func:`smem_bytes`, this triton version) and registers, checked against the compiled kernel."""
     info = AOT_TARGETS[capability]
     groups = []
@@ -961,7 +963,8 @@ def aot_recurrence_specs(cell: CellSpec, capability: int, build: Callable) -> li
                     if backward not in stepwise_done and cands[0].mode == "persistent" and B == MIN_TILE and P == H:
                         modes.append("stepwise")
                         stepwise_done.add(backward)
-                    for mode in modes:
+                    # the forward also without saving (inference): same candidates, its own kernels
+                    for mode, save in itertools.product(modes, (True,) if backward else (True, False)):
                         alts = []
                         for v in cands[:AOT_ALTERNATIVES]:
                             if mode is not None:
@@ -972,7 +975,7 @@ def aot_recurrence_specs(cell: CellSpec, capability: int, build: Callable) -> li
                             phase_specs = []
                             for pa, pb in phases(v, two):
                                 ph = "" if v.mode != "stepwise" else (" A" if not pb else " B")
-                                spec = build(v, H, P, dt, precision, pa, pb, tag + ph)
+                                spec = build(v, H, P, dt, precision, pa, pb, tag + ph, save=save)
                                 spec.update(model_shared=smem_bytes(cell, v, H, P, dt),
                                             model_regs=regs_per_thread(cell, v, H, P, dt),
                                             variant=v, info=info)
