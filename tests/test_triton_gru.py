@@ -252,6 +252,24 @@ def test_nosave_multi_chunk_batch(monkeypatch):
     assert n >= 2
 
 
+def test_nosave_falls_back_to_training_kernel(monkeypatch):
+    # the inference kernel refused after compilation (as GRU bf16 H=1365 under triton 3.8 on sm_90,
+    # 72 B of stack): the training kernel runs into scratch gates, results unchanged
+    import fusedrnn.backends as backends
+
+    real = C.checked_variant
+
+    def fake(cands, compile_fn, key, info):
+        if dict(key[4])["SAVE"] == "False":
+            raise C.NoCompiledFit("fusedrnn triton: no variant fits the device after compilation: (test)")
+        return real(cands, compile_fn, key, info)
+
+    monkeypatch.setattr(C, "checked_variant", fake)
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="training kernel"):
+        _check_nosave(T=3, B=2, H=5, dtype=torch.float64, device=CPU, lengths=[0, 3])
+
+
 def test_nosave_empty_shapes():
     for T, B in ((0, 2), (3, 0)):
         _check_nosave(T=T, B=B, H=3, dtype=torch.float32, device=CPU)

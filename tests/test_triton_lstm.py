@@ -487,6 +487,37 @@ def test_nosave_multi_chunk_batch(monkeypatch):
 
 
 @cpu_only
+def test_nosave_falls_back_to_training_kernel(monkeypatch):
+    """Where the inference kernel's compiled resources do not fit but the training kernel's do
+    (ptxas may allocate them differently at the register limit), the training kernel runs into
+    scratch buffers: same results, (0,) gates / cs, a warning; nothing raised."""
+    import fusedrnn.backends as backends
+
+    real = C.checked_variant
+    seen = []
+
+    def fake(cands, compile_fn, key, info):
+        seen.append(dict(key[4])["SAVE"])
+        if dict(key[4])["SAVE"] == "False":
+            raise C.NoCompiledFit("fusedrnn triton: no variant fits the device after compilation: (test)")
+        return real(cands, compile_fn, key, info)
+
+    monkeypatch.setattr(C, "checked_variant", fake)
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="training kernel"):
+        check_nosave(T=3, B=2, H=9, dtype=torch.float32, lengths=[3, 0])
+    assert seen == ["True", "False", "True"]  # save=True; save=False refused, then the training kernel
+
+    def refuse(*_):
+        raise C.NoCompiledFit("fusedrnn triton: no variant fits the device after compilation: (test)")
+
+    monkeypatch.setattr(C, "checked_variant", refuse)
+    a = make_inputs(2, 2, 9, 9, torch.float32, "cpu")
+    with pytest.raises(C.NoCompiledFit):  # save=True has nothing to fall back to
+        TB.lstm_fwd(a["xproj"], a["w_hh"], a["b_hh"], a["h0"], a["c0"], None, None, False)
+
+
+@cpu_only
 def test_nosave_empty_shapes():
     for T, B in ((0, 2), (3, 0)):
         a = make_inputs(T, B, 5, 5, torch.float32, "cpu")

@@ -851,6 +851,10 @@ def resources_reason(res: dict, v: Variant, info: DeviceInfo) -> Optional[str]:
     return None
 
 
+class NoCompiledFit(ValueError):
+    """No candidate's compiled kernel fits the device (:func:`checked_variant`); nothing ran."""
+
+
 def checked_variant(cands: Sequence[Variant], compile_fn: Callable[[Variant], list], key: tuple,
                     info: DeviceInfo) -> Variant:
     """The first of ``cands`` (cheapest first) whose compiled kernels fit the device.
@@ -882,7 +886,7 @@ def checked_variant(cands: Sequence[Variant], compile_fn: Callable[[Variant], li
         if reason is None:
             return v
         reasons.append(f"block_b={v.block_b} block_u={v.block_u} warps={v.num_warps}: {reason}")
-    raise ValueError("fusedrnn triton: no variant fits the device after compilation: " + "; ".join(reasons[:4]))
+    raise NoCompiledFit("fusedrnn triton: no variant fits the device after compilation: " + "; ".join(reasons[:4]))
 
 
 # ---------------------------------------------------------------------------- AOT compilation
@@ -1077,6 +1081,33 @@ def launch_recurrence(kernel, name: str, cell: CellSpec, backward: bool, H: int,
         if v.mode == "persistent" and v.n_unit_progs > 1:
             check_error_flag(err, name)
     return v
+
+
+def launch_forward(kernel, name: str, cell: CellSpec, H: int, P: int, B: int, T: int, dtype: torch.dtype,
+                   make_args: Callable[[bool], tuple], consts: dict, device, save: bool) -> Variant:
+    """:func:`launch_recurrence` of a forward kernel with its ``SAVE`` constexpr (False: the
+    inference kernel, no stores of what only the backward reads).  ``make_args(save)`` gives the
+    kernel's arguments, allocating the saved-tensor buffers only when ``save`` is True.
+
+    The inference kernel is the training kernel minus some stores, yet ptxas may allocate it
+    differently: at the edge of the register file it can spill a little more (AOT, triton 3.8,
+    sm_90: GRU bf16 H=1365, 72 B of stack against the training kernel's 64 B and the 64 B budget).
+    Then the training kernel runs instead, into scratch buffers (same y / final states; the
+    memory saving is lost for that shape, said once in a warning): inference is never less
+    available than training."""
+    try:
+        return launch_recurrence(kernel, name, cell, False, H, P, B, T, dtype, make_args(save),
+                                 dict(consts, SAVE=save), device)
+    except NoCompiledFit as e:
+        if save:
+            raise
+        from .. import _warn_once
+
+        _warn_once(("triton-nosave", name, H, P, dtype),
+                   f"fusedrnn triton {name}: the inference kernel (save=False) does not fit the device after "
+                   f"compilation ({e}); running the training kernel into scratch buffers instead")
+    return launch_recurrence(kernel, name, cell, False, H, P, B, T, dtype, make_args(True),
+                             dict(consts, SAVE=True), device)
 
 
 # --------------------------------------------------------------------------------- jit helpers

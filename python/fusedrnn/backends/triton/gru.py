@@ -416,9 +416,15 @@ def gru_fwd(xproj: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, len
     hx[1].zero_()
     bias = b_hh.contiguous() if b_hh is not None else xproj
     lens = lengths.to(device=dev, dtype=torch.int64).contiguous() if lengths is not None else hs
-    args = (xproj, w_hh, bias, lens, hs, hx, y, gates if save else y)  # save=False: y stands in, untouched
-    consts = _consts(H, dt, lengths is not None, reverse, has_bias=b_hh is not None, save=save)
-    C.launch_recurrence(_gru_fwd_kernel, "gru_fwd", CELL, False, H, H, B, T, dt, args, consts, dev)
+
+    def make_args(save_: bool) -> tuple:
+        # save=False: y stands in for the gates, never touched (same kernel signature); save=True
+        # without ``save``: scratch gates (launch_forward's fallback)
+        g = gates if save else (torch.empty(T, B, 4 * H, dtype=dt, device=dev) if save_ else y)
+        return (xproj, w_hh, bias, lens, hs, hx, y, g)
+
+    consts = _consts(H, dt, lengths is not None, reverse, has_bias=b_hh is not None)
+    C.launch_forward(_gru_fwd_kernel, "gru_fwd", CELL, H, H, B, T, dt, make_args, consts, dev, save)
     return y, hs.to(dt), gates
 
 

@@ -509,13 +509,19 @@ def lstm_fwd(
     hbuf[1].zero_()
     cst = c0.to(acc).clone().contiguous()
     mbuf = torch.zeros(B, H, dtype=dt, device=dev) if wr is not None else hbuf  # unused without proj
-    args = (
-        xproj, w, bias if bias is not None else w, wr if wr is not None else w, lens if lens is not None else cst,
-        # save=False: never-touched stand-ins of the same dtypes (same kernel signature)
-        y, gates if save else y, cs if save else cst, hbuf, mbuf, cst,
-    )
-    consts = _fwd_consts(H, P, dt, bias is not None, lens is not None, wr is not None, reverse, save=save)
-    C.launch_recurrence(_lstm_fwd_kernel, "lstm_fwd", CELL, False, H, P, B, T, dt, args, consts, dev)
+
+    def make_args(save_: bool) -> tuple:
+        if save:
+            g, c = gates, cs
+        elif save_:  # launch_forward's fallback to the training kernel: scratch buffers
+            g, c = torch.empty(T, B, G, dtype=dt, device=dev), torch.empty(T, B, H, dtype=acc, device=dev)
+        else:  # never-touched stand-ins of the same dtypes (same kernel signature)
+            g, c = y, cst
+        return (xproj, w, bias if bias is not None else w, wr if wr is not None else w,
+                lens if lens is not None else cst, y, g, c, hbuf, mbuf, cst)
+
+    consts = _fwd_consts(H, P, dt, bias is not None, lens is not None, wr is not None, reverse)
+    C.launch_forward(_lstm_fwd_kernel, "lstm_fwd", CELL, H, P, B, T, dt, make_args, consts, dev, save)
     h_n = hbuf[T % 2].clone()
     c_n = cst.to(dt)
     return y, h_n, c_n, gates, cs
