@@ -15,7 +15,8 @@ Everything a cell module needs besides its own math lives here, once:
 * ``@triton.jit`` helpers: activations, the split-K GEMM over K pieces (:func:`gemm`), gate
   extraction (:func:`split4`), the grid barrier split into :func:`barrier_arrive` /
   :func:`barrier_wait` (and :func:`grid_barrier` = both)
-* the launch loop shared by both cells (:func:`launch_recurrence`), launch bookkeeping
+* the launch loop shared by both cells (:func:`launch_recurrence`; forwards through
+  :func:`launch_forward`, which sets ``SAVE``: False is the inference kernel), launch bookkeeping
   (:data:`LAUNCHES`, tests prove a kernel ran) and a test hook :func:`force_variant`.
 
 Kernel structure (both cells, forward and backward)
@@ -946,8 +947,9 @@ def aot_recurrence_specs(cell: CellSpec, capability: int, build: Callable) -> li
     the first that passes :func:`resources_reason`, which is what a GPU with this triton runs.
     ``build(v, H, P, dtype, precision, phase_a, phase_b, tag, save=...)`` makes one spec (the cell
     module knows its kernel and pointer types); every forward group comes twice, saving the
-    tensors backward needs and not (``save=False``, inference: kernel name ``*_fwd_nosave``).  Specs record the modelled shared memory
-    (:func:`smem_bytes`, this triton version) and registers, checked against the compiled kernel."""
+    tensors backward needs and not (``save=False``, inference: kernel name ``*_fwd_nosave``).
+    Specs record the modelled shared memory (:func:`smem_bytes`, this triton version) and
+    registers, checked against the compiled kernel."""
     info = AOT_TARGETS[capability]
     groups = []
     for dt in SUPPORTED_DTYPES:
