@@ -66,12 +66,14 @@ def rnn(
             idx = layer * num_dirs + d
             _, w_hh, _, b_hh, w_hr = dir_weights[d]
             if mode == "LSTM":
+                save = ops.needs_saving(projections[d], w_hh, b_hh, hx[idx], cx[idx], w_hr)
                 y, h, c, _, _ = ops.call(
-                    ops.lstm_fwd, projections[d], w_hh, b_hh, hx[idx], cx[idx], w_hr, lengths, d == 1, backend
+                    ops.lstm_fwd, projections[d], w_hh, b_hh, hx[idx], cx[idx], w_hr, lengths, d == 1, save, backend
                 )
                 c_n.append(c)
             else:
-                y, h, _ = ops.call(ops.gru_fwd, projections[d], w_hh, b_hh, hx[idx], lengths, d == 1, backend)
+                save = ops.needs_saving(projections[d], w_hh, b_hh, hx[idx])
+                y, h, _ = ops.call(ops.gru_fwd, projections[d], w_hh, b_hh, hx[idx], lengths, d == 1, save, backend)
             outputs.append(y)
             h_n.append(h)
         layer_input = outputs[0] if num_dirs == 1 else torch.cat(outputs, dim=-1)

@@ -65,40 +65,36 @@ def lstm_fwd(
     w_hr: Optional[Tensor],
     lengths: Optional[Tensor],
     reverse: bool,
+    save: bool,
     backend: str,
 ) -> Tensors5:
-    """LSTM recurrence. Returns (y (T,B,P), h_n (B,P), c_n (B,H), gates (T,B,4H), cs (T,B,H))."""
+    """LSTM recurrence. Returns (y (T,B,P), h_n (B,P), c_n (B,H), gates (T,B,4H), cs (T,B,H)).
+
+    ``save=False`` (inference, see ``needs_saving``): gates and cs are empty (0,) tensors and the
+    backend writes neither; the backward then cannot run (it raises)."""
     T, B, G = xproj.shape
     if B == 0:  # nothing to compute: shapes only
-        return _lstm_fwd_empty(xproj, w_hh, c0)
+        return _lstm_fwd_empty(xproj, w_hh, c0, save)
     return _fresh(backends.get(backend).lstm_fwd(
         xproj.contiguous(), w_hh.contiguous(), _c(b_hh), h0.contiguous(), c0.contiguous(),
-        _c(w_hr), _lengths(lengths, xproj), reverse,
+        _c(w_hr), _lengths(lengths, xproj), reverse, save=save,
     ))
 
 
-def _lstm_fwd_empty(xproj, w_hh, c0):
-    T, B, G = xproj.shape
-    H, P = G // 4, w_hh.shape[1]
-    return (
-        _seq(T, B, P, xproj).zero_(),
-        xproj.new_zeros((B, P)),
-        xproj.new_zeros((B, H)),
-        _seq(T, B, G, xproj).zero_(),
-        _seq(T, B, H, xproj, acc_dtype(xproj.dtype)).zero_(),
-    )
+def _lstm_fwd_empty(xproj, w_hh, c0, save):
+    return tuple(t.zero_() for t in _lstm_fwd_fake(xproj, w_hh, None, None, c0, None, None, False, save, ""))
 
 
 @lstm_fwd.register_fake
-def _(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, backend):
+def _lstm_fwd_fake(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, save, backend):
     T, B, G = xproj.shape
     H, P = G // 4, w_hh.shape[1]
     return (
         _seq(T, B, P, xproj),
         xproj.new_empty((B, P)),
         xproj.new_empty((B, H)),
-        _seq(T, B, G, xproj),
-        _seq(T, B, H, xproj, acc_dtype(xproj.dtype)),
+        _seq(T, B, G, xproj) if save else xproj.new_empty((0,)),
+        _seq(T, B, H, xproj, acc_dtype(xproj.dtype)) if save else xproj.new_empty((0,), dtype=acc_dtype(xproj.dtype)),
     )
 
 
@@ -142,23 +138,26 @@ def gru_fwd(
     h0: Tensor,
     lengths: Optional[Tensor],
     reverse: bool,
+    save: bool,
     backend: str,
 ) -> Tensors3:
-    """GRU recurrence. Returns (y (T,B,H), h_n (B,H), gates (T,B,4H) = [r, z, n, hn])."""
+    """GRU recurrence. Returns (y (T,B,H), h_n (B,H), gates (T,B,4H) = [r, z, n, hn]).
+
+    ``save=False``: gates is an empty (0,) tensor, as for ``lstm_fwd``."""
     if xproj.shape[1] == 0:
-        T, B, G = xproj.shape
-        H = G // 3
-        return _seq(T, B, H, xproj).zero_(), xproj.new_zeros((B, H)), _seq(T, B, 4 * H, xproj).zero_()
+        return tuple(t.zero_() for t in _gru_fwd_fake(xproj, w_hh, b_hh, h0, lengths, reverse, save, backend))
     return _fresh(backends.get(backend).gru_fwd(
-        xproj.contiguous(), w_hh.contiguous(), _c(b_hh), h0.contiguous(), _lengths(lengths, xproj), reverse
+        xproj.contiguous(), w_hh.contiguous(), _c(b_hh), h0.contiguous(), _lengths(lengths, xproj), reverse,
+        save=save,
     ))
 
 
 @gru_fwd.register_fake
-def _(xproj, w_hh, b_hh, h0, lengths, reverse, backend):
+def _gru_fwd_fake(xproj, w_hh, b_hh, h0, lengths, reverse, save, backend):
     T, B, G = xproj.shape
     H = G // 3
-    return _seq(T, B, H, xproj), xproj.new_empty((B, H)), _seq(T, B, 4 * H, xproj)
+    gates = _seq(T, B, 4 * H, xproj) if save else xproj.new_empty((0,))
+    return _seq(T, B, H, xproj), xproj.new_empty((B, H)), gates
 
 
 @torch.library.custom_op("fusedrnn::gru_bwd", mutates_args=())
@@ -310,6 +309,18 @@ def _transformed(*tensors: Optional[Tensor]) -> bool:
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+def needs_saving(*tensors: Optional[Tensor]) -> bool:
+    """The ``save`` argument of ``lstm_fwd`` / ``gru_fwd`` for a call on ``tensors`` (its inputs):
+    whether anything may run its backward.  True when grad mode is on and some input requires
+    grad, or under a torch.func transform or forward-mode AD (their rules may differentiate it).
+    False under ``no_grad`` / ``inference_mode`` or when nothing requires grad: the forward then
+    writes only y and the final states (about 1/7 of the bytes, issue 10)."""
+    ts = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return True
+    return _transformed(*ts)
+
+
 def call(op, *args):
     """Run custom op ``op`` differentiably in every autodiff mode (see the section comment)."""
     if _transformed(*(a for a in args if isinstance(a, Tensor))):
@@ -390,9 +401,18 @@ def _lstm_saved_cotangents(dgates, dcs, gates: Tensor, cs: Tensor, c0: Tensor, l
 
 
 # ------------------------------------------------------------------------------------------ LSTM
+def _unsaved(ctx, op: str):
+    if not ctx.saved:
+        raise RuntimeError(
+            f"fusedrnn::{op} ran with save=False (inference: no input required grad when it ran), "
+            "so its backward has nothing to work from; call it with save=True to differentiate it"
+        )
+
+
 def _lstm_setup(ctx, inputs, output):
-    xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, backend = inputs
+    xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, save, backend = inputs
     y, _, _, gates, cs = output
+    ctx.saved = save
     ctx.set_materialize_grads(False)  # None marks outputs without cotangent (gates, cs: usually)
     ctx.save_for_backward(w_hh, w_hr, h0, c0, y, gates, cs, lengths)
     ctx.has_bias = b_hh is not None
@@ -401,6 +421,7 @@ def _lstm_setup(ctx, inputs, output):
 
 
 def _lstm_backward(ctx, dy, dh_n, dc_n, dgates, dcs):
+    _unsaved(ctx, "lstm_fwd")
     w_hh, w_hr, h0, c0, y, gates, cs, lengths = ctx.saved_tensors
     reverse = ctx.reverse
     dy = _zeros_if_none(dy, y)
@@ -427,13 +448,14 @@ def _lstm_backward(ctx, dy, dh_n, dc_n, dgates, dcs):
         H = cs.shape[2]
         m = gates[..., 3 * H :].to(cs.dtype) * torch.tanh(cs)  # o * tanh(c), zero at padded steps
         dw_hr = _weight_grad(dh_seq, m).to(w_hr.dtype)
-    return dxproj, dw_hh, db_hh, dh0, dc0, dw_hr, None, None, None
+    return dxproj, dw_hh, db_hh, dh0, dc0, dw_hr, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------- GRU
 def _gru_setup(ctx, inputs, output):
-    xproj, w_hh, b_hh, h0, lengths, reverse, backend = inputs
+    xproj, w_hh, b_hh, h0, lengths, reverse, save, backend = inputs
     y, _, gates = output
+    ctx.saved = save
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(w_hh, h0, y, gates, lengths)
     ctx.has_bias = b_hh is not None
@@ -442,6 +464,7 @@ def _gru_setup(ctx, inputs, output):
 
 
 def _gru_backward(ctx, dy, dh_n, dgates):
+    _unsaved(ctx, "gru_fwd")
     w_hh, h0, y, gates, lengths = ctx.saved_tensors
     reverse = ctx.reverse
     dy = _zeros_if_none(dy, y)
@@ -462,7 +485,7 @@ def _gru_backward(ctx, dy, dh_n, dgates):
     h_prev = previous_states(y, h0, lengths, reverse)
     dw_hh = _weight_grad(d_hproj, h_prev).to(w_hh.dtype)
     db_hh = d_hproj.sum(dim=(0, 1)).to(w_hh.dtype) if ctx.has_bias else None
-    return dxproj, dw_hh, db_hh, dh0, None, None, None
+    return dxproj, dw_hh, db_hh, dh0, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------- cells
