@@ -54,8 +54,23 @@ def _seq(T: int, B: int, n: int, like: Tensor, dtype=None) -> Tensor:
     return like.new_empty((T, B, n), dtype=dtype or like.dtype)
 
 
+_IMPLS = {}  # custom op -> its Python implementation (what torch.library dispatches to on CPU/CUDA)
+
+
+def _custom_op(name: str):
+    """``torch.library.custom_op(name, mutates_args=())``, keeping the implementation at hand for
+    the eager fast path of ``call``."""
+
+    def register(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        _IMPLS[op] = fn
+        return op
+
+    return register
+
+
 # =========================================================================================== LSTM
-@torch.library.custom_op("fusedrnn::lstm_fwd", mutates_args=())
+@_custom_op("fusedrnn::lstm_fwd")
 def lstm_fwd(
     xproj: Tensor,
     w_hh: Tensor,
@@ -98,7 +113,7 @@ def _lstm_fwd_fake(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, save, back
     )
 
 
-@torch.library.custom_op("fusedrnn::lstm_bwd", mutates_args=())
+@_custom_op("fusedrnn::lstm_bwd")
 def lstm_bwd(
     dy: Tensor,
     dh_n: Tensor,
@@ -130,7 +145,7 @@ def _lstm_bwd_fake(dy, dh_n, dc_n, w_hh, w_hr, c0, gates, cs, lengths, reverse, 
 
 
 # ============================================================================================ GRU
-@torch.library.custom_op("fusedrnn::gru_fwd", mutates_args=())
+@_custom_op("fusedrnn::gru_fwd")
 def gru_fwd(
     xproj: Tensor,
     w_hh: Tensor,
@@ -160,7 +175,7 @@ def _gru_fwd_fake(xproj, w_hh, b_hh, h0, lengths, reverse, save, backend):
     return _seq(T, B, H, xproj), xproj.new_empty((B, H)), gates
 
 
-@torch.library.custom_op("fusedrnn::gru_bwd", mutates_args=())
+@_custom_op("fusedrnn::gru_bwd")
 def gru_bwd(
     dy: Tensor,
     dh_n: Tensor,
@@ -190,7 +205,7 @@ def _gru_bwd_fake(dy, dh_n, w_hh, h0, y, gates, lengths, reverse, backend, zero=
 
 
 # ========================================================================================== cells
-@torch.library.custom_op("fusedrnn::lstm_cell_fwd", mutates_args=())
+@_custom_op("fusedrnn::lstm_cell_fwd")
 def lstm_cell_fwd(
     igates: Tensor, hgates: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], c: Tensor, backend: str
 ) -> Tensors3:
@@ -213,7 +228,7 @@ def _(igates, hgates, b_ih, b_hh, c, backend):
     return igates.new_empty((B, H)), igates.new_empty((B, H)), igates.new_empty((B, G))
 
 
-@torch.library.custom_op("fusedrnn::lstm_cell_bwd", mutates_args=())
+@_custom_op("fusedrnn::lstm_cell_bwd")
 def lstm_cell_bwd(
     dh_new: Tensor, dc_new: Tensor, c: Tensor, c_new: Tensor, gates: Tensor, backend: str
 ) -> Tensors2:
@@ -230,7 +245,7 @@ def _(dh_new, dc_new, c, c_new, gates, backend):
     return torch.empty_like(gates), torch.empty_like(c)
 
 
-@torch.library.custom_op("fusedrnn::gru_cell_fwd", mutates_args=())
+@_custom_op("fusedrnn::gru_cell_fwd")
 def gru_cell_fwd(
     igates: Tensor, hgates: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], h: Tensor, backend: str
 ) -> Tensors2:
@@ -253,7 +268,7 @@ def _(igates, hgates, b_ih, b_hh, h, backend):
     return igates.new_empty((B, H)), igates.new_empty((B, 4 * H))
 
 
-@torch.library.custom_op("fusedrnn::gru_cell_bwd", mutates_args=())
+@_custom_op("fusedrnn::gru_cell_bwd")
 def gru_cell_bwd(dh_new: Tensor, h: Tensor, gates: Tensor, backend: str) -> Tensors3:
     """Returns (d_igates (B, 3H), d_hgates (B, 3H), dh (B, H): the direct z * dh_new path only)."""
     if gates.shape[0] == 0:
@@ -284,8 +299,16 @@ def _(dh_new, h, gates, backend):
 #   made there go through an autograd.Function twin of the same op instead (``_TWINS``): its
 #   forward and backward run the same kernels, its ``jvp`` is the forward-mode derivative of the
 #   spec (torch.func.jvp of ``backends.reference``), and its vmap rule runs one call per slice.
+# * Plain eager calls (the common case: no torch.compile, torch.func, forward AD, jit tracing,
+#   torch function / dispatch mode or tensor subclass) skip torch.library's dispatch, whose Python
+#   layers (the dispatcher's Python kernel, the generated autograd.Function, the aliasing check)
+#   cost more than the CPU kernels of a small LSTM.  ``call`` then runs the op's implementation
+#   directly, inside an autograd.Function whose setup and backward are the very functions
+#   registered for the custom op (``_DIRECT``) when something requires grad, else bare.  Same
+#   kernels, same saved tensors, same backward (and so the same double backward).
 #
-# The modules reach every op through ``call(op, *args)``, which picks the custom op or its twin.
+# The modules reach every op through ``call(op, *args)``, which picks the custom op, its direct
+# eager form or its twin.
 
 
 def _weight_grad(dgates: Tensor, inputs: Tensor) -> Tensor:
@@ -321,8 +344,32 @@ def needs_saving(*tensors: Optional[Tensor]) -> bool:
     return _transformed(*ts)
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args) -> bool:
+    """Whether a call on ``args`` is plain eager PyTorch, where torch.library's dispatch of a
+    custom op would only reach its implementation and its registered autograd: not compiling or
+    jit-tracing, no torch.func transform, no forward-AD level open, no torch function / dispatch
+    mode active (FakeTensorMode, make_fx, ``with torch.device(...)``, ...) and no tensor
+    subclass among the arguments."""
+    return (
+        not torch.compiler.is_compiling()
+        and torch._C._functorch.peek_interpreter_stack() is None
+        and getattr(forward_ad, "_current_level", -1) < 0
+        and torch._C._get_tracing_state() is None
+        and torch._C._len_torch_function_stack() == 0
+        and torch._C._len_torch_dispatch_stack() == 0
+        and all(type(a) in _PLAIN for a in args if isinstance(a, Tensor))
+    )
+
+
 def call(op, *args):
     """Run custom op ``op`` differentiably in every autodiff mode (see the section comment)."""
+    if _plain_eager(args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return _DIRECT[op].apply(*args)
+        return _IMPLS[op](*args)
     if _transformed(*(a for a in args if isinstance(a, Tensor))):
         return _TWINS[op].apply(*args)
     return op(*args)
@@ -671,7 +718,24 @@ _SPEC = {
     lstm_cell_bwd: (_spec.lstm_cell_bwd, _spec_setup, _spec_vjp(_spec.lstm_cell_bwd)),
     gru_cell_bwd: (_spec.gru_cell_bwd, _spec_setup, _spec_vjp(_spec.gru_cell_bwd)),
 }
+def _direct(op, setup, backward):
+    """autograd.Function running ``op``'s implementation without torch.library's dispatch, with
+    the setup and backward registered for ``op`` (plain eager calls only: see ``call``)."""
+
+    def forward(*args):
+        return _IMPLS[op](*args)
+
+    name = "".join(part.capitalize() for part in op._name.split("::")[-1].split("_")) + "Direct"
+    return type(
+        name,
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "setup_context": staticmethod(setup), "backward": staticmethod(backward)},
+    )
+
+
 _TWINS = {}
+_DIRECT = {}
 for _op, (_spec_fn, _setup, _backward) in _SPEC.items():
     _op.register_autograd(_backward, setup_context=_setup)
     _TWINS[_op] = _twin(_op, _spec_fn, _setup, _backward)
+    _DIRECT[_op] = _direct(_op, _setup, _backward)
