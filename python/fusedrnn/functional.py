@@ -66,14 +66,12 @@ def rnn(
             idx = layer * num_dirs + d
             _, w_hh, _, b_hh, w_hr = dir_weights[d]
             if mode == "LSTM":
-                save = ops.needs_saving(projections[d], w_hh, b_hh, hx[idx], cx[idx], w_hr)
-                y, h, c, _, _ = ops.call(
-                    ops.lstm_fwd, projections[d], w_hh, b_hh, hx[idx], cx[idx], w_hr, lengths, d == 1, save, backend
-                )
+                args = (projections[d], w_hh, b_hh, hx[idx], cx[idx], w_hr)
+                y, h, c, _, _ = ops.call(ops.lstm_fwd, *args, lengths, d == 1, ops.needs_saving(*args), backend)
                 c_n.append(c)
             else:
-                save = ops.needs_saving(projections[d], w_hh, b_hh, hx[idx])
-                y, h, _ = ops.call(ops.gru_fwd, projections[d], w_hh, b_hh, hx[idx], lengths, d == 1, save, backend)
+                args = (projections[d], w_hh, b_hh, hx[idx])
+                y, h, _ = ops.call(ops.gru_fwd, *args, lengths, d == 1, ops.needs_saving(*args), backend)
             outputs.append(y)
             h_n.append(h)
         layer_input = outputs[0] if num_dirs == 1 else torch.cat(outputs, dim=-1)
@@ -83,9 +81,13 @@ def rnn(
             else:
                 rows = F.dropout(layer_input[packed_index], p=dropout, training=True)
                 layer_input = torch.zeros_like(layer_input).index_put(packed_index, rows)
-    h_out = torch.stack(h_n, dim=0)
-    c_out = torch.stack(c_n, dim=0) if mode == "LSTM" else None
-    return layer_input, h_out, c_out
+    return layer_input, _stack(h_n), _stack(c_n) if mode == "LSTM" else None
+
+
+def _stack(states: List[Tensor]) -> Tensor:
+    """The final states of every layer and direction, (L*D, B, N).  One layer and direction: a
+    view of the op's own (fresh, unshared) output, which saves a copy and an autograd node."""
+    return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states, dim=0)
 
 
 def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:

@@ -338,10 +338,9 @@ def needs_saving(*tensors: Optional[Tensor]) -> bool:
     grad, or under a torch.func transform or forward-mode AD (their rules may differentiate it).
     False under ``no_grad`` / ``inference_mode`` or when nothing requires grad: the forward then
     writes only y and the final states (about 1/7 of the bytes, issue 10)."""
-    ts = [t for t in tensors if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return True
-    return _transformed(*ts)
+    return _transformed(*tensors)
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -353,15 +352,19 @@ def _plain_eager(args) -> bool:
     jit-tracing, no torch.func transform, no forward-AD level open, no torch function / dispatch
     mode active (FakeTensorMode, make_fx, ``with torch.device(...)``, ...) and no tensor
     subclass among the arguments."""
-    return (
-        not torch.compiler.is_compiling()
-        and torch._C._functorch.peek_interpreter_stack() is None
-        and getattr(forward_ad, "_current_level", -1) < 0
-        and torch._C._get_tracing_state() is None
-        and torch._C._len_torch_function_stack() == 0
-        and torch._C._len_torch_dispatch_stack() == 0
-        and all(type(a) in _PLAIN for a in args if isinstance(a, Tensor))
-    )
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or getattr(forward_ad, "_current_level", -1) >= 0
+        or torch._C._get_tracing_state() is not None
+        or torch._C._len_torch_function_stack()
+        or torch._C._len_torch_dispatch_stack()
+    ):
+        return False
+    for a in args:
+        if isinstance(a, Tensor) and type(a) not in _PLAIN:
+            return False
+    return True
 
 
 def call(op, *args):
@@ -720,17 +723,20 @@ _SPEC = {
 }
 def _direct(op, setup, backward):
     """autograd.Function running ``op``'s implementation without torch.library's dispatch, with
-    the setup and backward registered for ``op`` (plain eager calls only: see ``call``)."""
+    the setup and backward registered for ``op`` (plain eager calls only: see ``call``).
 
-    def forward(*args):
-        return _IMPLS[op](*args)
+    It is written in the combined form (``forward(ctx, *args)`` calling the setup), as
+    torch.library's own generated Function is: with a separate ``setup_context`` staticmethod,
+    ``Function.apply`` binds the arguments through ``inspect.signature`` on every call (~10 us)."""
+    impl = _IMPLS[op]
+
+    def forward(ctx, *args):
+        output = impl(*args)
+        setup(ctx, args, output)
+        return output
 
     name = "".join(part.capitalize() for part in op._name.split("::")[-1].split("_")) + "Direct"
-    return type(
-        name,
-        (torch.autograd.Function,),
-        {"forward": staticmethod(forward), "setup_context": staticmethod(setup), "backward": staticmethod(backward)},
-    )
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
 _TWINS = {}
