@@ -91,7 +91,9 @@ def _stack(states: List[Tensor]) -> Tensor:
 
 
 def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
-    return t if t is None or dtype is None else t.to(dtype)
+    """``t.to(dtype)``; None stays None, and a tensor already in ``dtype`` is returned as it is
+    without the call (what ``.to`` returns then too, for less than a dispatch: cells run per step)."""
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
 
 
 def lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih, w_hh, b_ih, b_hh, backend: str,
@@ -109,7 +111,7 @@ def lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih, w_hh, b_ih, b_hh, backend: 
 
 def gru_cell(x: Tensor, h: Tensor, w_ih, w_hh, b_ih, b_hh, backend: str, dtype: Optional[torch.dtype] = None):
     """One GRU step: x (B, I), h (B, H) -> h_new (GEMMs in the weights' dtype, the step in ``dtype``)."""
-    igates, hgates = _cast(F.linear(x, w_ih), dtype), _cast(F.linear(h.to(w_hh.dtype), w_hh), dtype)
+    igates, hgates = _cast(F.linear(x, w_ih), dtype), _cast(F.linear(_cast(h, w_hh.dtype), w_hh), dtype)
     h_new, _ = ops.call(
         ops.gru_cell_fwd, igates, hgates, _cast(b_ih, dtype), _cast(b_hh, dtype), _cast(h, dtype), backend
     )
