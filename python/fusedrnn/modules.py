@@ -29,6 +29,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from . import backends, functional
+from .functional import _cast
 from .backends import RecurrenceConfig
 
 
@@ -358,8 +359,7 @@ class _FusedRNNBase(_BackendMixin):
                 packed_index=call.packed_index,
             )
         out_dtype, c_dtype = call.out_dtypes
-        y, h_n = y.to(out_dtype), h_n.to(out_dtype)
-        c_n = c_n.to(c_dtype) if c_n is not None else None
+        y, h_n, c_n = _cast(y, out_dtype), _cast(h_n, out_dtype), _cast(c_n, c_dtype)
         if isinstance(input, PackedSequence):
             t_idx, b_idx = call.packed_index
             out = PackedSequence(y[t_idx, b_idx], input.batch_sizes, input.sorted_indices, input.unsorted_indices)
@@ -562,16 +562,16 @@ class _FusedCellBase(_BackendMixin):
         params = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
         x, states = call.x, call.states
         if call.gemm_dtype != self.weight_ih.dtype:
-            params = [None if p is None else p.to(call.gemm_dtype) for p in params]
-        x = x.to(call.gemm_dtype)
+            params = [_cast(p, call.gemm_dtype) for p in params]
+        x = _cast(x, call.gemm_dtype)
         with torch.autocast(x.device.type, enabled=False) if call.autocast else _nullcontext():
             if self._is_lstm:
                 h, c = states
-                out = functional.lstm_cell(x, h.to(call.gemm_dtype), c.to(call.dtype), *params,
+                out = functional.lstm_cell(x, _cast(h, call.gemm_dtype), _cast(c, call.dtype), *params,
                                            backend=backend, dtype=call.dtype)
             else:
                 (h,) = states
-                out = (functional.gru_cell(x, h.to(call.dtype), *params, backend=backend, dtype=call.dtype),)
+                out = (functional.gru_cell(x, _cast(h, call.dtype), *params, backend=backend, dtype=call.dtype),)
         if not call.is_batched:
             out = tuple(o.squeeze(0) for o in out)
         return out if self._is_lstm else out[0]

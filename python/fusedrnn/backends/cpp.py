@@ -122,8 +122,12 @@ def unsupported(cfg) -> Optional[str]:
 # The fusedrnn_ext ops dispatch on the tensors' device, so the cuda backend reuses these with
 # its TF32 flag (CPU kernels ignore allow_tf32).
 def lstm_fwd(xproj: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, c0: Tensor,
-             w_hr: Optional[Tensor], lengths: Optional[Tensor], reverse: bool, allow_tf32: bool = False):
-    return _ops().lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, allow_tf32)
+             w_hr: Optional[Tensor], lengths: Optional[Tensor], reverse: bool, allow_tf32: bool = False,
+             save: bool = True):
+    y, h_n, c_n, gates, cs = _ops().lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, allow_tf32)
+    if not save:  # shim until the C++ save path merges
+        gates, cs = gates.new_empty((0,)), cs.new_empty((0,))
+    return y, h_n, c_n, gates, cs
 
 
 def lstm_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], c0: Tensor,
@@ -132,8 +136,11 @@ def lstm_bwd(dy: Tensor, dh_n: Tensor, dc_n: Tensor, w_hh: Tensor, w_hr: Optiona
 
 
 def gru_fwd(xproj: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, lengths: Optional[Tensor],
-            reverse: bool, allow_tf32: bool = False):
-    return _ops().gru_fwd(xproj, w_hh, b_hh, h0, lengths, reverse, allow_tf32)
+            reverse: bool, allow_tf32: bool = False, save: bool = True):
+    y, h_n, gates = _ops().gru_fwd(xproj, w_hh, b_hh, h0, lengths, reverse, allow_tf32)
+    if not save:  # shim until the C++ save path merges
+        gates = gates.new_empty((0,))
+    return y, h_n, gates
 
 
 def gru_bwd(dy: Tensor, dh_n: Tensor, w_hh: Tensor, h0: Tensor, y: Tensor, gates: Tensor,

@@ -105,6 +105,7 @@ def lstm_fwd(
     w_hr: Optional[Tensor],
     lengths: Optional[Tensor],
     reverse: bool,
+    save: bool = True,
 ):
     """LSTM recurrence, forward.
 
@@ -114,6 +115,8 @@ def lstm_fwd(
         c_n    (B, H)    xproj.dtype
         gates  (T, B, 4H) xproj.dtype activated [i, f, g, o] (zeros at padded steps)
         cs     (T, B, H) accumulation dtype  cell state c_t (zeros at padded steps)
+    ``save=False`` (inference: nothing will call the backward): ``gates`` and ``cs`` are empty
+    tensors of shape (0,) with the same dtypes.
     """
     T, B, G = xproj.shape
     H = G // 4
@@ -145,6 +148,8 @@ def lstm_fwd(
         y[t] = torch.where(m, h_new, zero).to(xproj.dtype)
         gates[t] = torch.where(m, torch.cat([i, f, g, o], dim=1), zero).to(xproj.dtype)
         cs[t] = torch.where(m, c_new, zero)
+    if not save:
+        gates, cs = gates.new_empty((0,)), cs.new_empty((0,))
     return y, h.to(xproj.dtype), c.to(xproj.dtype), gates, cs
 
 
@@ -217,6 +222,7 @@ def gru_fwd(
     h0: Tensor,
     lengths: Optional[Tensor],
     reverse: bool,
+    save: bool = True,
 ):
     """GRU recurrence, forward.
 
@@ -224,7 +230,8 @@ def gru_fwd(
         y      (T, B, H)  xproj.dtype  (zeros at padded steps)
         h_n    (B, H)     xproj.dtype
         gates  (T, B, 4H) xproj.dtype  [r, z, n, hn] with hn = h_{t-1} @ W_hn^T + b_hn, the
-               pre-reset hidden part of the new gate that backward needs (zeros at padded steps)
+               pre-reset hidden part of the new gate that backward needs (zeros at padded steps);
+               ``save=False``: an empty (0,) tensor of that dtype
     """
     T, B, G = xproj.shape
     H = G // 3
@@ -250,6 +257,8 @@ def gru_fwd(
         h = torch.where(m, h_new, h)
         y[t] = torch.where(m, h_new, zero).to(xproj.dtype)
         gates[t] = torch.where(m, torch.cat([r, z, n, hn], dim=1), zero).to(xproj.dtype)
+    if not save:
+        gates = gates.new_empty((0,))
     return y, h.to(xproj.dtype), gates
 
 
