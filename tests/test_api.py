@@ -325,10 +325,13 @@ def _op_samples(backend, dtype=torch.float64):
     g = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
     req = lambda t: t.requires_grad_(True)  # noqa: E731
     lengths = torch.tensor([3, 1])
-    yield ops.lstm_fwd, (req(g(T, B, 4 * H)), req(g(4 * H, H)), req(g(4 * H)), req(g(B, H)), req(g(B, H)), None, None, False, backend)
-    yield ops.lstm_fwd, (req(g(T, B, 4 * H)), req(g(4 * H, P)), None, req(g(B, P)), req(g(B, H)), req(g(P, H)), lengths, True, backend)
-    yield ops.gru_fwd, (req(g(T, B, 3 * H)), req(g(3 * H, H)), req(g(3 * H)), req(g(B, H)), lengths, True, backend)
-    yield ops.gru_fwd, (req(g(T, B, 3 * H)), req(g(3 * H, H)), None, req(g(B, H)), None, False, backend)
+    yield ops.lstm_fwd, (req(g(T, B, 4 * H)), req(g(4 * H, H)), req(g(4 * H)), req(g(B, H)), req(g(B, H)), None, None, False, True, backend)
+    yield ops.lstm_fwd, (req(g(T, B, 4 * H)), req(g(4 * H, P)), None, req(g(B, P)), req(g(B, H)), req(g(P, H)), lengths, True, True, backend)
+    yield ops.gru_fwd, (req(g(T, B, 3 * H)), req(g(3 * H, H)), req(g(3 * H)), req(g(B, H)), lengths, True, True, backend)
+    yield ops.gru_fwd, (req(g(T, B, 3 * H)), req(g(3 * H, H)), None, req(g(B, H)), None, False, True, backend)
+    # inference (save=False): nothing requires grad, gates / cs come back empty
+    yield ops.lstm_fwd, (g(T, B, 4 * H), g(4 * H, P), g(4 * H), g(B, P), g(B, H), g(P, H), lengths, True, False, backend)
+    yield ops.gru_fwd, (g(T, B, 3 * H), g(3 * H, H), g(3 * H), g(B, H), lengths, False, False, backend)
     yield ops.lstm_cell_fwd, (req(g(B, 4 * H)), req(g(B, 4 * H)), req(g(4 * H)), req(g(4 * H)), req(g(B, H)), backend)
     yield ops.gru_cell_fwd, (req(g(B, 3 * H)), req(g(B, 3 * H)), req(g(3 * H)), None, req(g(B, H)), backend)
 

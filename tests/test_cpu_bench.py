@@ -109,3 +109,12 @@ def test_callgrind_rows_report_instructions():
                  error="skipped: callgrind counts only fusedrnn's C++ CPU ops")]
     text = report.format_table(rows, color=False)
     assert "fwd Minstr" in text and "1.500" in text and "3.000" in text
+
+
+def test_callgrind_call_scope_collects_everything(tmp_path):
+    """Scope "call": no per-function toggles (Python path, dispatch and GEMMs are counted)."""
+    cmd = harness.callgrind_command(tmp_path, ["--quick"], scope="call")
+    assert "--collect-atstart=yes" in cmd and not [a for a in cmd if a.startswith("--toggle-collect=")]
+    assert "--instr-atstart=no" in cmd
+    with pytest.raises(ValueError, match="scope"):
+        harness.callgrind_command(tmp_path, ["--quick"], scope="bogus")

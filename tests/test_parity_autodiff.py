@@ -214,10 +214,10 @@ def _op_cases(backend):
     Tn, Bn, H, P = 3, 2, 2, 1
     lengths = torch.tensor([3, 1])
     return [
-        (ops.lstm_fwd, (rnd(Tn, Bn, 4 * H), rnd(4 * H, H), rnd(4 * H), rnd(Bn, H), rnd(Bn, H), None, lengths, False, backend)),
-        (ops.lstm_fwd, (rnd(Tn, Bn, 4 * H), rnd(4 * H, P), None, rnd(Bn, P), rnd(Bn, H), rnd(P, H), lengths, True, backend)),
-        (ops.gru_fwd, (rnd(Tn, Bn, 3 * H), rnd(3 * H, H), rnd(3 * H), rnd(Bn, H), lengths, True, backend)),
-        (ops.gru_fwd, (rnd(Tn, Bn, 3 * H), rnd(3 * H, H), None, rnd(Bn, H), None, False, backend)),
+        (ops.lstm_fwd, (rnd(Tn, Bn, 4 * H), rnd(4 * H, H), rnd(4 * H), rnd(Bn, H), rnd(Bn, H), None, lengths, False, True, backend)),
+        (ops.lstm_fwd, (rnd(Tn, Bn, 4 * H), rnd(4 * H, P), None, rnd(Bn, P), rnd(Bn, H), rnd(P, H), lengths, True, True, backend)),
+        (ops.gru_fwd, (rnd(Tn, Bn, 3 * H), rnd(3 * H, H), rnd(3 * H), rnd(Bn, H), lengths, True, True, backend)),
+        (ops.gru_fwd, (rnd(Tn, Bn, 3 * H), rnd(3 * H, H), None, rnd(Bn, H), None, False, True, backend)),
         (ops.lstm_cell_fwd, (rnd(Bn, 4 * H), rnd(Bn, 4 * H), rnd(4 * H), None, rnd(Bn, H), backend)),
         (ops.gru_cell_fwd, (rnd(Bn, 3 * H), rnd(Bn, 3 * H), rnd(3 * H), rnd(3 * H), rnd(Bn, H), backend)),
     ]

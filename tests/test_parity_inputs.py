@@ -256,24 +256,43 @@ def _onednn_error(*args, **kwargs):
 @pytest.mark.parametrize("autocast_dtype", [BF16, F16])
 def test_auto_runs_kernels_where_torch_nn_fails(monkeypatch, autocast_dtype):
     """torch.nn.LSTM under CPU autocast fails in oneDNN on CPUs without native bf16/fp16 (on this
-    machine already for fp16); ``auto``, which hands CPU calls to torch, must then run fusedrnn's
-    own kernels (warning once, quoting torch's error), and give torch's dtype: the autocast one."""
+    machine already for fp16); ``auto`` must run fusedrnn's own kernels there and give torch's
+    dtype: the autocast one.  The measured CPU rule sends an LSTM under CPU autocast to ``cpp`` up
+    front (torch.nn is not tried, nothing to warn about); wherever ``auto`` does hand a call to
+    torch.nn and torch.nn fails, it runs a kernel backend instead, warning once with torch's error."""
     monkeypatch.setattr(fusedrnn.modules, "_torch_failures", {})
     monkeypatch.setattr(backends, "_warned", set())
     monkeypatch.setattr(nn.LSTM, "forward", _onednn_error)  # the failure, on any CPU
+    kernel_backend = fusedrnn.modules._WHEN_TORCH_FAILS["cpu"][0] if fusedrnn.available_backends()["cpp"] is None \
+        else "reference"
     _, ours = pair("LSTM", "auto")
-    _, kernels = pair("LSTM", fusedrnn.modules._WHEN_TORCH_FAILS["cpu"][0]
-                      if fusedrnn.available_backends()["cpp"] is None else "reference")
+    _, kernels = pair("LSTM", kernel_backend)
     x = r(3, 2, 4)
+
+    def failure_warnings(rec):
+        return [str(w.message) for w in rec if "torch.nn fails" in str(w.message)]
+
     with warnings.catch_warnings(record=True) as rec, torch.autocast("cpu", dtype=autocast_dtype):
         warnings.simplefilter("always")
         out, (h, c) = ours(x)
         ours(x)
         expected = kernels(x)
-    msgs = [str(w.message) for w in rec if "torch.nn fails" in str(w.message)]
-    assert len(msgs) == 1 and "primitive descriptor" in msgs[0]
+    msgs = failure_warnings(rec)
+    if kernel_backend == "cpp":
+        assert msgs == []  # chosen by the rule, torch.nn never tried
+    else:
+        assert len(msgs) == 1 and "primitive descriptor" in msgs[0]
     assert out.dtype == h.dtype == c.dtype == autocast_dtype
     torch.testing.assert_close(out, expected[0], rtol=0, atol=0)
+    # without autocast the rule hands this small fp32 LSTM to torch.nn, which fails here too
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = ours(x)[0]
+        ours(x)
+        expected = kernels(x)[0]
+    msgs = failure_warnings(rec)
+    assert len(msgs) == 1 and "primitive descriptor" in msgs[0]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
     # an explicit torch backend never falls back
     _, explicit = pair("LSTM", "torch")
     with torch.autocast("cpu", dtype=autocast_dtype), pytest.raises(RuntimeError, match="primitive descriptor"):

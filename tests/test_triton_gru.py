@@ -198,6 +198,83 @@ def test_empty_batch_and_sequence():
     assert dx.shape == (0, 2, 9) and dhs.shape == (0, 2, 3) and torch.equal(dh0, dhn)
 
 
+# ------------------------------------------------------------------------ inference (save=False)
+def _check_nosave(T, B, H, dtype, device, reverse=False, lengths=None, bias=True):
+    """Issue 10 item 1: ``save=False`` returns a (0,) gates tensor of xproj's dtype and y, h_n
+    bitwise equal to ``save=True`` (itself checked against the reference), with the same launches."""
+    from fusedrnn.backends import triton as TB
+
+    xproj, w, b, h0, _, _, lens = _inputs(T, B, H, dtype, device, bias, lengths)
+    before = C.LAUNCHES["gru_fwd"]
+    y, hn, gates = TB.gru_fwd(xproj, w, b, h0, lens, reverse)  # the backend entry point (ops.py)
+    mid = C.LAUNCHES["gru_fwd"]
+    y2, hn2, gates2 = TB.gru_fwd(xproj, w, b, h0, lens, reverse, save=False)
+    assert C.LAUNCHES["gru_fwd"] - mid == mid - before
+    assert gates.shape == (T, B, 4 * H) and gates2.shape == (0,) and gates2.dtype == dtype
+    assert gates2.device.type == device.type
+    for name, o, f in (("y", y2, y), ("h_n", hn2, hn)):
+        assert o.shape == f.shape and o.dtype == f.dtype, name
+        assert torch.isfinite(o).all() and torch.equal(o, f), name
+    if T and B:
+        d = lambda t: None if t is None else t.to(torch.float64).cpu()  # noqa: E731
+        ry, rhn, _ = ref.gru_fwd(d(xproj), d(w), d(b), d(h0), None if lens is None else lens.cpu(), reverse)
+        assert_close([y2, hn2], [ry, rhn], dtype, ["y", "h_n"], rtol=_rtol(dtype, device))
+    return mid - before
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=_dtname)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_nosave_single(dtype, reverse):
+    # one program owns every unit (h in registers); a zero-length sequence among the lengths
+    _check_nosave(T=5, B=4, H=13, dtype=dtype, device=CPU, reverse=reverse, lengths=[5, 0, 3, 1])
+
+
+def test_nosave_split_stepwise():
+    with C.force_variant(mode="stepwise", block_u=16):
+        n = _check_nosave(T=4, B=3, H=37, dtype=torch.float64, device=CPU, reverse=True, lengths=[2, 0, 4])
+    assert n == 4
+
+
+def test_nosave_persistent_no_bias():
+    with C.force_variant(mode="persistent", block_u=16):
+        n = _check_nosave(T=4, B=2, H=13, dtype=torch.bfloat16, device=CPU, bias=False, lengths=[0, 4])
+    assert n == 1
+
+
+def test_nosave_multi_chunk_batch(monkeypatch):
+    # on a (described) 1-SM device, 5 batch tiles of 16 rows need >= 2 sequential persistent launches
+    one_sm = C.DeviceInfo(1, 227 * 1024, (9, 0), 228 * 1024)
+    monkeypatch.setattr(C, "device_info", lambda device=None: one_sm)
+    with C.force_variant(mode="persistent", block_u=32, block_b=16):
+        v = C.select_variant(3, 21, 21, 80, torch.float32, info=one_sm)
+        assert v.mode == "persistent" and C.cdiv(C.cdiv(80, v.block_b), v.n_batch_tiles) >= 2
+        n = _check_nosave(T=3, B=80, H=21, dtype=torch.float32, device=CPU, lengths=[(i * 7) % 4 for i in range(80)])
+    assert n >= 2
+
+
+def test_nosave_falls_back_to_training_kernel(monkeypatch):
+    # the inference kernel refused after compilation (as GRU bf16 H=1365 under triton 3.8 on sm_90,
+    # 72 B of stack): the training kernel runs into scratch gates, results unchanged
+    import fusedrnn.backends as backends
+
+    real = C.checked_variant
+
+    def fake(cands, compile_fn, key, info):
+        if dict(key[4])["SAVE"] == "False":
+            raise C.NoCompiledFit("fusedrnn triton: no variant fits the device after compilation: (test)")
+        return real(cands, compile_fn, key, info)
+
+    monkeypatch.setattr(C, "checked_variant", fake)
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="training kernel"):
+        _check_nosave(T=3, B=2, H=5, dtype=torch.float64, device=CPU, lengths=[0, 3])
+
+
+def test_nosave_empty_shapes():
+    for T, B in ((0, 2), (3, 0)):
+        _check_nosave(T=T, B=B, H=3, dtype=torch.float32, device=CPU)
+
+
 # ---------------------------------------------------------------------------------------- cells
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=_dtname)
 @pytest.mark.parametrize("H,bias", [(1, True), (37, False), (129, True)])
@@ -252,6 +329,14 @@ def test_gpu_large_persistent():
 def test_gpu_issue8_register_budget():
     # issue 8: GRU bf16 H=130 B=1456 compiled to 32 registers with 33 KB of spills before
     _check(T=2, B=1456, H=130, dtype=torch.bfloat16, device=_device())
+
+
+@GPU
+@pytest.mark.parametrize("H,B", [(768, 16), (768, 64), (130, 1456)])
+def test_gpu_nosave(H, B):
+    # the persistent grid (H=768), programs side by side (B=64), sequential batch chunks (B=1456)
+    _check_nosave(T=5, B=B, H=H, dtype=torch.bfloat16, device=_device(), reverse=True,
+                  lengths=[5, 0, 3, 1] * (B // 4))
 
 
 @GPU

@@ -396,10 +396,11 @@ def test_issue_shapes_compile_within_the_device(tmp_path, cap=90):
 @cpu_only
 def test_kernels_really_run():
     """No silent fallback: every call launches the Triton kernels (counted by the launchers)."""
-    before = dict(C.LAUNCHES)
-    check_lstm(T=3, B=2, H=8, dtype=torch.float64)
-    assert C.LAUNCHES["lstm_fwd"] - before.get("lstm_fwd", 0) == 1
-    assert C.LAUNCHES["lstm_bwd"] - before.get("lstm_bwd", 0) == 1
+    with C.force_variant(mode="persistent", block_u=32):  # one program (the interpreter runs programs in turn)
+        before = dict(C.LAUNCHES)
+        check_lstm(T=3, B=2, H=32, dtype=torch.float64)
+        assert C.LAUNCHES["lstm_fwd"] - before.get("lstm_fwd", 0) == 1
+        assert C.LAUNCHES["lstm_bwd"] - before.get("lstm_bwd", 0) == 1
     with C.force_variant(mode="stepwise", block_u=16):
         before = dict(C.LAUNCHES)
         check_lstm(T=3, B=2, H=20, dtype=torch.float64)
@@ -420,6 +421,112 @@ def test_outputs_fully_written(monkeypatch):
     check_lstm(T=4, B=3, H=21, dtype=torch.float64, lengths=[1, 4, 2], reverse=True)
     with C.force_variant(mode="stepwise", block_u=16):
         check_lstm(T=3, B=2, H=21, P=18, proj=True, dtype=torch.float64, lengths=[3, 1])
+
+
+def check_nosave(T, B, H, dtype, P=None, proj=False, reverse=False, lengths=None, bias=True, seed=0, device="cpu"):
+    """Inference path (issue 10 item 1): ``save=False`` returns (0,) gates / cs of the dtypes they
+    would have had, and y, h_n, c_n bitwise equal to ``save=True`` (which matches the reference)."""
+    a = make_inputs(T, B, H, P or H, dtype, device, bias=bias, proj=proj, seed=seed)
+    lens = None if lengths is None else torch.tensor(lengths, dtype=torch.int64, device=device)
+    args = (a["xproj"], a["w_hh"], a["b_hh"], a["h0"], a["c0"], a["w_hr"], lens, reverse)
+    before = C.LAUNCHES["lstm_fwd"]
+    full = TB.lstm_fwd(*args)  # the backend entry point, as ops.py calls it
+    mid = C.LAUNCHES["lstm_fwd"]
+    infer = TB.lstm_fwd(*args, save=False)
+    assert C.LAUNCHES["lstm_fwd"] - mid == mid - before  # the same launches, no fallback
+    acc = C.acc_dtype(dtype)
+    gates, cs = infer[3], infer[4]
+    assert gates.shape == (0,) and gates.dtype == dtype and cs.shape == (0,) and cs.dtype == acc
+    assert full[3].shape == (T, B, 4 * H) and full[4].shape == (T, B, H) and full[4].dtype == acc
+    for name, o, f in zip(("y", "h_n", "c_n"), infer[:3], full[:3]):
+        assert o.shape == f.shape and o.dtype == f.dtype, name
+        assert torch.isfinite(o).all() and torch.equal(o, f), name
+    ref = R.lstm_fwd(*args)
+    for name, o, r in zip(("y", "h_n", "c_n"), infer[:3], ref[:3]):
+        assert rel(o, r) <= TOL[dtype], (name, rel(o, r))
+    assert gates.device == cs.device == infer[0].device
+    return mid - before
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_nosave_single(dtype, reverse):
+    """One program owns every unit (h in registers), a zero-length sequence among the lengths."""
+    check_nosave(T=5, B=4, H=13, dtype=dtype, reverse=reverse, lengths=[5, 0, 3, 1])
+
+
+@cpu_only
+@pytest.mark.parametrize("proj", [False, True])
+def test_nosave_split_stepwise(proj):
+    """Units split over 3 programs (stepwise under the interpreter), with and without projection."""
+    with C.force_variant(mode="stepwise", block_u=16):
+        n = check_nosave(T=4, B=3, H=37, P=24, proj=proj, dtype=torch.float64, reverse=True, lengths=[2, 0, 4])
+    assert n == 4 * (2 if proj else 1)  # one launch per step and phase
+
+
+@cpu_only
+@pytest.mark.parametrize("proj", [False, True])
+def test_nosave_persistent_no_bias(proj):
+    """The persistent kernel (SYNC barriers, one launch), bias-less, bf16."""
+    with C.force_variant(mode="persistent", block_u=64):
+        n = check_nosave(T=4, B=2, H=37, P=20, proj=proj, dtype=torch.bfloat16, bias=False, lengths=[4, 0])
+    assert n == 1
+
+
+@cpu_only
+def test_nosave_multi_chunk_batch(monkeypatch):
+    """Batch tiles beyond one co-resident grid run as sequential launches over batch chunks: on a
+    (described) 1-SM device, 5 tiles of 16 rows need >= 2 persistent launches."""
+    one_sm = C.DeviceInfo(1, 227 * 1024, (9, 0), 228 * 1024)
+    monkeypatch.setattr(C, "device_info", lambda device=None: one_sm)
+    with C.force_variant(mode="persistent", block_u=64, block_b=16):
+        v = C.select_variant(4, 21, 21, 80, torch.float32, info=one_sm)
+        assert v.mode == "persistent" and C.cdiv(C.cdiv(80, v.block_b), v.n_batch_tiles) >= 2
+        n = check_nosave(T=3, B=80, H=21, dtype=torch.float32, lengths=[(i * 7) % 4 for i in range(80)])
+    assert n >= 2
+
+
+@cpu_only
+def test_nosave_falls_back_to_training_kernel(monkeypatch):
+    """Where the inference kernel's compiled resources do not fit but the training kernel's do
+    (ptxas may allocate them differently at the register limit), the training kernel runs into
+    scratch buffers: same results, (0,) gates / cs, a warning; nothing raised."""
+    import fusedrnn.backends as backends
+
+    real = C.checked_variant
+    seen = []
+
+    def fake(cands, compile_fn, key, info):
+        seen.append(dict(key[4])["SAVE"])
+        if dict(key[4])["SAVE"] == "False":
+            raise C.NoCompiledFit("fusedrnn triton: no variant fits the device after compilation: (test)")
+        return real(cands, compile_fn, key, info)
+
+    monkeypatch.setattr(C, "checked_variant", fake)
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="training kernel"):
+        check_nosave(T=3, B=2, H=9, dtype=torch.float32, lengths=[3, 0])
+    assert seen == ["True", "False", "True"]  # save=True; save=False refused, then the training kernel
+
+    def refuse(*_):
+        raise C.NoCompiledFit("fusedrnn triton: no variant fits the device after compilation: (test)")
+
+    monkeypatch.setattr(C, "checked_variant", refuse)
+    a = make_inputs(2, 2, 9, 9, torch.float32, "cpu")
+    with pytest.raises(C.NoCompiledFit):  # save=True has nothing to fall back to
+        TB.lstm_fwd(a["xproj"], a["w_hh"], a["b_hh"], a["h0"], a["c0"], None, None, False)
+
+
+@cpu_only
+def test_nosave_empty_shapes():
+    for T, B in ((0, 2), (3, 0)):
+        a = make_inputs(T, B, 5, 5, torch.float32, "cpu")
+        args = (a["xproj"], a["w_hh"], a["b_hh"], a["h0"], a["c0"], None, None, False)
+        y, h_n, c_n, gates, cs = TB.lstm_fwd(*args, save=False)
+        full = TB.lstm_fwd(*args)
+        assert y.shape == (T, B, 5) and gates.shape == (0,) and cs.shape == (0,) and cs.dtype == torch.float32
+        assert torch.equal(h_n, full[1]) and torch.equal(c_n, full[2])
 
 
 @cpu_only
@@ -535,6 +642,15 @@ def test_gpu_programs_side_by_side_checked():
     C._CHECKED.clear()
     check_lstm(T=6, B=64, H=768, dtype=torch.bfloat16, device="cuda", lengths=[6, 2, 5, 1] * 16, reverse=True)
     assert C._CHECKED and any(reason is None for reason in C._CHECKED.values())
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("H,P,B", [(768, 768, 16), (768, 768, 64), (512, 512, 300), (200, 100, 20)])
+def test_gpu_nosave(H, P, B):
+    # the persistent grid, programs side by side (B=64), sequential batch chunks (B=300), projection
+    check_nosave(T=5, B=B, H=H, P=P, proj=P != H, dtype=torch.bfloat16, device="cuda", reverse=True,
+                 lengths=[5, 0, 3, 1] * (B // 4))
 
 
 @gpu

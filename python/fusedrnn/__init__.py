@@ -9,7 +9,7 @@
 import os as _os
 
 from .backends import BACKENDS, available_backends
-from .modules import GRU, LSTM, GRUCell, LSTMCell, convert
+from .modules import GRU, LSTM, GRUCell, LSTMCell, convert, quantize_dynamic
 
 
 def max_hidden_size(mode: str, dtype, *, backend: str, proj_size: int = 0, device=None) -> int:
@@ -88,6 +88,7 @@ __all__ = [
     "LSTMCell",
     "GRUCell",
     "convert",
+    "quantize_dynamic",
     "available_backends",
     "max_hidden_size",
     "BACKENDS",

@@ -66,12 +66,12 @@ def rnn(
             idx = layer * num_dirs + d
             _, w_hh, _, b_hh, w_hr = dir_weights[d]
             if mode == "LSTM":
-                y, h, c, _, _ = ops.call(
-                    ops.lstm_fwd, projections[d], w_hh, b_hh, hx[idx], cx[idx], w_hr, lengths, d == 1, backend
-                )
+                args = (projections[d], w_hh, b_hh, hx[idx], cx[idx], w_hr)
+                y, h, c, _, _ = ops.call(ops.lstm_fwd, *args, lengths, d == 1, ops.needs_saving(*args), backend)
                 c_n.append(c)
             else:
-                y, h, _ = ops.call(ops.gru_fwd, projections[d], w_hh, b_hh, hx[idx], lengths, d == 1, backend)
+                args = (projections[d], w_hh, b_hh, hx[idx])
+                y, h, _ = ops.call(ops.gru_fwd, *args, lengths, d == 1, ops.needs_saving(*args), backend)
             outputs.append(y)
             h_n.append(h)
         layer_input = outputs[0] if num_dirs == 1 else torch.cat(outputs, dim=-1)
@@ -81,13 +81,19 @@ def rnn(
             else:
                 rows = F.dropout(layer_input[packed_index], p=dropout, training=True)
                 layer_input = torch.zeros_like(layer_input).index_put(packed_index, rows)
-    h_out = torch.stack(h_n, dim=0)
-    c_out = torch.stack(c_n, dim=0) if mode == "LSTM" else None
-    return layer_input, h_out, c_out
+    return layer_input, _stack(h_n), _stack(c_n) if mode == "LSTM" else None
+
+
+def _stack(states: List[Tensor]) -> Tensor:
+    """The final states of every layer and direction, (L*D, B, N).  One layer and direction: a
+    view of the op's own (fresh, unshared) output, which saves a copy and an autograd node."""
+    return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states, dim=0)
 
 
 def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
-    return t if t is None or dtype is None else t.to(dtype)
+    """``t.to(dtype)``; None stays None, and a tensor already in ``dtype`` is returned as it is
+    without the call (what ``.to`` returns then too, for less than a dispatch: cells run per step)."""
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
 
 
 def lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih, w_hh, b_ih, b_hh, backend: str,
@@ -105,7 +111,7 @@ def lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih, w_hh, b_ih, b_hh, backend: 
 
 def gru_cell(x: Tensor, h: Tensor, w_ih, w_hh, b_ih, b_hh, backend: str, dtype: Optional[torch.dtype] = None):
     """One GRU step: x (B, I), h (B, H) -> h_new (GEMMs in the weights' dtype, the step in ``dtype``)."""
-    igates, hgates = _cast(F.linear(x, w_ih), dtype), _cast(F.linear(h.to(w_hh.dtype), w_hh), dtype)
+    igates, hgates = _cast(F.linear(x, w_ih), dtype), _cast(F.linear(_cast(h, w_hh.dtype), w_hh), dtype)
     h_new, _ = ops.call(
         ops.gru_cell_fwd, igates, hgates, _cast(b_ih, dtype), _cast(b_hh, dtype), _cast(h, dtype), backend
     )

@@ -17,6 +17,8 @@ own error naming the shapes and never calls torch.
 
 from __future__ import annotations
 
+import contextvars
+import copy
 import os
 import warnings
 from typing import NamedTuple, Optional, Tuple
@@ -27,6 +29,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from . import backends, functional
+from .functional import _cast
 from .backends import RecurrenceConfig
 
 
@@ -98,6 +101,27 @@ class _BackendMixin:
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
+
+    # torch.ao.quantization's eager mode assigns ``qconfig`` to every module it visits, then
+    # matches modules to quantized ones by exact class, which a fusedrnn module never is: the
+    # setter turns that silent skip into an error or a warning (see ``_check_qconfig``).  The
+    # value lives in ``__dict__["qconfig"]``, where torch.nn classes keep it.
+    @property
+    def qconfig(self):
+        try:
+            return self.__dict__["qconfig"]
+        except KeyError:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute 'qconfig'") from None
+
+    @qconfig.setter
+    def qconfig(self, value):
+        _check_qconfig(self, value)
+        self.__dict__["qconfig"] = value
+
+    @qconfig.deleter
+    def qconfig(self):
+        if self.__dict__.pop("qconfig", _MISSING) is _MISSING:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute 'qconfig'")
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -335,8 +359,7 @@ class _FusedRNNBase(_BackendMixin):
                 packed_index=call.packed_index,
             )
         out_dtype, c_dtype = call.out_dtypes
-        y, h_n = y.to(out_dtype), h_n.to(out_dtype)
-        c_n = c_n.to(c_dtype) if c_n is not None else None
+        y, h_n, c_n = _cast(y, out_dtype), _cast(h_n, out_dtype), _cast(c_n, c_dtype)
         if isinstance(input, PackedSequence):
             t_idx, b_idx = call.packed_index
             out = PackedSequence(y[t_idx, b_idx], input.batch_sizes, input.sorted_indices, input.unsorted_indices)
@@ -539,16 +562,16 @@ class _FusedCellBase(_BackendMixin):
         params = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
         x, states = call.x, call.states
         if call.gemm_dtype != self.weight_ih.dtype:
-            params = [None if p is None else p.to(call.gemm_dtype) for p in params]
-        x = x.to(call.gemm_dtype)
+            params = [_cast(p, call.gemm_dtype) for p in params]
+        x = _cast(x, call.gemm_dtype)
         with torch.autocast(x.device.type, enabled=False) if call.autocast else _nullcontext():
             if self._is_lstm:
                 h, c = states
-                out = functional.lstm_cell(x, h.to(call.gemm_dtype), c.to(call.dtype), *params,
+                out = functional.lstm_cell(x, _cast(h, call.gemm_dtype), _cast(c, call.dtype), *params,
                                            backend=backend, dtype=call.dtype)
             else:
                 (h,) = states
-                out = (functional.gru_cell(x, h.to(call.dtype), *params, backend=backend, dtype=call.dtype),)
+                out = (functional.gru_cell(x, _cast(h, call.dtype), *params, backend=backend, dtype=call.dtype),)
         if not call.is_batched:
             out = tuple(o.squeeze(0) for o in out)
         return out if self._is_lstm else out[0]
@@ -641,6 +664,11 @@ def _parametrized_class(module, twin: type) -> type:
     cls = type(module)
     original = cls.__bases__[0]
     base = original if issubclass(original, _BackendMixin) else _converted_class(original, twin)
+    return _reparametrized(cls, base)
+
+
+def _reparametrized(cls: type, base: type) -> type:
+    """The parametrized class ``cls`` (torch.nn.utils.parametrize) over another original class."""
     own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__", "__doc__")}
     return type(cls.__name__, (base,), own)
 
@@ -697,3 +725,119 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
                 module.__class__ = _converted_class(cls, twin)
         module.backend = backend
     return model
+
+
+# ----------------------------------------------------------------------------------- quantization
+_MISSING = object()
+_TORCH_CLASS = {twin: base for base, twin in _TWINS.items()}
+# True inside fusedrnn.quantize_dynamic: torch then sees the modules it can match as torch.nn's,
+# and treats the rest (subclasses of fusedrnn's classes) as it treats subclasses of torch.nn's
+_quantizing_as_torch = contextvars.ContextVar("fusedrnn_quantizing_as_torch", default=False)
+
+
+def _check_qconfig(module, qconfig) -> None:
+    """Called when something (torch.ao.quantization's eager mode: ``propagate_qconfig_``, hence
+    ``quantize_dynamic``, ``prepare``, ``quantize``) assigns ``module.qconfig``.
+
+    torch matches a module to its qconfig and to its quantized class by exact class (its tables
+    are keyed by ``torch.nn.LSTM`` ..., and ``from_float`` checks ``type(module)``), so it never
+    quantizes a fusedrnn module, and says nothing.  A qconfig given to this module (by its name,
+    by a parent's qconfig, or by a fusedrnn class in the spec) is a request torch would leave
+    unanswered: raise.  None is what torch gives every module its spec does not name, a fusedrnn
+    module even when the spec names ``torch.nn.LSTM``: warn that it stays float.
+    """
+    if _quantizing_as_torch.get():
+        return
+    name = _twin_name(type(module))
+    how = (f"fusedrnn.quantize_dynamic(model, ...) takes torch's arguments and quantizes it as "
+           f"the torch.nn.{name} it replaces (or quantize before fusedrnn.convert)")
+    if qconfig is not None:
+        raise RuntimeError(
+            f"fusedrnn.{name}: torch.ao.quantization gave this module a qconfig, but it matches "
+            f"modules to their quantized classes by exact class (torch.nn.{name}, not fusedrnn's), "
+            f"so it would leave this module in float without a word. {how}."
+        )
+    warnings.warn(
+        f"fusedrnn.{name}: torch.ao.quantization leaves this module in float: it matches qconfigs "
+        f"and quantized classes by exact class, so a fusedrnn module is skipped even where the "
+        f"qconfig_spec names torch.nn.{name} (as quantize_dynamic's default does). {how}.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _torch_class(module) -> Optional[type]:
+    """The class torch.nn would have given ``module``: the torch.nn class for fusedrnn's own
+    classes, the user's class for a converted subclass, the same parametrized class over either
+    for a parametrized module.  None for a class fusedrnn did not make (a user's subclass of a
+    fusedrnn class), which torch.ao.quantization then treats as it treats a subclass of torch's."""
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        original = _torch_class_of(cls.__bases__[0])
+        return None if original is None else _reparametrized(cls, original)
+    return _torch_class_of(cls)
+
+
+def _torch_class_of(cls: type) -> Optional[type]:
+    return _TORCH_CLASS.get(cls) or cls.__dict__.get("_fusedrnn_original")
+
+
+def _as_torch_keys(spec, what: str):
+    """``spec`` (a qconfig_spec set or dict, or a mapping) with fusedrnn's four classes replaced
+    by the torch.nn classes they stand for; a clash (both named, different values) raises."""
+    if isinstance(spec, set):
+        return {_TORCH_CLASS.get(k, k) for k in spec}
+    if not isinstance(spec, dict):
+        return spec  # None, or something torch itself accepts or refuses
+    out = {}
+    for key, value in spec.items():
+        key = _TORCH_CLASS.get(key, key)
+        if key in out and out[key] is not value:
+            raise ValueError(f"fusedrnn.quantize_dynamic: {what} gives {key} and its fusedrnn "
+                             f"class different values")
+        out[key] = value
+    return out
+
+
+def quantize_dynamic(model: nn.Module, qconfig_spec=None, dtype: torch.dtype = torch.qint8,
+                     mapping=None, inplace: bool = False) -> nn.Module:
+    """``torch.ao.quantization.quantize_dynamic`` for models holding fusedrnn modules.
+
+    Same arguments and result as torch's, with every fusedrnn module (converted or built as one)
+    seen as the module torch.nn would have: ``fusedrnn.LSTM`` as ``torch.nn.LSTM`` (and likewise
+    GRU, LSTMCell, GRUCell), a converted subclass as the user's class, a parametrized module as
+    the same parametrization over those.  So the result is what torch's quantize_dynamic gives for
+    the model before ``convert``: the same ``torch.ao.nn.quantized.dynamic`` modules with the same
+    weights (hence the same outputs), and the same errors (a parametrized RNN fails in torch's
+    ``from_float``).  ``qconfig_spec`` and ``mapping`` may name fusedrnn's classes for the torch.nn
+    ones.  Modules left in float (not named by the spec, or subclasses, which torch's tables do not
+    match) stay the fusedrnn modules they were, with their ``backend``.
+
+    torch.ao.quantization's own ``quantize_dynamic`` cannot do this: it matches exact classes
+    (its qconfig tables and module mappings are keyed by ``torch.nn.LSTM`` ..., and ``from_float``
+    checks ``type(module)``), so it would skip fusedrnn modules; fusedrnn makes that skip a
+    RuntimeWarning, or a RuntimeError when the module was given a qconfig.
+
+    Raises ValueError when ``qconfig_spec`` or ``mapping`` gives a torch.nn class and its fusedrnn
+    class different values; otherwise whatever torch's quantize_dynamic raises for the same model
+    written with torch.nn (the model is then left with its fusedrnn classes).
+    """
+    from torch.ao.quantization import quantize_dynamic as torch_quantize_dynamic
+
+    qconfig_spec = _as_torch_keys(qconfig_spec, "qconfig_spec")
+    mapping = _as_torch_keys(mapping, "mapping")
+    if not inplace:
+        model = copy.deepcopy(model)
+    seen_as_torch = []  # (module, its fusedrnn class), restored whatever torch does
+    token = _quantizing_as_torch.set(True)
+    try:
+        for module in model.modules():
+            torch_cls = _torch_class(module) if isinstance(module, _BackendMixin) else None
+            if torch_cls is not None:
+                seen_as_torch.append((module, type(module)))
+                module.__class__ = torch_cls
+        return torch_quantize_dynamic(model, qconfig_spec, dtype, mapping, inplace=True)
+    finally:
+        for module, cls in seen_as_torch:
+            module.__class__ = cls
+        _quantizing_as_torch.reset(token)

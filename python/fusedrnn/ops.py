@@ -54,8 +54,23 @@ def _seq(T: int, B: int, n: int, like: Tensor, dtype=None) -> Tensor:
     return like.new_empty((T, B, n), dtype=dtype or like.dtype)
 
 
+_IMPLS = {}  # custom op -> its Python implementation (what torch.library dispatches to on CPU/CUDA)
+
+
+def _custom_op(name: str):
+    """``torch.library.custom_op(name, mutates_args=())``, keeping the implementation at hand for
+    the eager fast path of ``call``."""
+
+    def register(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        _IMPLS[op] = fn
+        return op
+
+    return register
+
+
 # =========================================================================================== LSTM
-@torch.library.custom_op("fusedrnn::lstm_fwd", mutates_args=())
+@_custom_op("fusedrnn::lstm_fwd")
 def lstm_fwd(
     xproj: Tensor,
     w_hh: Tensor,
@@ -65,44 +80,40 @@ def lstm_fwd(
     w_hr: Optional[Tensor],
     lengths: Optional[Tensor],
     reverse: bool,
+    save: bool,
     backend: str,
 ) -> Tensors5:
-    """LSTM recurrence. Returns (y (T,B,P), h_n (B,P), c_n (B,H), gates (T,B,4H), cs (T,B,H))."""
+    """LSTM recurrence. Returns (y (T,B,P), h_n (B,P), c_n (B,H), gates (T,B,4H), cs (T,B,H)).
+
+    ``save=False`` (inference, see ``needs_saving``): gates and cs are empty (0,) tensors and the
+    backend writes neither; the backward then cannot run (it raises)."""
     T, B, G = xproj.shape
     if B == 0:  # nothing to compute: shapes only
-        return _lstm_fwd_empty(xproj, w_hh, c0)
+        return _lstm_fwd_empty(xproj, w_hh, c0, save)
     return _fresh(backends.get(backend).lstm_fwd(
         xproj.contiguous(), w_hh.contiguous(), _c(b_hh), h0.contiguous(), c0.contiguous(),
-        _c(w_hr), _lengths(lengths, xproj), reverse,
+        _c(w_hr), _lengths(lengths, xproj), reverse, save=save,
     ))
 
 
-def _lstm_fwd_empty(xproj, w_hh, c0):
-    T, B, G = xproj.shape
-    H, P = G // 4, w_hh.shape[1]
-    return (
-        _seq(T, B, P, xproj).zero_(),
-        xproj.new_zeros((B, P)),
-        xproj.new_zeros((B, H)),
-        _seq(T, B, G, xproj).zero_(),
-        _seq(T, B, H, xproj, acc_dtype(xproj.dtype)).zero_(),
-    )
+def _lstm_fwd_empty(xproj, w_hh, c0, save):
+    return tuple(t.zero_() for t in _lstm_fwd_fake(xproj, w_hh, None, None, c0, None, None, False, save, ""))
 
 
 @lstm_fwd.register_fake
-def _(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, backend):
+def _lstm_fwd_fake(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, save, backend):
     T, B, G = xproj.shape
     H, P = G // 4, w_hh.shape[1]
     return (
         _seq(T, B, P, xproj),
         xproj.new_empty((B, P)),
         xproj.new_empty((B, H)),
-        _seq(T, B, G, xproj),
-        _seq(T, B, H, xproj, acc_dtype(xproj.dtype)),
+        _seq(T, B, G, xproj) if save else xproj.new_empty((0,)),
+        _seq(T, B, H, xproj, acc_dtype(xproj.dtype)) if save else xproj.new_empty((0,), dtype=acc_dtype(xproj.dtype)),
     )
 
 
-@torch.library.custom_op("fusedrnn::lstm_bwd", mutates_args=())
+@_custom_op("fusedrnn::lstm_bwd")
 def lstm_bwd(
     dy: Tensor,
     dh_n: Tensor,
@@ -134,7 +145,7 @@ def _lstm_bwd_fake(dy, dh_n, dc_n, w_hh, w_hr, c0, gates, cs, lengths, reverse, 
 
 
 # ============================================================================================ GRU
-@torch.library.custom_op("fusedrnn::gru_fwd", mutates_args=())
+@_custom_op("fusedrnn::gru_fwd")
 def gru_fwd(
     xproj: Tensor,
     w_hh: Tensor,
@@ -142,26 +153,29 @@ def gru_fwd(
     h0: Tensor,
     lengths: Optional[Tensor],
     reverse: bool,
+    save: bool,
     backend: str,
 ) -> Tensors3:
-    """GRU recurrence. Returns (y (T,B,H), h_n (B,H), gates (T,B,4H) = [r, z, n, hn])."""
+    """GRU recurrence. Returns (y (T,B,H), h_n (B,H), gates (T,B,4H) = [r, z, n, hn]).
+
+    ``save=False``: gates is an empty (0,) tensor, as for ``lstm_fwd``."""
     if xproj.shape[1] == 0:
-        T, B, G = xproj.shape
-        H = G // 3
-        return _seq(T, B, H, xproj).zero_(), xproj.new_zeros((B, H)), _seq(T, B, 4 * H, xproj).zero_()
+        return tuple(t.zero_() for t in _gru_fwd_fake(xproj, w_hh, b_hh, h0, lengths, reverse, save, backend))
     return _fresh(backends.get(backend).gru_fwd(
-        xproj.contiguous(), w_hh.contiguous(), _c(b_hh), h0.contiguous(), _lengths(lengths, xproj), reverse
+        xproj.contiguous(), w_hh.contiguous(), _c(b_hh), h0.contiguous(), _lengths(lengths, xproj), reverse,
+        save=save,
     ))
 
 
 @gru_fwd.register_fake
-def _(xproj, w_hh, b_hh, h0, lengths, reverse, backend):
+def _gru_fwd_fake(xproj, w_hh, b_hh, h0, lengths, reverse, save, backend):
     T, B, G = xproj.shape
     H = G // 3
-    return _seq(T, B, H, xproj), xproj.new_empty((B, H)), _seq(T, B, 4 * H, xproj)
+    gates = _seq(T, B, 4 * H, xproj) if save else xproj.new_empty((0,))
+    return _seq(T, B, H, xproj), xproj.new_empty((B, H)), gates
 
 
-@torch.library.custom_op("fusedrnn::gru_bwd", mutates_args=())
+@_custom_op("fusedrnn::gru_bwd")
 def gru_bwd(
     dy: Tensor,
     dh_n: Tensor,
@@ -191,7 +205,7 @@ def _gru_bwd_fake(dy, dh_n, w_hh, h0, y, gates, lengths, reverse, backend, zero=
 
 
 # ========================================================================================== cells
-@torch.library.custom_op("fusedrnn::lstm_cell_fwd", mutates_args=())
+@_custom_op("fusedrnn::lstm_cell_fwd")
 def lstm_cell_fwd(
     igates: Tensor, hgates: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], c: Tensor, backend: str
 ) -> Tensors3:
@@ -214,7 +228,7 @@ def _(igates, hgates, b_ih, b_hh, c, backend):
     return igates.new_empty((B, H)), igates.new_empty((B, H)), igates.new_empty((B, G))
 
 
-@torch.library.custom_op("fusedrnn::lstm_cell_bwd", mutates_args=())
+@_custom_op("fusedrnn::lstm_cell_bwd")
 def lstm_cell_bwd(
     dh_new: Tensor, dc_new: Tensor, c: Tensor, c_new: Tensor, gates: Tensor, backend: str
 ) -> Tensors2:
@@ -231,7 +245,7 @@ def _(dh_new, dc_new, c, c_new, gates, backend):
     return torch.empty_like(gates), torch.empty_like(c)
 
 
-@torch.library.custom_op("fusedrnn::gru_cell_fwd", mutates_args=())
+@_custom_op("fusedrnn::gru_cell_fwd")
 def gru_cell_fwd(
     igates: Tensor, hgates: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], h: Tensor, backend: str
 ) -> Tensors2:
@@ -254,7 +268,7 @@ def _(igates, hgates, b_ih, b_hh, h, backend):
     return igates.new_empty((B, H)), igates.new_empty((B, 4 * H))
 
 
-@torch.library.custom_op("fusedrnn::gru_cell_bwd", mutates_args=())
+@_custom_op("fusedrnn::gru_cell_bwd")
 def gru_cell_bwd(dh_new: Tensor, h: Tensor, gates: Tensor, backend: str) -> Tensors3:
     """Returns (d_igates (B, 3H), d_hgates (B, 3H), dh (B, H): the direct z * dh_new path only)."""
     if gates.shape[0] == 0:
@@ -285,8 +299,16 @@ def _(dh_new, h, gates, backend):
 #   made there go through an autograd.Function twin of the same op instead (``_TWINS``): its
 #   forward and backward run the same kernels, its ``jvp`` is the forward-mode derivative of the
 #   spec (torch.func.jvp of ``backends.reference``), and its vmap rule runs one call per slice.
+# * Plain eager calls (the common case: no torch.compile, torch.func, forward AD, jit tracing,
+#   torch function / dispatch mode or tensor subclass) skip torch.library's dispatch, whose Python
+#   layers (the dispatcher's Python kernel, the generated autograd.Function, the aliasing check)
+#   cost more than the CPU kernels of a small LSTM.  ``call`` then runs the op's implementation
+#   directly, inside an autograd.Function whose setup and backward are the very functions
+#   registered for the custom op (``_DIRECT``) when something requires grad, else bare.  Same
+#   kernels, same saved tensors, same backward (and so the same double backward).
 #
-# The modules reach every op through ``call(op, *args)``, which picks the custom op or its twin.
+# The modules reach every op through ``call(op, *args)``, which picks the custom op, its direct
+# eager form or its twin.
 
 
 def _weight_grad(dgates: Tensor, inputs: Tensor) -> Tensor:
@@ -310,8 +332,47 @@ def _transformed(*tensors: Optional[Tensor]) -> bool:
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+def needs_saving(*tensors: Optional[Tensor]) -> bool:
+    """The ``save`` argument of ``lstm_fwd`` / ``gru_fwd`` for a call on ``tensors`` (its inputs):
+    whether anything may run its backward.  True when grad mode is on and some input requires
+    grad, or under a torch.func transform or forward-mode AD (their rules may differentiate it).
+    False under ``no_grad`` / ``inference_mode`` or when nothing requires grad: the forward then
+    writes only y and the final states (about 1/7 of the bytes, issue 10)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return True
+    return _transformed(*tensors)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args) -> bool:
+    """Whether a call on ``args`` is plain eager PyTorch, where torch.library's dispatch of a
+    custom op would only reach its implementation and its registered autograd: not compiling or
+    jit-tracing, no torch.func transform, no forward-AD level open, no torch function / dispatch
+    mode active (FakeTensorMode, make_fx, ``with torch.device(...)``, ...) and no tensor
+    subclass among the arguments."""
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or getattr(forward_ad, "_current_level", -1) >= 0
+        or torch._C._get_tracing_state() is not None
+        or torch._C._len_torch_function_stack()
+        or torch._C._len_torch_dispatch_stack()
+    ):
+        return False
+    for a in args:
+        if isinstance(a, Tensor) and type(a) not in _PLAIN:
+            return False
+    return True
+
+
 def call(op, *args):
     """Run custom op ``op`` differentiably in every autodiff mode (see the section comment)."""
+    if _plain_eager(args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return _DIRECT[op].apply(*args)
+        return _IMPLS[op](*args)
     if _transformed(*(a for a in args if isinstance(a, Tensor))):
         return _TWINS[op].apply(*args)
     return op(*args)
@@ -390,9 +451,18 @@ def _lstm_saved_cotangents(dgates, dcs, gates: Tensor, cs: Tensor, c0: Tensor, l
 
 
 # ------------------------------------------------------------------------------------------ LSTM
+def _unsaved(ctx, op: str):
+    if not ctx.saved:
+        raise RuntimeError(
+            f"fusedrnn::{op} ran with save=False (inference: no input required grad when it ran), "
+            "so its backward has nothing to work from; call it with save=True to differentiate it"
+        )
+
+
 def _lstm_setup(ctx, inputs, output):
-    xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, backend = inputs
+    xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, save, backend = inputs
     y, _, _, gates, cs = output
+    ctx.saved = save
     ctx.set_materialize_grads(False)  # None marks outputs without cotangent (gates, cs: usually)
     ctx.save_for_backward(w_hh, w_hr, h0, c0, y, gates, cs, lengths)
     ctx.has_bias = b_hh is not None
@@ -401,6 +471,7 @@ def _lstm_setup(ctx, inputs, output):
 
 
 def _lstm_backward(ctx, dy, dh_n, dc_n, dgates, dcs):
+    _unsaved(ctx, "lstm_fwd")
     w_hh, w_hr, h0, c0, y, gates, cs, lengths = ctx.saved_tensors
     reverse = ctx.reverse
     dy = _zeros_if_none(dy, y)
@@ -427,13 +498,14 @@ def _lstm_backward(ctx, dy, dh_n, dc_n, dgates, dcs):
         H = cs.shape[2]
         m = gates[..., 3 * H :].to(cs.dtype) * torch.tanh(cs)  # o * tanh(c), zero at padded steps
         dw_hr = _weight_grad(dh_seq, m).to(w_hr.dtype)
-    return dxproj, dw_hh, db_hh, dh0, dc0, dw_hr, None, None, None
+    return dxproj, dw_hh, db_hh, dh0, dc0, dw_hr, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------- GRU
 def _gru_setup(ctx, inputs, output):
-    xproj, w_hh, b_hh, h0, lengths, reverse, backend = inputs
+    xproj, w_hh, b_hh, h0, lengths, reverse, save, backend = inputs
     y, _, gates = output
+    ctx.saved = save
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(w_hh, h0, y, gates, lengths)
     ctx.has_bias = b_hh is not None
@@ -442,6 +514,7 @@ def _gru_setup(ctx, inputs, output):
 
 
 def _gru_backward(ctx, dy, dh_n, dgates):
+    _unsaved(ctx, "gru_fwd")
     w_hh, h0, y, gates, lengths = ctx.saved_tensors
     reverse = ctx.reverse
     dy = _zeros_if_none(dy, y)
@@ -462,7 +535,7 @@ def _gru_backward(ctx, dy, dh_n, dgates):
     h_prev = previous_states(y, h0, lengths, reverse)
     dw_hh = _weight_grad(d_hproj, h_prev).to(w_hh.dtype)
     db_hh = d_hproj.sum(dim=(0, 1)).to(w_hh.dtype) if ctx.has_bias else None
-    return dxproj, dw_hh, db_hh, dh0, None, None, None
+    return dxproj, dw_hh, db_hh, dh0, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------- cells
@@ -648,7 +721,27 @@ _SPEC = {
     lstm_cell_bwd: (_spec.lstm_cell_bwd, _spec_setup, _spec_vjp(_spec.lstm_cell_bwd)),
     gru_cell_bwd: (_spec.gru_cell_bwd, _spec_setup, _spec_vjp(_spec.gru_cell_bwd)),
 }
+def _direct(op, setup, backward):
+    """autograd.Function running ``op``'s implementation without torch.library's dispatch, with
+    the setup and backward registered for ``op`` (plain eager calls only: see ``call``).
+
+    It is written in the combined form (``forward(ctx, *args)`` calling the setup), as
+    torch.library's own generated Function is: with a separate ``setup_context`` staticmethod,
+    ``Function.apply`` binds the arguments through ``inspect.signature`` on every call (~10 us)."""
+    impl = _IMPLS[op]
+
+    def forward(ctx, *args):
+        output = impl(*args)
+        setup(ctx, args, output)
+        return output
+
+    name = "".join(part.capitalize() for part in op._name.split("::")[-1].split("_")) + "Direct"
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
 _TWINS = {}
+_DIRECT = {}
 for _op, (_spec_fn, _setup, _backward) in _SPEC.items():
     _op.register_autograd(_backward, setup_context=_setup)
     _TWINS[_op] = _twin(_op, _spec_fn, _setup, _backward)
+    _DIRECT[_op] = _direct(_op, _setup, _backward)

@@ -82,8 +82,14 @@ def rnn_tf32(enabled: bool):
             torch.backends.cudnn.allow_tf32 = old
 
 
+_LOADED: dict = {}  # name -> imported backend module (a failed import is retried on the next call)
+
+
 def _load(name: str):
-    return importlib.import_module(_MODULES[name])
+    mod = _LOADED.get(name)
+    if mod is None:
+        mod = _LOADED[name] = importlib.import_module(_MODULES[name])
+    return mod
 
 
 def get(name: str):

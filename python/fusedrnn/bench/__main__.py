@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
                         "and report, per row, the instructions executed inside fusedrnn's C++ CPU ops per call "
                         "(one thread; AVX2 kernels, valgrind has no AVX-512).  Deterministic, for A/B comparisons "
                         "of kernel changes on a noisy machine.  Default backends: cpp")
+    p.add_argument("--callgrind-scope", choices=harness.CALLGRIND_SCOPES, default="ops",
+                   help="with --callgrind: 'ops' (default) counts inside fusedrnn's C++ CPU ops only; 'call' "
+                        "counts everything a call executes (Python path, dispatch, GEMMs, kernels), torch.nn "
+                        "rows included: for A/B comparisons of the per-call overhead")
     p.add_argument("--list", action="store_true", help="list the suite's configs and exit")
     p.add_argument("--no-progress", action="store_true", help="plain per-row lines instead of a progress bar")
     p.add_argument("--from-json", metavar="FILE",
@@ -156,7 +160,7 @@ def _rerun_under_callgrind(args, argv: List[str]) -> int:
         print(f"fusedrnn.bench: --callgrind needs {' and '.join(missing)} on PATH", file=sys.stderr)
         return 2
     os.makedirs(args.callgrind, exist_ok=True)
-    cmd = harness.callgrind_command(args.callgrind, argv)
+    cmd = harness.callgrind_command(args.callgrind, argv, args.callgrind_scope)
     env = dict(os.environ, **{harness.CALLGRIND_ENV: os.path.abspath(args.callgrind)})
     print("fusedrnn.bench: running under callgrind (imports take a minute): " + " ".join(cmd[:5]) + " ...",
           flush=True)
@@ -225,8 +229,9 @@ def _run(args, argv: List[str]) -> int:
 
     meta = harness.environment(device)
     if args.callgrind:
-        counter = harness.Callgrind(os.environ[harness.CALLGRIND_ENV])
+        counter = harness.Callgrind(os.environ[harness.CALLGRIND_ENV], args.callgrind_scope)
         meta["callgrind"] = True
+        meta["callgrind_scope"] = args.callgrind_scope
     meta.update(suite=args.suite, backends=list(backends),
                 configs={c.name: c.to_dict() for c in cfgs},
                 timing=dict(vars(opts)), command="python -m fusedrnn.bench " + " ".join(argv))

@@ -18,10 +18,13 @@ What is measured
     flatter a row.  Nothing in the harness changes TF32 flags, clocks or other device settings.
 
 Instruction counts (``--callgrind DIR`` in the CLI): the process runs under valgrind's callgrind and
-each row reports ``fwd_ir`` / ``fwdbwd_ir``, the instructions executed inside fusedrnn's C++ CPU ops
-per call (csrc/cpu: the recurrences and cells, not Python, not torch's GEMMs), with one thread.  They
-do not depend on the machine's load, so a change to the kernels can be compared A/B where timings on
-a shared machine cannot.  valgrind does not emulate AVX-512: the counts are those of the AVX2 kernels.
+each row reports ``fwd_ir`` / ``fwdbwd_ir``, the instructions executed per call with one thread:
+with scope "ops" (the default) inside fusedrnn's C++ CPU ops only (csrc/cpu: the recurrences and
+cells, not Python, not torch's GEMMs); with scope "call" everything the call executes (Python,
+dispatch, GEMMs, kernels), for torch.nn rows too, which measures the per-call overhead of the
+Python path.  They do not depend on the machine's load, so a change can be compared A/B where
+timings on a shared machine cannot.  valgrind does not emulate AVX-512: the counts are those of
+the AVX2 kernels (and of MKL's / oneDNN's AVX2 paths).
 
 Correctness: ``max_rel_err`` is the largest relative norm ||a - b|| / ||b|| over the outputs (output
 sequence, h_n, c_n; and the inference-forward output) and every gradient (input, h0, c0, each
@@ -475,13 +478,22 @@ CALLGRIND_FUNCTIONS = tuple(
 )
 
 
-def callgrind_command(out_dir, argv: Sequence[str]) -> List[str]:
+CALLGRIND_SCOPES = ("ops", "call")
+
+
+def callgrind_command(out_dir, argv: Sequence[str], scope: str = "ops") -> List[str]:
     """valgrind command line that reruns ``python -m fusedrnn.bench argv`` under callgrind: nothing is
-    instrumented until the harness switches it on (imports run at valgrind's base speed), and only
-    the instructions inside ``CALLGRIND_FUNCTIONS`` are collected."""
+    instrumented until the harness switches it on (imports run at valgrind's base speed); scope
+    "ops" collects only the instructions inside ``CALLGRIND_FUNCTIONS``, "call" every instruction
+    executed while instrumented (the harness zeroes the counts before the measured calls)."""
+    if scope not in CALLGRIND_SCOPES:
+        raise ValueError(f"callgrind scope {scope!r}: choose from {CALLGRIND_SCOPES}")
+    collect = (
+        ["--collect-atstart=no", *[f"--toggle-collect={f}" for f in CALLGRIND_FUNCTIONS]]
+        if scope == "ops" else ["--collect-atstart=yes"]
+    )
     return [
-        "valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
-        *[f"--toggle-collect={f}" for f in CALLGRIND_FUNCTIONS],
+        "valgrind", "--tool=callgrind", "--instr-atstart=no", *collect,
         f"--callgrind-out-file={Path(out_dir).resolve()}/callgrind.out.%p",
         sys.executable, "-m", "fusedrnn.bench", *argv,
     ]
@@ -491,8 +503,9 @@ class Callgrind:
     """Counts the instructions of fusedrnn's C++ CPU ops per call, inside a process started by
     ``callgrind_command`` (it talks to valgrind through ``callgrind_control``)."""
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, scope: str = "ops"):
         self.dir = Path(out_dir)
+        self.scope = scope  # as in ``callgrind_command``: "call" counts torch.nn rows too
         self.pid = os.getpid()
         self._ctl("--instr=on")
 
@@ -939,7 +952,7 @@ def run_suite(configs: Sequence[BenchConfig], backends: Sequence[str], device="c
         for backend in backends:
             bar.set(f"{cfg.name} [{backend}]")
             row, case = None, None
-            if counter is not None and backend == "torch":
+            if counter is not None and backend == "torch" and counter.scope == "ops":
                 row = empty_row(cfg, backend, dev_name)
                 row["error"] = "skipped: callgrind counts only fusedrnn's C++ CPU ops"
             elif time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:

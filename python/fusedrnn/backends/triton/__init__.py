@@ -4,6 +4,8 @@ LSTM kernels live in ``lstm.py``, GRU kernels in ``gru.py``; variants, limits an
 helpers in ``_common.py`` (its docstring has the selection rule and the size-limit table).
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run).
 An explicit ``backend="triton"`` never falls back: unsupported shapes raise ValueError.
+The recurrence forwards take ``save`` (default True): False is the inference path (nothing for
+the backward is written; ``gates`` / ``cs`` come back as empty (0,) tensors).
 """
 
 from __future__ import annotations
@@ -58,19 +60,19 @@ def _on_device(fn):
     (or fail) on the wrong GPU without this guard."""
 
     @functools.wraps(fn)
-    def wrapper(*args):
+    def wrapper(*args, **kwargs):
         dev = args[0].device
         if dev.type != "cuda":
-            return fn(*args)
+            return fn(*args, **kwargs)
         with torch.cuda.device(dev):
-            return fn(*args)
+            return fn(*args, **kwargs)
 
     return wrapper
 
 
 @_on_device
-def lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse):
-    return _lstm().lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse)
+def lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, save=True):
+    return _lstm().lstm_fwd(xproj, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, save)
 
 
 @_on_device
@@ -89,8 +91,8 @@ def lstm_cell_bwd(dh_new, dc_new, c, c_new, gates):
 
 
 @_on_device
-def gru_fwd(xproj, w_hh, b_hh, h0, lengths, reverse):
-    return _gru().gru_fwd(xproj, w_hh, b_hh, h0, lengths, reverse)
+def gru_fwd(xproj, w_hh, b_hh, h0, lengths, reverse, save=True):
+    return _gru().gru_fwd(xproj, w_hh, b_hh, h0, lengths, reverse, save)
 
 
 @_on_device

@@ -15,7 +15,8 @@ Everything a cell module needs besides its own math lives here, once:
 * ``@triton.jit`` helpers: activations, the split-K GEMM over K pieces (:func:`gemm`), gate
   extraction (:func:`split4`), the grid barrier split into :func:`barrier_arrive` /
   :func:`barrier_wait` (and :func:`grid_barrier` = both)
-* the launch loop shared by both cells (:func:`launch_recurrence`), launch bookkeeping
+* the launch loop shared by both cells (:func:`launch_recurrence`; forwards through
+  :func:`launch_forward`, which sets ``SAVE``: False is the inference kernel), launch bookkeeping
   (:data:`LAUNCHES`, tests prove a kernel ran) and a test hook :func:`force_variant`.
 
 Kernel structure (both cells, forward and backward)
@@ -82,6 +83,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import itertools
 import os
 import threading
 from typing import Callable, Optional, Sequence
@@ -850,6 +852,10 @@ def resources_reason(res: dict, v: Variant, info: DeviceInfo) -> Optional[str]:
     return None
 
 
+class NoCompiledFit(ValueError):
+    """No candidate's compiled kernel fits the device (:func:`checked_variant`); nothing ran."""
+
+
 def checked_variant(cands: Sequence[Variant], compile_fn: Callable[[Variant], list], key: tuple,
                     info: DeviceInfo) -> Variant:
     """The first of ``cands`` (cheapest first) whose compiled kernels fit the device.
@@ -881,7 +887,7 @@ def checked_variant(cands: Sequence[Variant], compile_fn: Callable[[Variant], li
         if reason is None:
             return v
         reasons.append(f"block_b={v.block_b} block_u={v.block_u} warps={v.num_warps}: {reason}")
-    raise ValueError("fusedrnn triton: no variant fits the device after compilation: " + "; ".join(reasons[:4]))
+    raise NoCompiledFit("fusedrnn triton: no variant fits the device after compilation: " + "; ".join(reasons[:4]))
 
 
 # ---------------------------------------------------------------------------- AOT compilation
@@ -939,9 +945,11 @@ def aot_recurrence_specs(cell: CellSpec, capability: int, build: Callable) -> li
     (:func:`checked_variant`), so each group lists the first ``AOT_ALTERNATIVES`` candidates, each
     as the specs of its launch phases; ``tools/triton_aot.py`` compiles them in order and reports
     the first that passes :func:`resources_reason`, which is what a GPU with this triton runs.
-    ``build(v, H, P, dtype, precision, phase_a, phase_b, tag)`` makes one spec (the cell module
-    knows its kernel and pointer types).  Specs record the modelled shared memory
-    (:func:`smem_bytes`, this triton version) and registers, checked against the compiled kernel."""
+    ``build(v, H, P, dtype, precision, phase_a, phase_b, tag, save=...)`` makes one spec (the cell
+    module knows its kernel and pointer types); every forward group comes twice, saving the
+    tensors backward needs and not (``save=False``, inference: kernel name ``*_fwd_nosave``).
+    Specs record the modelled shared memory (:func:`smem_bytes`, this triton version) and
+    registers, checked against the compiled kernel."""
     info = AOT_TARGETS[capability]
     groups = []
     for dt in SUPPORTED_DTYPES:
@@ -961,7 +969,8 @@ def aot_recurrence_specs(cell: CellSpec, capability: int, build: Callable) -> li
                     if backward not in stepwise_done and cands[0].mode == "persistent" and B == MIN_TILE and P == H:
                         modes.append("stepwise")
                         stepwise_done.add(backward)
-                    for mode in modes:
+                    # the forward also without saving (inference): same candidates, its own kernels
+                    for mode, save in itertools.product(modes, (True,) if backward else (True, False)):
                         alts = []
                         for v in cands[:AOT_ALTERNATIVES]:
                             if mode is not None:
@@ -972,7 +981,7 @@ def aot_recurrence_specs(cell: CellSpec, capability: int, build: Callable) -> li
                             phase_specs = []
                             for pa, pb in phases(v, two):
                                 ph = "" if v.mode != "stepwise" else (" A" if not pb else " B")
-                                spec = build(v, H, P, dt, precision, pa, pb, tag + ph)
+                                spec = build(v, H, P, dt, precision, pa, pb, tag + ph, save=save)
                                 spec.update(model_shared=smem_bytes(cell, v, H, P, dt),
                                             model_regs=regs_per_thread(cell, v, H, P, dt),
                                             variant=v, info=info)
@@ -1074,6 +1083,33 @@ def launch_recurrence(kernel, name: str, cell: CellSpec, backward: bool, H: int,
         if v.mode == "persistent" and v.n_unit_progs > 1:
             check_error_flag(err, name)
     return v
+
+
+def launch_forward(kernel, name: str, cell: CellSpec, H: int, P: int, B: int, T: int, dtype: torch.dtype,
+                   make_args: Callable[[bool], tuple], consts: dict, device, save: bool) -> Variant:
+    """:func:`launch_recurrence` of a forward kernel with its ``SAVE`` constexpr (False: the
+    inference kernel, no stores of what only the backward reads).  ``make_args(save)`` gives the
+    kernel's arguments, allocating the saved-tensor buffers only when ``save`` is True.
+
+    The inference kernel is the training kernel minus some stores, yet ptxas may allocate it
+    differently: at the edge of the register file it can spill a little more (AOT, triton 3.8,
+    sm_90: GRU bf16 H=1365, 72 B of stack against the training kernel's 64 B and the 64 B budget).
+    Then the training kernel runs instead, into scratch buffers (same y / final states; the
+    memory saving is lost for that shape, said once in a warning): inference is never less
+    available than training."""
+    try:
+        return launch_recurrence(kernel, name, cell, False, H, P, B, T, dtype, make_args(save),
+                                 dict(consts, SAVE=save), device)
+    except NoCompiledFit as e:
+        if save:
+            raise
+        from .. import _warn_once
+
+        _warn_once(("triton-nosave", name, H, P, dtype),
+                   f"fusedrnn triton {name}: the inference kernel (save=False) does not fit the device after "
+                   f"compilation ({e}); running the training kernel into scratch buffers instead")
+    return launch_recurrence(kernel, name, cell, False, H, P, B, T, dtype, make_args(True),
+                             dict(consts, SAVE=True), device)
 
 
 # --------------------------------------------------------------------------------- jit helpers

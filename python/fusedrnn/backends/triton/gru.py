@@ -11,6 +11,7 @@ power-of-two N) on chip for the whole sequence.  Per step:
     [hr|hz|hn] = split4(h_{t-1} @ W^T) + b_hh;  r, z, n, h_new as reference.py (h in fp32/fp64
     registers, the exchange in the input dtype, exactly what the dot rounds to anyway)
     h_t (own units) -> exchange slot (t+1) % 2;  arrive;  y_t, gates_t;  prefetch xproj;  wait
+(gates_t only with ``SAVE``: the inference variant, ``save=False``, has no gate stores.)
 Backward, per step: phase A (own units) dr_pre, dz_pre, dn_pre, dhn = dn_pre * r (zeros where
 padded) -> dxproj_t, dhn_t, exchange [dr|dz|dhn] (slot r % 2); base = where(valid, dh_tot * z,
 dh); arrive / wait;  phase B: dh_U = base + [dr|dz|dhn]_all @ W_hh[:, U] (K = 3H).  One barrier
@@ -93,7 +94,9 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, H_IN_REGS: tl.constexpr,
         PHASE_A: tl.constexpr, PHASE_B: tl.constexpr, SYNC: tl.constexpr,
         ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, MAX_SPINS: tl.constexpr,
+        SAVE: tl.constexpr,
     ):
+        # SAVE False (inference): gates_ptr is never touched; the compiled variant has no gate stores
         DT: tl.constexpr = xproj_ptr.dtype.element_ty
         OP: tl.constexpr = tl.float32 if UPCAST else DT  # dtype of the dot operands
         pid_u = tl.program_id(0)
@@ -165,11 +168,12 @@ if triton is not None:
                     cur = C.barrier_arrive(sync, N_U)
             zero = tl.zeros_like(h_new)
             tl.store((y_ptr + t64 * B64 * H) + own, tl.where(valid, h_new, zero).to(DT), mask=m_bu)
-            g_t = gates_ptr + t64 * B64 * (4 * H) + own4
-            tl.store(g_t, tl.where(valid, r, zero).to(DT), mask=m_bu)
-            tl.store(g_t + H, tl.where(valid, z, zero).to(DT), mask=m_bu)
-            tl.store(g_t + 2 * H, tl.where(valid, nn, zero).to(DT), mask=m_bu)
-            tl.store(g_t + 3 * H, tl.where(valid, hn, zero).to(DT), mask=m_bu)
+            if SAVE:
+                g_t = gates_ptr + t64 * B64 * (4 * H) + own4
+                tl.store(g_t, tl.where(valid, r, zero).to(DT), mask=m_bu)
+                tl.store(g_t + H, tl.where(valid, z, zero).to(DT), mask=m_bu)
+                tl.store(g_t + 2 * H, tl.where(valid, nn, zero).to(DT), mask=m_bu)
+                tl.store(g_t + 3 * H, tl.where(valid, hn, zero).to(DT), mask=m_bu)
             if REVERSE:
                 t_next = t - 1
             else:
@@ -377,25 +381,30 @@ if triton is not None:
 
 
 # ---------------------------------------------------------------------------------- launchers
-def _consts(H, dt, has_lengths, reverse, has_bias=None, precision=None, upcast=None) -> dict:
+def _consts(H, dt, has_lengths, reverse, has_bias=None, precision=None, upcast=None, save=True) -> dict:
     """Constexprs of the recurrence kernels (``has_bias`` None: the backward kernel)."""
     d = dict(H=H, HAS_LENGTHS=bool(has_lengths), REVERSE=bool(reverse), ACC=C.acc_tl(dt),
              DOT_PRECISION=C.dot_precision(dt) if precision is None else precision,
              UPCAST=C.dot_upcast(dt) if upcast is None else upcast)
     if has_bias is not None:
         d["HAS_BIAS"] = bool(has_bias)
+        d["SAVE"] = bool(save)
     return d
 
 
 def gru_fwd(xproj: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, lengths: Optional[Tensor],
-            reverse: bool):
-    """GRU recurrence forward; see ``reference.gru_fwd``.  Returns (y, h_n, gates)."""
+            reverse: bool, save: bool = True):
+    """GRU recurrence forward; see ``reference.gru_fwd``.  Returns (y, h_n, gates).
+
+    ``save=False`` (inference): the kernel writes no gates; ``gates`` comes back as an empty (0,)
+    tensor of xproj's dtype.  y and h_n are bitwise those of ``save=True`` (same kernel, only the
+    gate stores compiled out)."""
     T, B, G = xproj.shape
     H = G // 3
     dt, dev = xproj.dtype, xproj.device
     check_supported(H, dt, dev)
     y = torch.empty(T, B, H, dtype=dt, device=dev)
-    gates = torch.empty(T, B, 4 * H, dtype=dt, device=dev)
+    gates = torch.empty(T, B, 4 * H, dtype=dt, device=dev) if save else torch.empty(0, dtype=dt, device=dev)
     if B == 0:
         return y, torch.empty(B, H, dtype=dt, device=dev), gates
     if T == 0:
@@ -407,9 +416,15 @@ def gru_fwd(xproj: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, len
     hx[1].zero_()
     bias = b_hh.contiguous() if b_hh is not None else xproj
     lens = lengths.to(device=dev, dtype=torch.int64).contiguous() if lengths is not None else hs
-    args = (xproj, w_hh, bias, lens, hs, hx, y, gates)
+
+    def make_args(save_: bool) -> tuple:
+        # save=False: y stands in for the gates, never touched (same kernel signature); save=True
+        # without ``save``: scratch gates (launch_forward's fallback)
+        g = gates if save else (torch.empty(T, B, 4 * H, dtype=dt, device=dev) if save_ else y)
+        return (xproj, w_hh, bias, lens, hs, hx, y, g)
+
     consts = _consts(H, dt, lengths is not None, reverse, has_bias=b_hh is not None)
-    C.launch_recurrence(_gru_fwd_kernel, "gru_fwd", CELL, False, H, H, B, T, dt, args, consts, dev)
+    C.launch_forward(_gru_fwd_kernel, "gru_fwd", CELL, H, H, B, T, dt, make_args, consts, dev, save)
     return y, hs.to(dt), gates
 
 
@@ -479,12 +494,14 @@ def gru_cell_bwd(dh_new: Tensor, h: Tensor, gates: Tensor):
 
 # ------------------------------------------------------------------------------------ AOT
 def aot_recurrence(v: "C.Variant", H: int, P: int, dt: torch.dtype, precision: str, pa: bool, pb: bool,
-                   tag: str) -> dict:
-    """The AOT spec of the recurrence kernel ``v`` launches (phases ``pa`` / ``pb``)."""
+                   tag: str, save: bool = True) -> dict:
+    """The AOT spec of the recurrence kernel ``v`` launches (phases ``pa`` / ``pb``; forward:
+    ``save`` False is the inference kernel, named ``gru_fwd_nosave``)."""
     ty, aty = C.TL_NAMES[dt], C.TL_NAMES[C.acc_dtype(dt)]
+    kname = "gru_bwd" if v.backward else ("gru_fwd" if save else "gru_fwd_nosave")
     if not v.backward:
         fn = _gru_fwd_kernel
-        consts = _consts(H, dt, True, False, True, precision, False)
+        consts = _consts(H, dt, True, False, True, precision, False, save)
         ptrs = dict(xproj_ptr=ty, w_ptr=ty, b_ptr=ty, len_ptr="i64", hs_ptr=aty, hx_ptr=ty, y_ptr=ty,
                     gates_ptr=ty, sync_ptr="i32", err_ptr="i32")
     else:
@@ -493,7 +510,7 @@ def aot_recurrence(v: "C.Variant", H: int, P: int, dt: torch.dtype, precision: s
         ptrs = dict(dy_ptr=ty, w_ptr=ty, h0_ptr=ty, y_ptr=ty, gates_ptr=ty, len_ptr="i64", dst_ptr=aty,
                     xb_ptr=ty, dx_ptr=ty, dhseq_ptr=ty, sync_ptr="i32", err_ptr="i32")
     consts.update(v.consts(), PHASE_A=pa, PHASE_B=pb, SYNC=v.mode != "stepwise", MAX_SPINS=C.MAX_SPIN)
-    return C.aot_spec(f"gru_{'bwd' if v.backward else 'fwd'} {tag}", fn, ptrs, consts, v.num_warps, v.num_stages)
+    return C.aot_spec(f"{kname} {tag}", fn, ptrs, consts, v.num_warps, v.num_stages)
 
 
 def aot_variants(capability: int = 90) -> list:

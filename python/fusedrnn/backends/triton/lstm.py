@@ -11,6 +11,7 @@ pieces and stay in shared memory.  Per step (phase A):
     i, f, g, o = split4(pre) + xproj_t + b_hh (xproj_t prefetched during the previous barrier)
     c = f c + i g (fp32/fp64, registers for the whole launch);  m = o tanh(c)
     h_t (own units) -> exchange slot (t+1) % 2;  arrive;  gates_t, c_t, y_t;  prefetch;  wait
+(gates_t and c_t only with ``SAVE``: the inference variant, ``save=False``, has no such stores.)
 With a projection (phase B, after a barrier): program p owns a slice of P and computes
 h_t[:, slice] = m_t @ W_hr[slice, :]^T with its W_hr slice on chip; a second barrier per step.
 ``single`` variants (one program owns every unit) keep h in registers and need no barrier.
@@ -73,7 +74,10 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr, REVERSE: tl.constexpr,
         H_IN_REGS: tl.constexpr, PHASE_A: tl.constexpr, PHASE_B: tl.constexpr, SYNC: tl.constexpr,
         ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, MAX_SPINS: tl.constexpr,
+        SAVE: tl.constexpr,
     ):
+        # SAVE False (inference): gates_ptr / cs_ptr are never touched; the compiled variant has no
+        # stores for them (fewer instructions per step, nothing for the next release to wait for)
         G: tl.constexpr = 4 * H
         WDT: tl.constexpr = w_hh_ptr.dtype.element_ty
         ODT: tl.constexpr = y_ptr.dtype.element_ty
@@ -174,12 +178,13 @@ if triton is not None:
             if PHASE_A:
                 # stores nobody waits for, then the next step's inputs, while the barrier settles
                 zero = tl.zeros_like(c_new)
-                g_t = gates_ptr + t64 * B64 * G + own_g
-                tl.store(g_t, tl.where(valid, gi, zero).to(ODT), mask=m_bu)
-                tl.store(g_t + H, tl.where(valid, gf, zero).to(ODT), mask=m_bu)
-                tl.store(g_t + 2 * H, tl.where(valid, gg, zero).to(ODT), mask=m_bu)
-                tl.store(g_t + 3 * H, tl.where(valid, go, zero).to(ODT), mask=m_bu)
-                tl.store(cs_ptr + t64 * B64 * H + own_h, tl.where(valid, c_new, zero), mask=m_bu)
+                if SAVE:
+                    g_t = gates_ptr + t64 * B64 * G + own_g
+                    tl.store(g_t, tl.where(valid, gi, zero).to(ODT), mask=m_bu)
+                    tl.store(g_t + H, tl.where(valid, gf, zero).to(ODT), mask=m_bu)
+                    tl.store(g_t + 2 * H, tl.where(valid, gg, zero).to(ODT), mask=m_bu)
+                    tl.store(g_t + 3 * H, tl.where(valid, go, zero).to(ODT), mask=m_bu)
+                    tl.store(cs_ptr + t64 * B64 * H + own_h, tl.where(valid, c_new, zero), mask=m_bu)
                 if not HAS_PROJ:
                     tl.store(y_ptr + t64 * B64 * P + own_p, tl.where(valid, m, zero).to(ODT), mask=m_bu)
                 if REVERSE:
@@ -460,25 +465,30 @@ def check_supported(H: int, P: int, dtype: torch.dtype, device) -> None:
         raise ValueError(f"fusedrnn triton LSTM: {reason}")
 
 
-def _fwd_consts(H, P, dt, has_bias, has_lengths, has_proj, reverse, precision=None, upcast=None) -> dict:
+def _fwd_consts(H, P, dt, has_bias, has_lengths, has_proj, reverse, precision=None, upcast=None,
+                save=True) -> dict:
     return dict(
         H=H, P=P, HAS_BIAS=bool(has_bias), HAS_LENGTHS=bool(has_lengths), HAS_PROJ=bool(has_proj),
         REVERSE=bool(reverse), ACC=C.acc_tl(dt), DOT_PRECISION=C.dot_precision(dt) if precision is None else precision,
-        UPCAST=C.dot_upcast(dt) if upcast is None else upcast,
+        UPCAST=C.dot_upcast(dt) if upcast is None else upcast, SAVE=bool(save),
     )
 
 
 def _bwd_consts(H, P, dt, has_lengths, has_proj, reverse, precision=None, upcast=None) -> dict:
     d = _fwd_consts(H, P, dt, False, has_lengths, has_proj, reverse, precision, upcast)
-    del d["HAS_BIAS"]
+    del d["HAS_BIAS"], d["SAVE"]
     return d
 
 
 def lstm_fwd(
     xproj: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, c0: Tensor,
-    w_hr: Optional[Tensor], lengths: Optional[Tensor], reverse: bool,
+    w_hr: Optional[Tensor], lengths: Optional[Tensor], reverse: bool, save: bool = True,
 ):
-    """Contract of ``reference.lstm_fwd``: returns (y, h_n, c_n, gates, cs)."""
+    """Contract of ``reference.lstm_fwd``: returns (y, h_n, c_n, gates, cs).
+
+    ``save=False`` (inference): the kernel writes no gates / cell states; ``gates`` and ``cs`` come
+    back as empty (0,) tensors of xproj's dtype / the accumulation dtype.  y, h_n and c_n are
+    bitwise those of ``save=True`` (same kernel, only the two stores compiled out)."""
     T, B, G = xproj.shape
     H = G // 4
     P = w_hh.shape[1]
@@ -492,19 +502,26 @@ def lstm_fwd(
     bias = b_hh.contiguous() if b_hh is not None else None
     lens = lengths.to(device=dev, dtype=torch.int64).contiguous() if lengths is not None else None
     y = torch.empty(T, B, P, dtype=dt, device=dev)
-    gates = torch.empty(T, B, G, dtype=dt, device=dev)
-    cs = torch.empty(T, B, H, dtype=acc, device=dev)
+    gates = torch.empty(T, B, G, dtype=dt, device=dev) if save else torch.empty(0, dtype=dt, device=dev)
+    cs = torch.empty(T, B, H, dtype=acc, device=dev) if save else torch.empty(0, dtype=acc, device=dev)
     hbuf = torch.empty(2, B, P, dtype=dt, device=dev)  # h in xproj dtype: what y / h_n store anyway
     hbuf[0].copy_(h0)
     hbuf[1].zero_()
     cst = c0.to(acc).clone().contiguous()
     mbuf = torch.zeros(B, H, dtype=dt, device=dev) if wr is not None else hbuf  # unused without proj
-    args = (
-        xproj, w, bias if bias is not None else w, wr if wr is not None else w, lens if lens is not None else cst,
-        y, gates, cs, hbuf, mbuf, cst,
-    )
+
+    def make_args(save_: bool) -> tuple:
+        if save:
+            g, c = gates, cs
+        elif save_:  # launch_forward's fallback to the training kernel: scratch buffers
+            g, c = torch.empty(T, B, G, dtype=dt, device=dev), torch.empty(T, B, H, dtype=acc, device=dev)
+        else:  # never-touched stand-ins of the same dtypes (same kernel signature)
+            g, c = y, cst
+        return (xproj, w, bias if bias is not None else w, wr if wr is not None else w,
+                lens if lens is not None else cst, y, g, c, hbuf, mbuf, cst)
+
     consts = _fwd_consts(H, P, dt, bias is not None, lens is not None, wr is not None, reverse)
-    C.launch_recurrence(_lstm_fwd_kernel, "lstm_fwd", CELL, False, H, P, B, T, dt, args, consts, dev)
+    C.launch_forward(_lstm_fwd_kernel, "lstm_fwd", CELL, H, P, B, T, dt, make_args, consts, dev, save)
     h_n = hbuf[T % 2].clone()
     c_n = cst.to(dt)
     return y, h_n, c_n, gates, cs
@@ -607,16 +624,17 @@ def _aot_ptrs(dt: torch.dtype, backward: bool) -> dict:
 
 
 def aot_recurrence(v: "C.Variant", H: int, P: int, dt: torch.dtype, precision: str, pa: bool, pb: bool,
-                   tag: str) -> dict:
-    """The AOT spec of the recurrence kernel ``v`` launches (phases ``pa`` / ``pb``)."""
+                   tag: str, save: bool = True) -> dict:
+    """The AOT spec of the recurrence kernel ``v`` launches (phases ``pa`` / ``pb``; forward:
+    ``save`` False is the inference kernel, named ``lstm_fwd_nosave``)."""
     proj = P != H
     if v.backward:
-        fn, consts = _lstm_bwd_kernel, _bwd_consts(H, P, dt, True, proj, False, precision, False)
+        fn, consts, kname = _lstm_bwd_kernel, _bwd_consts(H, P, dt, True, proj, False, precision, False), "lstm_bwd"
     else:
-        fn, consts = _lstm_fwd_kernel, _fwd_consts(H, P, dt, True, True, proj, False, precision, False)
+        fn, consts = _lstm_fwd_kernel, _fwd_consts(H, P, dt, True, True, proj, False, precision, False, save)
+        kname = "lstm_fwd" if save else "lstm_fwd_nosave"
     consts.update(v.consts(), PHASE_A=pa, PHASE_B=pb, SYNC=v.mode != "stepwise", MAX_SPINS=C.MAX_SPIN)
-    return C.aot_spec(f"lstm_{'bwd' if v.backward else 'fwd'} {tag}", fn, _aot_ptrs(dt, v.backward), consts,
-                      v.num_warps, v.num_stages)
+    return C.aot_spec(f"{kname} {tag}", fn, _aot_ptrs(dt, v.backward), consts, v.num_warps, v.num_stages)
 
 
 def aot_variants(capability: int) -> list:
