@@ -42,6 +42,7 @@ if emu.unavailable() is not None:
 sys.path.insert(0, os.path.dirname(__file__))
 import test_api as api  # noqa: E402
 import test_cpp as kernels  # noqa: E402
+import test_inference_path  # noqa: E402
 import test_modules as grid  # noqa: E402
 from tolerances import TF32_RTOL  # noqa: E402
 
@@ -466,6 +467,18 @@ def test_save_false_gives_the_same_outputs(monkeypatch, mode, dtype, tf32, H, B,
         assert torch.equal(a, o)
     for saved, f in zip(inf[n:], full[n:]):
         assert saved.shape == (0,) and saved.dtype == f.dtype and f.numel() > 0
+
+
+@pytest.mark.parametrize("mode,kw", test_inference_path.CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("packed", [False, True])
+def test_modules_under_no_grad_save_nothing(monkeypatch, mode, kw, packed):
+    """test_inference_path's module check through the emulated kernels: under no_grad /
+    inference_mode the modules pass save=False and get bitwise the training forward's outputs."""
+    test_inference_path.test_inference_outputs_bitwise_equal_training_forward("cuda", mode, kw, packed, monkeypatch)
+
+
+def test_unsaved_emulated_ops_return_empty_saved_tensors():
+    test_inference_path.test_unsaved_ops_return_empty_saved_tensors("cuda")
 
 
 # ====================================================================== every kernel runs
