@@ -130,6 +130,23 @@ def test_max_hidden_size_arguments():
         fusedrnn.max_hidden_size("GRU", torch.float32, backend="cuda", proj_size=4, device=dev)
     with pytest.raises(TypeError):
         fusedrnn.max_hidden_size("LSTM", torch.float32, "cuda")  # backend is keyword-only
+    with pytest.raises(TypeError, match="proj_size must be an int"):
+        fusedrnn.max_hidden_size("LSTM", torch.float32, backend="cuda", proj_size=256.7, device=dev)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_devices_before_sm80_have_no_limit_to_offer(backend):
+    """Both kernel backends need sm_80 (bf16/fp16 mma): a V100 / T4 record gets 0, not a number
+    computed from its shared memory."""
+    old = dict(DEVICES["A100"], name="Tesla T4", major=7, minor=5)
+    assert fusedrnn.max_hidden_size("LSTM", torch.bfloat16, backend=backend, device=old) == 0
+
+
+def test_unsupported_on_a_device_before_sm80(monkeypatch):
+    monkeypatch.setattr(cuda, "unavailable", lambda: None)
+    monkeypatch.setattr(cuda, "device_record", lambda device=None: dict(DEVICES["A100"], name="Tesla V100", major=7,
+                                                                        minor=0))
+    assert "compute capability 7.0" in cuda.unsupported(_cfg(256))
 
 
 def test_triton_limit_through_public_function():

@@ -155,3 +155,29 @@ def test_compiled_inference_forward():
     with torch.no_grad():
         got = compiled(x)[0]
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_traced_under_no_grad_still_trains(mode):
+    """torch.jit.trace records ``save`` as a constant: a trace made under no_grad must still
+    differentiate (torch.nn's traces do), so tracing always saves."""
+    m = _model(mode, "reference")
+    x = torch.randn(4, 2, 5, dtype=torch.float64)
+    with torch.no_grad():
+        traced = torch.jit.trace(m, (x,), check_trace=False)
+    out = traced(x)[0]
+    out.sum().backward()
+    expected = torch.autograd.grad(m(x)[0].sum(), m.weight_hh_l0)[0]
+    torch.testing.assert_close(traced.weight_hh_l0.grad, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_backward_ops_refuse_unsaved_tensors():
+    T, B, H = 3, 2, 4
+    g = lambda *s: torch.randn(*s, dtype=torch.float64)  # noqa: E731
+    y, h, c, gates, cs = ops.lstm_fwd(g(T, B, 4 * H), g(4 * H, H), None, g(B, H), g(B, H), None, None, False,
+                                      False, "reference")
+    with pytest.raises(RuntimeError, match="save=False"):
+        ops.lstm_bwd(g(T, B, H), g(B, H), g(B, H), g(4 * H, H), None, g(B, H), gates, cs, None, False, "reference")
+    y, h, gates = ops.gru_fwd(g(T, B, 3 * H), g(3 * H, H), None, g(B, H), None, False, False, "reference")
+    with pytest.raises(RuntimeError, match="save=False"):
+        ops.gru_bwd(g(T, B, H), g(B, H), g(3 * H, H), g(B, H), y, gates, None, False, "reference")

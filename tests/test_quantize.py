@@ -315,7 +315,8 @@ def test_torch_quantize_dynamic_raises_when_a_fusedrnn_module_gets_a_qconfig():
 def test_qconfig_attribute_behaves_as_on_torch_modules():
     module = fusedrnn.LSTM(3, 4)
     assert not hasattr(module, "qconfig") and getattr(module, "qconfig", "absent") == "absent"
-    with pytest.warns(RuntimeWarning, match="leaves this module in float"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # ``module.qconfig = None``: the user's "keep it float", silent
         module.qconfig = None
     assert module.qconfig is None and "qconfig" in module.__dict__
     clone = copy.deepcopy(module)
@@ -327,3 +328,13 @@ def test_qconfig_attribute_behaves_as_on_torch_modules():
     with pytest.raises(RuntimeError, match="fusedrnn.quantize_dynamic"):
         module.qconfig = tq.default_dynamic_qconfig
     assert not hasattr(module, "qconfig")
+
+
+def test_spec_without_rnns_is_silent():
+    """A spec naming no RNN class (``{nn.Linear}``) leaves fusedrnn modules in float as it leaves
+    torch.nn's: nothing to warn about."""
+    _, converted = _pair()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        quantized = tq.quantize_dynamic(converted, {nn.Linear})
+    assert type(quantized.lstm) is type(converted.lstm)

@@ -27,9 +27,12 @@ def max_hidden_size(mode: str, dtype, *, backend: str, proj_size: int = 0, devic
                limits of an H100/H200/A100 are computed on a machine without a GPU
                (``fusedrnn.backends.cuda.KNOWN_DEVICES`` holds those records).
 
-    Returns the limit in hidden units; 0 when no hidden size fits (e.g. proj_size too large).
+    Returns the limit in hidden units; 0 when no hidden size fits (e.g. proj_size too large) or
+    the device is older than compute capability 8.0 (both kernel backends need sm_80's bf16/fp16
+    tensor-core instructions).
     Beyond it an explicit ``backend=`` raises ValueError naming this limit and ``backend="auto"``
-    falls back with a one-time warning.  Raises ValueError for an unknown mode, dtype or backend,
+    falls back with a one-time warning.  Raises TypeError when ``proj_size`` is not an int,
+    ValueError for an unknown mode, dtype or backend,
     RuntimeError when ``device`` is None or a torch device and CUDA is not available, or when the
     compiled extension (which holds the CUDA planner) is missing for ``backend="cuda"``.
     """
@@ -37,25 +40,29 @@ def max_hidden_size(mode: str, dtype, *, backend: str, proj_size: int = 0, devic
 
     if mode not in ("LSTM", "GRU"):
         raise ValueError(f"fusedrnn.max_hidden_size: mode must be 'LSTM' or 'GRU', got {mode!r}")
+    if not isinstance(proj_size, int) or isinstance(proj_size, bool):
+        raise TypeError(f"fusedrnn.max_hidden_size: proj_size must be an int, got {type(proj_size).__name__}")
     if proj_size < 0 or (proj_size and mode != "LSTM"):
         raise ValueError(f"fusedrnn.max_hidden_size: proj_size must be >= 0 and only for LSTM, got {proj_size}")
     if dtype not in (_torch.float32, _torch.float64, _torch.bfloat16, _torch.float16):
         raise ValueError(f"fusedrnn.max_hidden_size: unsupported dtype {dtype}")
-    if backend == "cuda":
-        from .backends import cuda as _cuda
+    if backend not in ("cuda", "triton"):
+        raise ValueError(f"fusedrnn.max_hidden_size: backend must be 'cuda' or 'triton' (the kernel backends "
+                         f"with an on-chip limit), got {backend!r}")
+    from .backends import cuda as _cuda
 
-        return _cuda.max_hidden_size(mode, dtype, device, proj_size)
+    rec = _cuda.device_record(device)
+    if (rec["major"], rec["minor"]) < (8, 0):
+        return 0
+    if backend == "cuda":
+        return _cuda.max_hidden_size(mode, dtype, rec, proj_size)
     if backend == "triton":
-        from .backends import cuda as _cuda
         from .backends.triton import _common as _tc
 
         import types as _types
 
-        rec = _cuda.device_record(device)
         info = _tc.info_from_properties(_types.SimpleNamespace(**rec))
         return int(_tc.max_hidden_size(4 if mode == "LSTM" else 3, dtype, proj_size=proj_size, info=info))
-    raise ValueError(f"fusedrnn.max_hidden_size: backend must be 'cuda' or 'triton' (the kernel backends with an "
-                     f"on-chip limit), got {backend!r}")
 
 
 def _enable_dynamo_rnn() -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextvars
 import copy
 import os
+import sys
 import warnings
 from typing import NamedTuple, Optional, Tuple
 
@@ -744,9 +745,13 @@ def _check_qconfig(module, qconfig) -> None:
     quantizes a fusedrnn module, and says nothing.  A qconfig given to this module (by its name,
     by a parent's qconfig, or by a fusedrnn class in the spec) is a request torch would leave
     unanswered: raise.  None is what torch gives every module its spec does not name, a fusedrnn
-    module even when the spec names ``torch.nn.LSTM``: warn that it stays float.
+    module even when the spec names ``torch.nn.LSTM``: warn that it stays float, when the spec
+    does name this module's torch.nn class (read from torch's propagation frame); None set by a
+    user (``module.qconfig = None``: keep it float) or from a spec that names no RNN is silent.
     """
     if _quantizing_as_torch.get():
+        return
+    if qconfig is None and not _spec_names_torch_class(module):
         return
     name = _twin_name(type(module))
     how = (f"fusedrnn.quantize_dynamic(model, ...) takes torch's arguments and quantizes it as "
@@ -764,6 +769,24 @@ def _check_qconfig(module, qconfig) -> None:
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+def _spec_names_torch_class(module) -> bool:
+    """Whether torch.ao.quantization is assigning ``module.qconfig`` from a qconfig spec that names
+    the torch.nn class this module replaces (so a user asked for it to be quantized).  Reads the
+    spec from the frame of torch's ``_propagate_qconfig_helper`` (its ``qconfig_dict``); outside
+    that helper (a user's own assignment) False; a helper without that local (another torch
+    version): True, so the skip is never silent."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_propagate_qconfig_helper" and "torch" in frame.f_code.co_filename:
+            spec = frame.f_locals.get("qconfig_dict", _MISSING)
+            if not isinstance(spec, dict):
+                return True
+            bases = [c for c in type(module).__mro__ if c in _TWINS]
+            return any(c in spec for c in bases)
+        frame = frame.f_back
+    return False
 
 
 def _torch_class(module) -> Optional[type]:

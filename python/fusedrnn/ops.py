@@ -69,6 +69,16 @@ def _custom_op(name: str):
     return register
 
 
+def _check_saved(op: str, *saved: Tensor) -> None:
+    """The backward ops need the (T, B, n) tensors a saving forward returns."""
+    if any(t.dim() != 3 for t in saved):
+        raise RuntimeError(
+            f"fusedrnn::{op}: the saved tensors have shapes {[tuple(t.shape) for t in saved]}, not "
+            "(T, B, n): they come from a forward that ran with save=False, which saves nothing to "
+            "differentiate; run the forward with save=True"
+        )
+
+
 # =========================================================================================== LSTM
 @_custom_op("fusedrnn::lstm_fwd")
 def lstm_fwd(
@@ -128,6 +138,7 @@ def lstm_bwd(
     backend: str,
 ) -> Tensors4:
     """Returns (dxproj (T,B,4H), dh0 (B,P), dc0 (B,H), dh_seq (T,B,P) if w_hr else (0,))."""
+    _check_saved("lstm_bwd", gates, cs)
     if gates.shape[1] == 0:
         return _lstm_bwd_fake(dy, dh_n, dc_n, w_hh, w_hr, c0, gates, cs, lengths, reverse, backend, zero=True)
     return _fresh(backends.get(backend).lstm_bwd(
@@ -188,6 +199,7 @@ def gru_bwd(
     backend: str,
 ) -> Tensors3:
     """Returns (dxproj (T,B,3H), dh0 (B,H), dhn (T,B,H))."""
+    _check_saved("gru_bwd", gates)
     if gates.shape[1] == 0:
         return _gru_bwd_fake(dy, dh_n, w_hh, h0, y, gates, lengths, reverse, backend, zero=True)
     return _fresh(backends.get(backend).gru_bwd(
@@ -337,8 +349,14 @@ def needs_saving(*tensors: Optional[Tensor]) -> bool:
     whether anything may run its backward.  True when grad mode is on and some input requires
     grad, or under a torch.func transform or forward-mode AD (their rules may differentiate it).
     False under ``no_grad`` / ``inference_mode`` or when nothing requires grad: the forward then
-    writes only y and the final states (about 1/7 of the bytes, issue 10)."""
+    writes only y and the final states (about 1/7 of the bytes, issue 10).
+
+    Always True while ``torch.jit.trace`` or ``torch.export`` records the call: the recorded
+    graph keeps the value as a constant, and a graph traced under no_grad may be trained later.
+    (torch.compile guards on grad mode and requires_grad, so it re-traces instead.)"""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return True
+    if torch._C._get_tracing_state() is not None or torch.compiler.is_exporting():
         return True
     return _transformed(*tensors)
 

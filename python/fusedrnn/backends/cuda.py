@@ -185,6 +185,9 @@ def unsupported(cfg) -> Optional[str]:
         index = cfg.device_index if cfg.device_index is not None and cfg.device_index >= 0 \
             else torch.cuda.current_device()
         rec = device_record(index)
+        if (rec["major"], rec["minor"]) < (8, 0):
+            return (f"{rec['name']} has compute capability {rec['major']}.{rec['minor']}; the CUDA kernels need "
+                    "8.0 or newer (sm_80 bf16/fp16 tensor-core mma.sync)")
     proj = int(cfg.proj_size or 0)
     ok, why = fits(cfg.mode, cfg.dtype, cfg.hidden_size, proj, rec)
     if ok:
