@@ -593,8 +593,13 @@ def step_cost_ns(cell: CellSpec, v: Variant, H: int, P: int, dtype: torch.dtype,
 # ---- candidates ---------------------------------------------------------------------------------
 def _fits(cell: CellSpec, v: Variant, H: int, P: int, dtype: torch.dtype, info: DeviceInfo,
           version: Optional[tuple] = None) -> Optional[str]:
-    """None when ``v`` fits ``info`` under the static models, else why not."""
-    smem = smem_bytes(cell, v, H, P, dtype, version)
+    """None when ``v`` fits ``info`` under the static models, else why not.
+
+    Shared memory is judged by triton 3.6's model under every version: the GPU machines run 3.6,
+    and the larger sizes 3.8's leaner model admits spill there (AOT, triton 3.8, sm_90: the GRU
+    bf16/fp16 backward at H=1365 compiled to 128 registers with 2808 B of spills in every
+    variant), so a limit never depends on the triton version."""
+    smem = smem_bytes(cell, v, H, P, dtype, min(version or TRITON_VERSION, (3, 6)))
     if smem > info.smem_optin:
         return f"shared memory {smem} B > {info.smem_optin} B"
     if v.progs_per_sm * (smem + SMEM_RESERVED) > info.smem_sm:
