@@ -17,6 +17,10 @@
 #   memcheck   compute-sanitizer --tool memcheck over the smoke script
 #   racecheck  compute-sanitizer --tool racecheck over the smoke script
 #   bench      python -m fusedrnn.bench --suite standard (JSON, PNG, markdown), the time left
+# Triton kernels come from the carried pre-compiled cache (.triton_cache/, made here by
+# scripts/prebuild_triton_cache.sh) when its manifest matches this machine's triton, ptxas and the
+# kernel sources, else from a fresh cache (compiled on first launch); the summary says which and
+# how many kernels were still compiled here.
 # A step's timeout is its budget, cut so that the steps after it keep their minimums within
 # GPU_CHECK_BUDGET_S (default 510 s), so the whole script ends in under 9 minutes; time a step
 # does not use goes to the later ones.
@@ -54,8 +58,8 @@ export MAX_JOBS=16
 export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # real GPU kernels, never the interpreter
+cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' .')
 if [ -z "${FUSEDRNN_CUDA_ARCHS:-}" ]; then
-  cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' .')
   case "$cap" in
     90) export FUSEDRNN_CUDA_ARCHS="90a" ;;
     [0-9][0-9]|[0-9][0-9][0-9]) export FUSEDRNN_CUDA_ARCHS="$cap" ;;
@@ -204,6 +208,21 @@ export -f info build import_check sanitize bench
 export PY OUT SANITIZER
 
 echo "fusedrnn GPU check -> $OUT (budget ${BUDGET}s)"
+# Triton's cache: the carried one when tools/triton_cache.py finds its manifest matching (it also
+# points the entries at this folder), else a fresh one; a stale entry would never be hit anyway.
+TCACHE="$ROOT/.triton_cache"
+case "$cap" in [0-9]*) tc_cap=(--capability "$cap") ;; *) tc_cap=() ;; esac
+if timeout 120 "$PY" tools/triton_cache.py check "$TCACHE" "${tc_cap[@]}"; then
+  TCACHE_KIND="carried"
+else
+  TCACHE="$(mktemp -d "${TMPDIR:-/tmp}/fusedrnn_triton_cache.XXXXXX")"
+  TCACHE_KIND="fresh"
+  trap 'rm -rf "$TCACHE"' EXIT  # ours, and gone with the machine anyway
+fi
+export TRITON_CACHE_DIR="$TCACHE"
+tcache_entries() { find "$TRITON_CACHE_DIR" -mindepth 2 -maxdepth 2 -name '__grp__*.json' 2>/dev/null | wc -l; }
+TCACHE_N0=$(tcache_entries)
+echo "triton cache: $TCACHE_KIND, $TRITON_CACHE_DIR ($TCACHE_N0 kernels)"
 # name budget minimum: a step gets at most its budget, and leaves the later steps their minimums
 STEPS=(
   "info 20 5"
@@ -275,6 +294,8 @@ fi
   echo
   echo "==================== fusedrnn GPU check summary ($(( $(date +%s) - START ))s) ===================="
   for line in "${SUMMARY[@]}"; do echo "$line"; done
+  tc_n=$(tcache_entries)
+  echo "triton cache: $TCACHE_KIND ($TCACHE_N0 kernels carried), $((tc_n - TCACHE_N0)) compiled during this check"
   [ -f "$OUT/bench.md" ] && echo && sed -n '1,40p' "$OUT/bench.md"
 } | tee "$OUT/summary.txt"
 exit $FAILED
