@@ -118,3 +118,56 @@ def test_callgrind_call_scope_collects_everything(tmp_path):
     assert "--instr-atstart=no" in cmd
     with pytest.raises(ValueError, match="scope"):
         harness.callgrind_command(tmp_path, ["--quick"], scope="bogus")
+
+
+def test_cpu_floor_counts_the_gemm_flop():
+    """The CPU floor: FLOP of the input projections and recurrent GEMMs over the rate; fwd+bwd 3x."""
+    rate = 1e11
+    lstm = C.make("LSTM", 128, 4, 16, threads=1)  # H = I = 128, B = 4, T = 16
+    f = harness.cpu_floor_estimate(lstm, rate)
+    G = 4 * 128
+    assert f["fwd_s"] == pytest.approx(2 * 16 * 4 * G * (128 + 128) / rate)
+    assert f["fwdbwd_s"] == pytest.approx(3 * f["fwd_s"])
+    # packed input: the tokens that exist, not T x B
+    assert harness.cpu_floor_estimate(lstm, rate, tokens=32)["fwd_s"] == pytest.approx(f["fwd_s"] / 2)
+    # GRU: 3 gates; a second bidirectional layer reads both directions' outputs (I = 2H)
+    bi = C.by_name("lstm2-bidir-h64-i32-b4-t16-packed-fp32")
+    tokens = 40
+    want = sum(2 * 2 * tokens * 4 * 64 * (i + 64) for i in (32, 128)) / rate
+    assert harness.cpu_floor_estimate(bi, rate, tokens=tokens)["fwd_s"] == pytest.approx(want)
+    gru = C.make("GRU", 64, 2, 8, threads=1)
+    assert harness.cpu_floor_estimate(gru, rate)["fwd_s"] == pytest.approx(2 * 8 * 2 * 3 * 64 * 128 / rate)
+    cell = C.by_name("lstmcell-h128-b4-t8-fp32")
+    assert harness.cpu_floor_estimate(cell, rate)["fwd_s"] == pytest.approx(8 * 2 * 4 * G * (cell.I + 128) / rate)
+
+
+def test_cpu_gemm_rate_is_measured_per_dtype_and_threads(monkeypatch):
+    monkeypatch.setattr(harness, "_cpu_gemm_rates", {})
+    monkeypatch.setattr(harness, "CPU_GEMM_SHAPES", ((64, 32, 48),))
+    with harness.cpu_threads(1):
+        r32 = harness.cpu_gemm_rate(torch.float32)
+        assert r32 > 0 and harness.cpu_gemm_rate(torch.float32) == r32  # cached
+        assert harness.cpu_gemm_rate(torch.bfloat16) >= r32  # may be computed in fp32
+        assert harness.cpu_gemm_rate(torch.float64) > 0
+    assert set(harness._cpu_gemm_rates) == {(torch.float32, 1), (torch.bfloat16, 1), (torch.float64, 1)}
+
+
+def test_cpu_rows_report_the_floor_and_the_ceiling_over_torch(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "_cpu_gemm_rates", {})
+    monkeypatch.setattr(harness, "CPU_GEMM_SHAPES", ((64, 32, 48),))
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    rc = main(["--suite", "tiny", "--filter", "gru-*", "--backends", "torch", "reference", *FAST,
+               "--threads", "1", "--json", str(out), "--ratios", str(md)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    tr = [r for r in rows if r["backend"] == "torch"][0]
+    ref = [r for r in rows if r["backend"] == "reference"][0]
+    rate = ref["cpu_gemm_gflops"] * 1e9
+    cfg = C.by_name(ref["config"])
+    assert ref["floor_ms"] == pytest.approx(harness.cpu_floor_estimate(cfg, rate, ref["tokens"])["fwd_s"] * 1e3)
+    assert ref["fwd_over_floor"] == pytest.approx(ref["fwd_ms"] / ref["floor_ms"])
+    assert ref["fwd_ceiling_vs_torch"] == pytest.approx(tr["fwd_ms"] / ref["floor_ms"])
+    assert ref["ceiling_vs_torch"] == pytest.approx(tr["fwdbwd_ms"] / ref["floor_fwdbwd_ms"])
+    text = md.read_text()
+    assert "max x fwd | max x fwd+bwd |" in text and "GEMM rate of torch.mm" in text
+    assert f"| {ref['fwd_ceiling_vs_torch']:.2f} | {ref['ceiling_vs_torch']:.2f} |" in text

@@ -48,7 +48,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -214,6 +214,72 @@ def floor_estimate(cfg: BenchConfig, rates: Optional[DeviceRates], tokens: Optio
         fwdbwd += in_gemm + T * s_train + T * s_bwd + out_gemms
         per_step += s_inf
     return {"fwd_s": fwd, "fwdbwd_s": fwdbwd, "per_step_s": per_step / cfg.layers}
+
+
+# ======================================================================================== CPU floor
+# On a CPU the floor is compute only: the FLOP of the call over the GEMM rate this machine reaches
+# with torch.mm (MKL / oneDNN) at the row's thread count, measured in the run.  Every LSTM/GRU
+# implementation, torch.nn's included, performs at least these multiply-adds (the input
+# projection and the recurrent GEMM per step; backward: dx, dW_ih, dh, dW_hh), and the cell math
+# only adds to them, so ``torch time / floor`` bounds the ratio any backend can reach over torch.nn
+# on this machine (issue 11: where torch.nn already runs at the GEMM rate no backend can be much
+# faster).  Memory traffic is not modelled: at B = 1 the floor is loose (a GEMV streams W_hh).
+# (M, K, N) of the GEMMs timed: cache-resident shapes at which MKL reached its best rate on the
+# development machine (its rate varies by ~10% between shapes and moments on a shared VM; the
+# floor takes the best, so that it stays below what torch.nn's own oneDNN LSTM reaches)
+CPU_GEMM_SHAPES = ((1024, 512, 512), (1024, 128, 512), (512, 256, 1024))
+_cpu_gemm_rates: Dict[Tuple[torch.dtype, int], float] = {}
+
+
+def cpu_gemm_rate(dtype: torch.dtype) -> float:
+    """FLOP/s of torch.mm in ``dtype`` on CPU at the current torch thread count: the best over
+    ``CPU_GEMM_SHAPES`` of 7 timings of 3 calls each, cached per (dtype, threads).  bf16 / fp16
+    take the faster of their own rate and fp32's: a backend may compute them in fp32 (the ``cpp``
+    backend does)."""
+    key = (dtype, torch.get_num_threads())
+    if key not in _cpu_gemm_rates:
+        gen = torch.Generator().manual_seed(0)
+        reduced = dtype in (torch.bfloat16, torch.float16)
+        # reduced types: one shape, few calls (CPUs without fp16 GEMMs take ~0.2 s per call)
+        shapes, timings, calls = (CPU_GEMM_SHAPES[:1], 3, 1) if reduced else (CPU_GEMM_SHAPES, 7, 3)
+        rate = 0.0
+        for M, K, N in shapes:
+            a = torch.randn(M, K, generator=gen).to(dtype)
+            b = torch.randn(K, N, generator=gen).to(dtype)
+            torch.mm(a, b)
+            for _ in range(timings):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    torch.mm(a, b)
+                rate = max(rate, calls * 2.0 * M * K * N / (time.perf_counter() - t0))
+        if reduced:
+            rate = max(rate, cpu_gemm_rate(torch.float32))
+        _cpu_gemm_rates[key] = rate
+    return _cpu_gemm_rates[key]
+
+
+def cpu_floor_estimate(cfg: BenchConfig, rate: float, tokens: Optional[int] = None) -> Dict[str, Optional[float]]:
+    """Lower-bound time (seconds) of the forward and forward+backward on a CPU doing ``rate`` FLOP/s.
+
+    FLOP, G = 4H (LSTM) or 3H (GRU), D directions, I_l the layer's input width:
+      forward      per layer and direction 2 * tokens * G * (I_l + H): the input projection of
+                   every step and the recurrent GEMM of every step (cells: 2 * B * G * (I + H) per call)
+      fwd+bwd      3x the forward: the forward, then dx (+ dh) and dW_ih (+ dW_hh), each a GEMM of
+                   the same size (the inputs require grad in the benchmark)
+    Returns {"fwd_s", "fwdbwd_s", "per_step_s"}."""
+    G = cfg.gates * cfg.H
+    if cfg.is_cell:
+        per_call = 2.0 * cfg.B * G * (cfg.I + cfg.H)
+        return {"fwd_s": cfg.T * per_call / rate, "fwdbwd_s": 3 * cfg.T * per_call / rate,
+                "per_step_s": per_call / rate}
+    D = cfg.directions
+    tokens = tokens if tokens is not None else cfg.T * cfg.B
+    flop = 0.0
+    for layer in range(cfg.layers):
+        I_l = cfg.I if layer == 0 else D * cfg.H
+        flop += 2.0 * D * tokens * G * (I_l + cfg.H)
+    fwd = flop / rate
+    return {"fwd_s": fwd, "fwdbwd_s": 3 * fwd, "per_step_s": fwd / (cfg.T * cfg.layers)}
 
 
 # ========================================================================================== inputs
@@ -640,9 +706,10 @@ def reference_results(cfg: BenchConfig, ref: torch.nn.Module, s: InputSet) -> Di
 ROW_KEYS = (
     "config", "mode", "backend", "device", "dtype", "T", "B", "I", "H", "layers", "bidirectional",
     "packed", "tokens", "fwd_ms", "fwdbwd_ms", "fwd_reps", "fwdbwd_reps", "ratio_vs_torch",
-    "fwd_ratio_vs_torch", "max_rel_err", "worst_tensor", "rel_errs", "tol", "err_vs_torch", "ok",
-    "peak_mem_mb", "tokens_per_s", "per_step_us", "floor_ms", "floor_per_step_us", "fwd_over_floor",
-    "floor_fwdbwd_ms", "fwdbwd_over_floor", "threads", "clock", "fwd_ms_runs", "fwdbwd_ms_runs", "fwd_ir", "fwdbwd_ir", "error",
+    "fwd_ratio_vs_torch", "fwd_ceiling_vs_torch", "ceiling_vs_torch", "max_rel_err", "worst_tensor",
+    "rel_errs", "tol", "err_vs_torch", "ok", "peak_mem_mb", "tokens_per_s", "per_step_us", "floor_ms",
+    "floor_per_step_us", "fwd_over_floor", "floor_fwdbwd_ms", "fwdbwd_over_floor", "cpu_gemm_gflops",
+    "threads", "clock", "fwd_ms_runs", "fwdbwd_ms_runs", "fwd_ir", "fwdbwd_ir", "error",
 )
 
 
@@ -699,8 +766,13 @@ def start_row(cfg: BenchConfig, backend: str, device: torch.device, opts: Timing
     row["tokens"] = inputs[0].tokens
     tf32 = tf32_enabled(cfg, device)
     row["tol"] = tolerance(cfg.torch_dtype, tf32)
-    rates = device_rates(dev_name) if device.type == "cuda" else None
-    fl = floor_estimate(cfg, rates, inputs[0].tokens, tf32)
+    if device.type == "cuda":
+        fl = floor_estimate(cfg, device_rates(dev_name), inputs[0].tokens, tf32)
+    elif counter is None:  # CPU: the measured GEMM rate at this row's thread count
+        row["cpu_gemm_gflops"] = cpu_gemm_rate(cfg.torch_dtype) / 1e9
+        fl = cpu_floor_estimate(cfg, row["cpu_gemm_gflops"] * 1e9, inputs[0].tokens)
+    else:
+        fl = floor_estimate(cfg, None)
     row["floor_ms"] = None if fl["fwd_s"] is None else fl["fwd_s"] * 1e3
     row["floor_fwdbwd_ms"] = None if fl["fwdbwd_s"] is None else fl["fwdbwd_s"] * 1e3
     row["floor_per_step_us"] = None if fl["per_step_s"] is None else fl["per_step_s"] * 1e6
@@ -790,6 +862,11 @@ def finish_ratios(rows: List[dict]) -> None:
                 r["ratio_vs_torch"] = t["fwdbwd_ms"] / r["fwdbwd_ms"]
             if t["fwd_ms"] and r["fwd_ms"]:
                 r["fwd_ratio_vs_torch"] = t["fwd_ms"] / r["fwd_ms"]
+            # the most any backend could gain over torch.nn here: torch's time over the floor
+            if t["fwd_ms"] and r.get("floor_ms"):
+                r["fwd_ceiling_vs_torch"] = t["fwd_ms"] / r["floor_ms"]
+            if t["fwdbwd_ms"] and r.get("floor_fwdbwd_ms"):
+                r["ceiling_vs_torch"] = t["fwdbwd_ms"] / r["floor_fwdbwd_ms"]
             if r["max_rel_err"] is not None and t["max_rel_err"]:
                 r["err_vs_torch"] = r["max_rel_err"] / t["max_rel_err"]
         if r["max_rel_err"] is not None:

@@ -146,8 +146,9 @@ MD_LEGEND = """\
 parameter; medians in ms.  `x torch`: torch.nn time / this row's time (same process, same inputs;
 > 1 is faster).  `max rel err`: largest ||a-b||/||b|| over outputs and gradients against torch.nn in
 float64 on the same inputs; `ok`: within the dtype tolerance or 2x torch's own error.  `floor`:
-estimated lower bound of the forward on this device (bytes and FLOP per step over peak rates plus one
-grid barrier per step); `fwd/floor`: measured / floor."""
+estimated lower bound of the forward on this device (GPU: bytes and FLOP per step over peak rates plus
+one grid barrier per step; CPU: FLOP over the GEMM rate torch.mm reaches in the run); `fwd/floor`:
+measured / floor."""
 
 
 def to_markdown(meta: dict, rows: List[dict]) -> str:
@@ -189,8 +190,20 @@ def ratio_markdown(meta: dict, rows: List[dict]) -> str:
         mid = spreads[len(spreads) // 2]
         out.append(f"- timing spread (max/min of each row's {len(rows[0].get('fwd_ms_runs') or [])} runs): "
                    f"median {mid:.2f}, worst {spreads[-1]:.2f}")
+    # CPU rows carry a compute floor (harness.cpu_floor_estimate): torch's time over it is the most
+    # any backend could reach over torch.nn there ("max x")
+    ceiling = any(r.get("fwd_ceiling_vs_torch") is not None for r in rows)
+    if ceiling:
+        rates = sorted({(r.get("threads"), r["dtype"], r["cpu_gemm_gflops"]) for r in rows
+                        if r.get("cpu_gemm_gflops") and r["backend"] != "torch"}, key=str)
+        out.append("- floor: FLOP / the GEMM rate of torch.mm measured in the run (GFLOP/s: "
+                   + ", ".join(f"{d} {g:.0f} on {t} thread{'s' if t != 1 else ''}" for t, d, g in rates)
+                   + "); max x = torch time / floor, the most any backend could reach over torch.nn")
+    extra_h = " max x fwd | max x fwd+bwd |" if ceiling else ""
+    extra_a = "---:|---:|" if ceiling else ""
     out += ["", "| config | backend | threads | torch fwd ms | fwd ms | x fwd | torch fwd+bwd ms | fwd+bwd ms "
-            "| x fwd+bwd | max rel err | ok |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "| x fwd+bwd |" + extra_h + " max rel err | ok |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|" + extra_a + "---:|---|"]
 
     def f(v, fmt):
         return "-" if v is None else fmt.format(v)
@@ -200,13 +213,15 @@ def ratio_markdown(meta: dict, rows: List[dict]) -> str:
             continue
         t = torch_rows.get(r["config"], {})
         if r.get("error"):
-            out.append(f"| {r['config']} | {r['backend']} | | | | | | | | | {r['error'][:60]} |")
+            out.append(f"| {r['config']} | {r['backend']} |" + " |" * (10 if ceiling else 8) + f" {r['error'][:60]} |")
             continue
+        extra = (f" {f(r.get('fwd_ceiling_vs_torch'), '{:.2f}')} | {f(r.get('ceiling_vs_torch'), '{:.2f}')} |"
+                 if ceiling else "")
         out.append(
             f"| {r['config']} | {r['backend']} | {f(r.get('threads'), '{}')} | {f(t.get('fwd_ms'), '{:.3f}')} "
             f"| {f(r['fwd_ms'], '{:.3f}')} | **{f(r.get('fwd_ratio_vs_torch'), '{:.2f}')}** "
             f"| {f(t.get('fwdbwd_ms'), '{:.3f}')} | {f(r['fwdbwd_ms'], '{:.3f}')} "
-            f"| **{f(r.get('ratio_vs_torch'), '{:.2f}')}** | {f(r.get('max_rel_err'), '{:.1e}')} "
+            f"| **{f(r.get('ratio_vs_torch'), '{:.2f}')}** |{extra} {f(r.get('max_rel_err'), '{:.1e}')} "
             f"| {'yes' if r.get('ok') else ('NO' if r.get('ok') is False else '-')} |"
         )
     return "\n".join(out) + "\n"
