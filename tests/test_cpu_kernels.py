@@ -349,6 +349,21 @@ def test_lstm_proj_per_isa(isa, dtype, H, P):
     check_lstm(cpp, "cpu", dtype, T=5, B=9, H=H, P=P, lengths="unsorted", reverse=True)
 
 
+# Short calls (T x row tiles <= 2: streaming, T = 1) read W_hh / W_hr in place instead of packing
+# them: row tiles hold 6 (LSTM) / 8 (GRU) rows with AVX-512, 2 / 3 with AVX2 and the default width.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,B", [(1, 1), (1, 5), (2, 3), (1, 7), (1, 13), (2, 6), (2, 9)], ids=str)
+@pytest.mark.parametrize("H", [1, 16, 37, 129])
+def test_short_calls_per_isa(isa, dtype, T, B, H):
+    if H == 1 and dtype in (torch.bfloat16, torch.float16):
+        pytest.skip("a relative-norm check over T*B single units in 8/11-bit mantissas measures one rounding")
+    for reverse in (False, True):
+        check_lstm(cpp, "cpu", dtype, T=T, B=B, H=H, lengths="unsorted", reverse=reverse)
+        check_gru(cpp, "cpu", dtype, T=T, B=B, H=H, lengths="unsorted", reverse=reverse)
+    if dtype != torch.float16:
+        check_lstm(cpp, "cpu", dtype, T=T, B=B, H=H, P=max(1, H // 2 + 3), lengths="unsorted")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cells_per_isa(isa, dtype):
     check_lstm_cell(cpp, "cpu", dtype, B=5, H=37)
@@ -410,6 +425,20 @@ def test_two_threads_bitwise_equal_one(isa, dtype, mode, H, P, B, lengths, rever
         two = _run_all(mode, dtype, T, B, H, P, lens, reverse)
     with _threads(1):
         one = _run_all(mode, dtype, T, B, H, P, lens, reverse)
+    for a, b in zip(two, one):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode,P", [("lstm", 520), ("lstm", 300), ("gru", 520)])
+def test_two_threads_bitwise_equal_one_short_call(isa, mode, P):
+    """A streaming step (T = 1, W_hh read in place) large enough for two threads: same bits."""
+    H = 520
+    G = 3 * H if mode == "gru" else 4 * H
+    with _threads(2):
+        assert ops.cpu_recurrence_threads(2, P, G) == 2
+        two = _run_all(mode, torch.float32, 1, 2, H, P, None, False)
+    with _threads(1):
+        one = _run_all(mode, torch.float32, 1, 2, H, P, None, False)
     for a, b in zip(two, one):
         assert torch.equal(a, b)
 

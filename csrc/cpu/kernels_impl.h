@@ -254,6 +254,50 @@ inline void tile_gemm(const A* a, int64_t lda, const A* panel, int64_t K, Vec<A>
   }
 }
 
+// The same tile read from Bmat's source in place, for calls too short to repay packing:
+// acc[r][v] = sum_k a[r * lda + k] * src[(column(group, v).base + lane) * ld + k] (Bmat = src^T,
+// src row-major N x K), zero in lanes past the column run.  Dot products along k on src's rows,
+// then one L x L transpose per L columns turns the L partial-sum vectors into the vector of their
+// sums.  Two loads per FMA (half the packed tile's FMA rate) but src is read once per row, where
+// packing reads it and writes the panel before the first step reads that again.
+template <typename A, int R, int NV, class ColumnFn>
+inline void tile_gemm_direct(const A* a, int64_t lda, const A* src, int64_t ld, int64_t K, int64_t group,
+                             ColumnFn column, Vec<A> (&acc)[R][NV]) {
+  constexpr int L = kLanes<A>;
+  for (int v = 0; v < NV; ++v) {
+    const Column col = column(group, v);
+    for (int r = 0; r < R; ++r) {
+      const A* ar = a + r * lda;
+      Vec<A> part[L];
+      for (int l = 0; l < L; ++l) {
+        if (l >= col.n) {
+          part[l] = Vec<A>(A(0));
+          continue;
+        }
+        const A* wl = src + (col.base + l) * ld;
+        Vec<A> s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));  // four chains cover the FMA latency
+        int64_t k = 0;
+        for (; k + 4 * L <= K; k += 4 * L) {
+          s0 = at::vec::fmadd(Vec<A>::loadu(ar + k), Vec<A>::loadu(wl + k), s0);
+          s1 = at::vec::fmadd(Vec<A>::loadu(ar + k + L), Vec<A>::loadu(wl + k + L), s1);
+          s2 = at::vec::fmadd(Vec<A>::loadu(ar + k + 2 * L), Vec<A>::loadu(wl + k + 2 * L), s2);
+          s3 = at::vec::fmadd(Vec<A>::loadu(ar + k + 3 * L), Vec<A>::loadu(wl + k + 3 * L), s3);
+        }
+        for (; k + L <= K; k += L) s0 = at::vec::fmadd(Vec<A>::loadu(ar + k), Vec<A>::loadu(wl + k), s0);
+        if (k < K) {  // partial loads zero the lanes past K
+          const int n = static_cast<int>(K - k);
+          s1 = at::vec::fmadd(Vec<A>::loadu(ar + k, n), Vec<A>::loadu(wl + k, n), s1);
+        }
+        part[l] = (s0 + s1) + (s2 + s3);
+      }
+      transpose_block<A>(part);  // part[i][l] = partial sum i of column l
+      Vec<A> sum = part[0];
+      for (int i = 1; i < L; ++i) sum = sum + part[i];
+      acc[r][v] = sum;
+    }
+  }
+}
+
 // Calls f(std::integral_constant<int, rows>) for a runtime rows in [1, R].
 template <int R, class F>
 inline void with_rows(int rows, F& f) {
@@ -267,11 +311,12 @@ inline void with_rows(int rows, F& f) {
 }
 
 // One pass of a step on this thread's items: for each (column group, row tile), acc = a[tile rows]
-// @ panel[group] and then epi(b, group, acc_row) for every row b of the tile.  need[b] == 0 means
-// row b does not use its GEMM result (the tile's GEMM is skipped when no row needs it).
-template <typename A, int NV, class Epi>
-inline void gemm_pass(int tid, int nt, int64_t B, int64_t groups, const A* a, int64_t lda, const A* panel,
-                      int64_t K, const uint8_t* need, Epi& epi) {
+// @ Bmat[group] and then epi(b, group, acc_row) for every row b of the tile.  need[b] == 0 means
+// row b does not use its GEMM result (the tile's GEMM is skipped when no row needs it).  The tile
+// GEMM is tile(rows_constant, group, b0, acc): from a packed panel (gemm_pass) or from Bmat's
+// source in place (gemm_pass_direct).
+template <typename A, int NV, class Tile, class Epi>
+inline void gemm_pass_tiles(int tid, int nt, int64_t B, int64_t groups, const uint8_t* need, Tile& tile, Epi& epi) {
   constexpr int MR = max_rows(NV);
   const int64_t tiles = div_up(B, MR);
   const Range mine = split(groups * tiles, tid, nt);
@@ -285,7 +330,7 @@ inline void gemm_pass(int tid, int nt, int64_t B, int64_t groups, const A* a, in
       constexpr int R = decltype(rows_c)::value;
       Vec<A> acc[R][NV];
       if (any) {
-        tile_gemm<A, R, NV>(a + b0 * lda, lda, panel + group * panel_group_elems<A, NV>(K), K, acc);
+        tile(rows_c, group, b0, acc);
       } else {
         for (int r = 0; r < R; ++r) {
           for (int v = 0; v < NV; ++v) acc[r][v] = Vec<A>(A(0));
@@ -295,6 +340,36 @@ inline void gemm_pass(int tid, int nt, int64_t B, int64_t groups, const A* a, in
     };
     with_rows<MR>(rows, run);
   }
+}
+
+template <typename A, int NV, class Epi>
+inline void gemm_pass(int tid, int nt, int64_t B, int64_t groups, const A* a, int64_t lda, const A* panel,
+                      int64_t K, const uint8_t* need, Epi& epi) {
+  auto tile = [&](auto rows_c, int64_t group, int64_t b0, auto& acc) {
+    constexpr int R = decltype(rows_c)::value;
+    tile_gemm<A, R, NV>(a + b0 * lda, lda, panel + group * panel_group_elems<A, NV>(K), K, acc);
+  };
+  gemm_pass_tiles<A, NV>(tid, nt, B, groups, need, tile, epi);
+}
+
+// gemm_pass with Bmat = src^T read in place (src row-major N x K, row stride ld; see tile_gemm_direct).
+template <typename A, int NV, class ColumnFn, class Epi>
+inline void gemm_pass_direct(int tid, int nt, int64_t B, int64_t groups, const A* a, int64_t lda, const A* src,
+                             int64_t ld, int64_t K, ColumnFn column, const uint8_t* need, Epi& epi) {
+  auto tile = [&](auto rows_c, int64_t group, int64_t b0, auto& acc) {
+    constexpr int R = decltype(rows_c)::value;
+    tile_gemm_direct<A, R, NV>(a + b0 * lda, lda, src, ld, K, group, column, acc);
+  };
+  gemm_pass_tiles<A, NV>(tid, nt, B, groups, need, tile, epi);
+}
+
+// Whether a forward reads W_hh (and W_hr) in place instead of packing them: when the panel would
+// be read at most twice (T steps x row tiles), packing (read W, write the panel) costs more than
+// it saves.  Streaming calls (T = 1, small B) are the case; the choice depends on T and B only, so
+// every thread count and both save modes compute the same sums in the same order.
+template <int NV>
+inline bool read_in_place(int64_t T, int64_t B) {
+  return T * div_up(B, max_rows(NV)) <= 2;
 }
 
 // Packs groups [0, groups) split over the team, then waits for the whole panel.
@@ -335,8 +410,9 @@ void lstm_fwd_impl(const LstmFwdArgs& args) {
   const bool proj = args.w_hr != nullptr;
   const int64_t unit_blocks = div_up(H, L);            // gates GEMM: K = P, 4 gate vectors per block
   const int64_t proj_groups = proj ? div_up(P, NVP * L) : 0;  // h = m @ W_hr^T: K = H
-  Scratch<A> panel(unit_blocks * panel_group_elems<A, 4>(P));
-  Scratch<A> panel_r(proj_groups * panel_group_elems<A, NVP>(H));
+  const bool direct = read_in_place<4>(T, B);                  // no panels: W_hh, W_hr in place
+  Scratch<A> panel(direct ? 0 : unit_blocks * panel_group_elems<A, 4>(P));
+  Scratch<A> panel_r(direct ? 0 : proj_groups * panel_group_elems<A, NVP>(H));
   Scratch<A> hbuf(2 * B * P, kNaN<A>);  // h_{t-1} / h_t, alternating
   Scratch<A> mbuf(proj ? B * H : 0, kNaN<A>);
 
@@ -352,18 +428,20 @@ void lstm_fwd_impl(const LstmFwdArgs& args) {
   std::memcpy(hbuf.get(), args.h0, sizeof(A) * B * P);
   std::memcpy(c, args.c0, sizeof(A) * B * H);
 
+  auto gate_col = [&](int64_t gr, int v) { return gate_column<A, 4>(gr, v, H); };
+  auto proj_col = [&](int64_t gr, int v) { return block_column<A, NVP>(gr, v, P); };
   auto body = [&](int tid, int nt) {
-    pack_shared(tid, nt, unit_blocks, [&](int64_t g) {
-      pack_transposed<A, 4>(w, P, P, g, [&](int64_t gr, int v) { return gate_column<A, 4>(gr, v, H); },
-                            panel.get() + g * panel_group_elems<A, 4>(P));
-    });
-    if (proj) {
-      pack_shared(tid, nt, proj_groups, [&](int64_t g) {
-        pack_transposed<A, NVP>(wr, H, H, g, [&](int64_t gr, int v) { return block_column<A, NVP>(gr, v, P); },
-                                panel_r.get() + g * panel_group_elems<A, NVP>(H));
+    if (!direct) {
+      pack_shared(tid, nt, unit_blocks, [&](int64_t g) {
+        pack_transposed<A, 4>(w, P, P, g, gate_col, panel.get() + g * panel_group_elems<A, 4>(P));
       });
+      if (proj) {
+        pack_shared(tid, nt, proj_groups, [&](int64_t g) {
+          pack_transposed<A, NVP>(wr, H, H, g, proj_col, panel_r.get() + g * panel_group_elems<A, NVP>(H));
+        });
+      }
+      team_barrier();
     }
-    team_barrier();
     for (int64_t step = 0; step < T; ++step) {
       const int64_t t = s.reverse ? T - 1 - step : step;
       const uint8_t* valid = s.valid + t * B;
@@ -415,7 +493,11 @@ void lstm_fwd_impl(const LstmFwdArgs& args) {
           vstore<A>(y_t + b * P + j0, st.h, n);
         }
       };
-      gemm_pass<A, 4>(tid, nt, B, unit_blocks, hp, P, panel.get(), P, valid, cell);
+      if (direct) {
+        gemm_pass_direct<A, 4>(tid, nt, B, unit_blocks, hp, P, w, P, P, gate_col, valid, cell);
+      } else {
+        gemm_pass<A, 4>(tid, nt, B, unit_blocks, hp, P, panel.get(), P, valid, cell);
+      }
 
       if (proj) {
         team_barrier();  // every unit's m before h = m @ W_hr^T
@@ -432,7 +514,11 @@ void lstm_fwd_impl(const LstmFwdArgs& args) {
             }
           }
         };
-        gemm_pass<A, NVP>(tid, nt, B, proj_groups, m, H, panel_r.get(), H, valid, project);
+        if (direct) {
+          gemm_pass_direct<A, NVP>(tid, nt, B, proj_groups, m, H, wr, H, H, proj_col, valid, project);
+        } else {
+          gemm_pass<A, NVP>(tid, nt, B, proj_groups, m, H, panel_r.get(), H, valid, project);
+        }
       }
       team_barrier();  // h_t complete before step t+1 reads it
     }
@@ -610,7 +696,8 @@ void gru_fwd_impl(const GruFwdArgs& args) {
   if (s.B == 0) return;  // nothing to compute (and no zero-size buffers to copy)
   const int64_t T = s.T, B = s.B, H = s.H, G = 3 * H;
   const int64_t unit_blocks = div_up(H, L);  // K = H, 3 gate vectors per block
-  Scratch<A> panel(unit_blocks * panel_group_elems<A, 3>(H));
+  const bool direct = read_in_place<3>(T, B);  // no panel: W_hh in place
+  Scratch<A> panel(direct ? 0 : unit_blocks * panel_group_elems<A, 3>(H));
   Scratch<A> hbuf(2 * B * H, kNaN<A>);
 
   const A* w = static_cast<const A*>(args.w_hh);
@@ -620,12 +707,14 @@ void gru_fwd_impl(const GruFwdArgs& args) {
   S* gates_all = static_cast<S*>(args.gates);
   std::memcpy(hbuf.get(), args.h0, sizeof(A) * B * H);
 
+  auto gate_col = [&](int64_t gr, int v) { return gate_column<A, 3>(gr, v, H); };
   auto body = [&](int tid, int nt) {
-    pack_shared(tid, nt, unit_blocks, [&](int64_t g) {
-      pack_transposed<A, 3>(w, H, H, g, [&](int64_t gr, int v) { return gate_column<A, 3>(gr, v, H); },
-                            panel.get() + g * panel_group_elems<A, 3>(H));
-    });
-    team_barrier();
+    if (!direct) {
+      pack_shared(tid, nt, unit_blocks, [&](int64_t g) {
+        pack_transposed<A, 3>(w, H, H, g, gate_col, panel.get() + g * panel_group_elems<A, 3>(H));
+      });
+      team_barrier();
+    }
     for (int64_t step = 0; step < T; ++step) {
       const int64_t t = s.reverse ? T - 1 - step : step;
       const uint8_t* valid = s.valid + t * B;
@@ -663,7 +752,11 @@ void gru_fwd_impl(const GruFwdArgs& args) {
         vstore<A>(hn + b * H + j0, st.h, n);
         vstore<A>(y_t + b * H + j0, st.h, n);
       };
-      gemm_pass<A, 3>(tid, nt, B, unit_blocks, hp, H, panel.get(), H, valid, cell);
+      if (direct) {
+        gemm_pass_direct<A, 3>(tid, nt, B, unit_blocks, hp, H, w, H, H, gate_col, valid, cell);
+      } else {
+        gemm_pass<A, 3>(tid, nt, B, unit_blocks, hp, H, panel.get(), H, valid, cell);
+      }
       team_barrier();
     }
   };
