@@ -241,7 +241,7 @@ def test_torch_backend_packed_and_unbatched_with_hx(mode):
 
 def test_auto_warns_once_when_falling_back(monkeypatch):
     monkeypatch.delenv("FUSEDRNN_CUDA_EMULATION", raising=False)  # (it would run cuda on CPU)
-    monkeypatch.setattr(backends, "_auto_candidates", lambda cfg: ("cuda",))
+    monkeypatch.setattr(backends, "_auto_candidates", lambda cfg, shape=None: ("cuda",))
     monkeypatch.setattr(backends, "_warned", set())
     _, ours = pair("GRU", backend="auto")
     with warnings.catch_warnings(record=True) as rec:

@@ -126,3 +126,86 @@ def test_explicit_backends_ignore_the_rule():
     cfg = RecurrenceConfig("GRU", "cpu", -1, torch.float32, 64)
     assert backends.resolve("torch", cfg) == "torch"
     assert backends.resolve("reference", cfg) == "reference"
+
+
+# ------------------------------------------------------------------------- short (streaming) calls
+def _resolve_shape(mode, dtype, hidden, shape, grad=True):
+    cfg = RecurrenceConfig(mode, "cpu", -1, dtype, hidden)
+    with torch.set_grad_enabled(grad):
+        return backends.resolve("auto", cfg, shape)
+
+
+def _table(mode, dtype, hidden, grad):
+    start = backends._CPU_CPP_FROM_HIDDEN.get((mode, dtype, "training" if grad else "inference"))
+    return "cpp" if start is not None and hidden >= start else "torch"
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
+def test_short_call_rule(grad):
+    """fp32 LSTM: cpp for T <= 2 with T*B <= 4 (oneDNN's per-call setup dominates); one step of
+    anything torch.nn runs without oneDNN (GRU; LSTM in fp16 / fp64): torch; else the table."""
+    if not _cpp_built():
+        pytest.skip("cpp backend not built")
+    for hidden in (64, 512, 1024):
+        for shape in [(1, 1), (1, 4), (2, 1), (2, 2)]:
+            assert _resolve_shape("LSTM", torch.float32, hidden, shape, grad) == "cpp", (hidden, shape)
+        for shape in [(1, 5), (2, 3), (3, 1), (64, 16), (1, 0)]:
+            want = _table("LSTM", torch.float32, hidden, grad)
+            assert _resolve_shape("LSTM", torch.float32, hidden, shape, grad) == want, (hidden, shape)
+        for dtype in DTYPES:
+            assert _resolve_shape("GRU", dtype, hidden, (1, 1), grad) == "torch"
+            assert _resolve_shape("GRU", dtype, hidden, (1, 64), grad) == "torch"
+            assert _resolve_shape("GRU", dtype, hidden, (2, 1), grad) == _table("GRU", dtype, hidden, grad)
+        for dtype in (torch.float16, torch.float64):
+            assert _resolve_shape("LSTM", dtype, hidden, (1, 1), grad) == "torch"
+            assert _resolve_shape("LSTM", dtype, hidden, (2, 1), grad) == _table("LSTM", dtype, hidden, grad)
+        for shape in [(1, 1), (1, 16)]:
+            assert _resolve_shape("LSTM", torch.bfloat16, hidden, shape, grad) == _table("LSTM", torch.bfloat16, hidden, grad)
+    # without a shape (cells, compiled graphs): the table alone
+    assert _resolve_shape("GRU", torch.float32, 64, None, grad) == "cpp"
+    assert _resolve_shape("LSTM", torch.float32, 64, None, grad) == "torch"
+    # CPU autocast still sends every LSTM to cpp
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _resolve_shape("LSTM", torch.float64, 64, (1, 1), grad) == "cpp"
+
+
+def _spy_backends(monkeypatch):
+    calls = []
+    real = backends.get
+
+    def spy(name):
+        calls.append(name)
+        return real(name)
+
+    monkeypatch.setattr(backends, "get", spy)
+    return calls
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_modules_pass_their_steps_and_batch_to_auto(monkeypatch, batch_first):
+    if not _cpp_built():
+        pytest.skip("cpp backend not built")
+    calls = _spy_backends(monkeypatch)
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(8, 16, batch_first=batch_first)
+    m = fusedrnn.LSTM(8, 16, batch_first=batch_first)
+    m.load_state_dict(ref.state_dict())
+    step = torch.randn(2, 1, 8) if batch_first else torch.randn(1, 2, 8)  # one step of two sequences
+    torch.testing.assert_close(m(step), ref(step))
+    assert "cpp" in calls
+    calls.clear()
+    long = torch.randn(5, 3, 8)  # several steps: the table (torch.nn below H = 1024)
+    torch.testing.assert_close(m(long), ref(long))
+    assert "cpp" not in calls
+    calls.clear()
+    unbatched = torch.randn(1, 8)  # (T = 1, I): one step of one sequence
+    torch.testing.assert_close(m(unbatched), ref(unbatched))
+    assert "cpp" in calls
+    calls.clear()
+    gru_ref = torch.nn.GRU(8, 16, batch_first=batch_first)
+    gru = fusedrnn.GRU(8, 16, batch_first=batch_first)
+    gru.load_state_dict(gru_ref.state_dict())
+    torch.testing.assert_close(gru(step), gru_ref(step))  # one GRU step: torch.nn
+    assert "cpp" not in calls
+    torch.testing.assert_close(gru(long), gru_ref(long))
+    assert "cpp" in calls

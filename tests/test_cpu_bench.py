@@ -25,7 +25,10 @@ def test_cpu_suite_grid():
     assert {c.mode for c in cfgs} == {"LSTM", "GRU"}
     fp32 = [c for c in cfgs if c.dtype == "fp32" and c.T == C.CPU_T]
     assert {c.H for c in fp32} == set(C.CPU_H) and {c.B for c in fp32} == set(C.CPU_B)
-    assert {c.T for c in cfgs} == {16, 64, 256}
+    assert {c.T for c in cfgs} == {1, 2, 4, 16, 64, 256}
+    short = [c for c in cfgs if c.T <= 4]
+    assert {(c.T, c.B) for c in short if c.dtype == "fp32"} == set(C.CPU_SHORT_TB)
+    assert {c.H for c in short} == set(C.CPU_SHORT_H)
     assert {c.dtype for c in cfgs} == {"fp32", "bf16", "fp16", "fp64"}
     assert C.by_name("gru-h1024-b64-t64-fp32-thr2").threads == 2
     assert all(re.search(r"-thr[12]$", n) for n in names)
@@ -169,5 +172,5 @@ def test_cpu_rows_report_the_floor_and_the_ceiling_over_torch(tmp_path, monkeypa
     assert ref["fwd_ceiling_vs_torch"] == pytest.approx(tr["fwd_ms"] / ref["floor_ms"])
     assert ref["ceiling_vs_torch"] == pytest.approx(tr["fwdbwd_ms"] / ref["floor_fwdbwd_ms"])
     text = md.read_text()
-    assert "max x fwd | max x fwd+bwd |" in text and "GEMM rate of torch.mm" in text
+    assert "max x fwd | max x fwd+bwd |" in text and "GEMM rate of torch.mm measured before each config" in text
     assert f"| {ref['fwd_ceiling_vs_torch']:.2f} | {ref['ceiling_vs_torch']:.2f} |" in text

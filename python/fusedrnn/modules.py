@@ -37,9 +37,9 @@ from .backends import RecurrenceConfig
 # ------------------------------------------------------------------------------ backend choice
 @torch.compiler.assume_constant_result
 def _resolve(requested: str, mode: str, device_type: str, device_index: int, dtype: torch.dtype,
-             hidden_size: int, proj_size: int) -> str:
+             hidden_size: int, proj_size: int, steps: Optional[int] = None, batch: Optional[int] = None) -> str:
     cfg = RecurrenceConfig(mode, device_type, device_index, dtype, hidden_size, proj_size)
-    return backends.resolve(requested, cfg)
+    return backends.resolve(requested, cfg, None if steps is None else (steps, batch))
 
 
 def _auto_requested(requested: str) -> bool:
@@ -146,9 +146,16 @@ class _BackendMixin:
         return RecurrenceConfig(mode, dev.type, -1 if dev.index is None else dev.index, dtype,
                                 self.hidden_size, proj_size)
 
-    def _choose_backend(self, cfg: RecurrenceConfig) -> str:
+    def _choose_backend(self, cfg: RecurrenceConfig, x: Optional[Tensor] = None) -> str:
+        """The backend of a call; ``x`` (T, B, I), when given, lets ``auto`` see the call's steps
+        and batch (its CPU rule for short calls).  Not while compiling: a graph's backend must not
+        depend on sizes torch.compile may keep symbolic, so compiled graphs use the hidden-size
+        rule (measured on the eager path anyway)."""
+        steps = batch = None
+        if x is not None and not torch.compiler.is_compiling():
+            steps, batch = int(x.shape[0]), int(x.shape[1])
         return _resolve(self.backend, cfg.mode, cfg.device_type, cfg.device_index, cfg.dtype,
-                        cfg.hidden_size, cfg.proj_size)
+                        cfg.hidden_size, cfg.proj_size, steps, batch)
 
     def _run_torch(self, torch_forward, input, hx, cfg: RecurrenceConfig):
         """(backend to run instead, torch's result): torch.nn's forward for a call resolved to
@@ -239,7 +246,7 @@ class _FusedRNNBase(_BackendMixin):
             _reject(torch_forward, (input, hx), call, self.mode)
         data = input.data if isinstance(input, PackedSequence) else input
         cfg = self._config(self.mode, data, call.dtype, self.proj_size)
-        backend = self._choose_backend(cfg)
+        backend = self._choose_backend(cfg, call.x)
         if backend == "torch":
             backend, result = self._run_torch(torch_forward, input, hx, cfg)
             if backend is None:

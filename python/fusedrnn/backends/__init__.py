@@ -19,7 +19,7 @@ import dataclasses
 import importlib
 import os
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -133,8 +133,9 @@ def _warn_once(key, message: str) -> None:
 # pass), measured with ``python -m fusedrnn.bench --suite cpu`` (BENCHMARKS.md "CPU"; README "CPU").
 # "inference": grad mode off; "training": forward + backward.  A missing entry: torch.nn is faster
 # at every size measured (cells: their per-call Python path costs more than torch's fused cell).
-# The batch size is not part of the call's config: for fp32 LSTM torch.nn (oneDNN) is at the
-# machine's FMA peak from B = 16 on, where cpp wins only at H = 1024 and small batches.
+# The table holds for calls of several steps (the CPU suite: T = 16...256); short calls follow
+# ``_cpu_short_call`` first.  For fp32 LSTM torch.nn (oneDNN) is at the machine's FMA peak from
+# B = 16 on, where cpp wins only at H = 1024 and small batches.
 _CPU_CPP_FROM_HIDDEN = {
     ("GRU", torch.float32, "inference"): 1,
     ("GRU", torch.float32, "training"): 1,
@@ -154,28 +155,52 @@ _CPU_CPP_FROM_HIDDEN = {
 }
 
 
-def _cpu_candidates(cfg: RecurrenceConfig):
-    """``("cpp",)`` where the measured rule says cpp is faster (or torch.nn cannot run), else ()."""
+def _cpu_short_call(cfg: RecurrenceConfig, steps: int, batch: int) -> Optional[tuple]:
+    """The rule for a call of ``steps`` time steps of ``batch`` sequences where the per-call costs
+    outweigh the recurrence (streaming), or None: the hidden-size table decides.  Measured in eager
+    calls, one thread, T = 1 / 2 / 4, B = 1 / 4 / 16, H = 64 / 256 / 1024 (BENCHMARKS.md "Short
+    calls"): oneDNN's fp32 LSTM sets up its primitive and reorders the weights on every call, which
+    costs more than the whole cpp call at one or two steps of a few sequences (1.3-14x); torch.nn's
+    own one-step path (GRU, and LSTM in fp16 / fp64) is two GEMVs and a few pointwise ops, which
+    beat fusedrnn's per-call Python path and its input GEMV (cpp 0.4-0.9x); bf16 LSTM (oneDNN with
+    bf16 dot products) keeps the table's answer."""
+    if cfg.mode == "LSTM" and cfg.dtype == torch.float32 and steps <= 2 and 1 <= steps * batch <= 4:
+        return ("cpp",)
+    if steps == 1 and not (cfg.mode == "LSTM" and cfg.dtype in (torch.float32, torch.bfloat16)):
+        return ()
+    return None
+
+
+def _cpu_candidates(cfg: RecurrenceConfig, shape: Optional[Tuple[int, int]] = None):
+    """``("cpp",)`` where the measured rule says cpp is faster (or torch.nn cannot run), else ().
+    ``shape``: the call's (steps, batch) when known (eager calls), else the hidden-size rule alone."""
     if cfg.mode == "LSTM" and torch.is_autocast_enabled("cpu"):
         # torch.nn's LSTM fails under CPU autocast on some machines (oneDNN "could not create a
         # primitive descriptor" for fp32 input under bf16 autocast): ours runs it
         return ("cpp",)
+    if shape is not None:
+        short = _cpu_short_call(cfg, *shape)
+        if short is not None:
+            return short
     phase = "training" if torch.is_grad_enabled() else "inference"
     start = _CPU_CPP_FROM_HIDDEN.get((cfg.mode, cfg.dtype, phase))
     return ("cpp",) if start is not None and cfg.hidden_size >= start else ()
 
 
-def _auto_candidates(cfg: RecurrenceConfig):
+def _auto_candidates(cfg: RecurrenceConfig, shape: Optional[Tuple[int, int]] = None):
     """Order in which ``auto`` tries backends.  The rule lives here, once."""
     if cfg.device_type == "cuda":
         return ("cuda", "triton")
     if cfg.device_type == "cpu":
-        return _cpu_candidates(cfg)
+        return _cpu_candidates(cfg, shape)
     return ()
 
 
-def resolve(requested: str, cfg: RecurrenceConfig) -> str:
-    """Concrete backend for one call.  Explicit backends never fall back: they raise."""
+def resolve(requested: str, cfg: RecurrenceConfig, shape: Optional[Tuple[int, int]] = None) -> str:
+    """Concrete backend for one call.  Explicit backends never fall back: they raise.
+
+    ``shape``: (time steps, batch) of the call, for ``auto``'s CPU rule on short calls; None
+    (cells, compiled graphs) leaves the choice to the hidden-size rule."""
     check_backend_name(requested)
     if requested == "auto":
         env = os.environ.get(ENV_VAR, "")
@@ -194,7 +219,7 @@ def resolve(requested: str, cfg: RecurrenceConfig) -> str:
             raise NotImplementedError(f"fusedrnn: backend={requested!r} is not available: {reason}")
         return requested
     reasons = []
-    for name in _auto_candidates(cfg):
+    for name in _auto_candidates(cfg, shape):
         reason = unavailable_reason(name)
         if reason is None:
             reason = get(name).unsupported(cfg)

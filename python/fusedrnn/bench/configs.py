@@ -5,9 +5,10 @@ lists of configs:
 
     quick      small CPU-friendly configs (seconds on a 2-core CPU); on CUDA two standard configs
                are added.
-    cpu        the CPU suite: LSTM and GRU over H 64..1024 x B 1..64 at T=64, T 16 and 256, and
-               bf16 / fp16 / fp64 at H 128 and 512, each at 1 and 2 threads (minutes on a 2-core
-               CPU); every row times inference (fwd) and training (fwd+bwd).
+    cpu        the CPU suite: LSTM and GRU over H 64..1024 x B 1..64 at T=64, T 16 and 256,
+               bf16 / fp16 / fp64 at H 128 and 512, and short calls (T 1..4: streaming), each at 1
+               and 2 threads (minutes on a 2-core CPU); every row times inference (fwd) and
+               training (fwd+bwd).
     standard   the GPU suite whose names are quoted in BENCHMARKS.md (keep the names stable).
     full       standard + sweeps over B, H and T for LSTM and GRU + LSTMCell / GRUCell rows.
     tiny       the smallest configs, for the Triton interpreter and the tests.
@@ -171,6 +172,11 @@ CPU_H = (64, 128, 256, 512, 1024)
 CPU_B = (1, 4, 16, 64)
 CPU_T = 64
 CPU_THREADS = (1, 2)
+# Short calls (streaming: one or a few steps per call), behind auto's short-call rule
+# (backends._cpu_short_call): (T, B) pairs at these H, fp32, and one step of one sequence in the
+# other dtypes at H = 256.
+CPU_SHORT_TB = ((1, 1), (2, 1), (1, 4), (1, 16), (4, 4))
+CPU_SHORT_H = (64, 256, 1024)
 
 
 def _cpu_suite() -> List[BenchConfig]:
@@ -185,6 +191,11 @@ def _cpu_suite() -> List[BenchConfig]:
             for dtype in ("bf16", "fp16", "fp64"):
                 for H in (128, 512):
                     out.append(make(mode, H, 4, CPU_T, dtype, threads=threads))
+            for H in CPU_SHORT_H:
+                for T, B in CPU_SHORT_TB:
+                    out.append(make(mode, H, B, T, "fp32", threads=threads))
+            for dtype in ("bf16", "fp16", "fp64"):
+                out.append(make(mode, 256, 1, 1, dtype, threads=threads))
     return out
 
 

@@ -225,15 +225,16 @@ def floor_estimate(cfg: BenchConfig, rates: Optional[DeviceRates], tokens: Optio
 # on this machine (issue 11: where torch.nn already runs at the GEMM rate no backend can be much
 # faster).  Memory traffic is not modelled: at B = 1 the floor is loose (a GEMV streams W_hh).
 # (M, K, N) of the GEMMs timed: cache-resident shapes at which MKL reached its best rate on the
-# development machine (its rate varies by ~10% between shapes and moments on a shared VM; the
-# floor takes the best, so that it stays below what torch.nn's own oneDNN LSTM reaches)
+# development machine.  Its rate varies by ~10% between shapes and, on a shared VM, over minutes
+# (clock boost): the floor takes the best of the shapes, measured again before every config
+# (``run_suite`` clears the cache) so that it is the rate of the moment the rows are timed.
 CPU_GEMM_SHAPES = ((1024, 512, 512), (1024, 128, 512), (512, 256, 1024))
 _cpu_gemm_rates: Dict[Tuple[torch.dtype, int], float] = {}
 
 
 def cpu_gemm_rate(dtype: torch.dtype) -> float:
     """FLOP/s of torch.mm in ``dtype`` on CPU at the current torch thread count: the best over
-    ``CPU_GEMM_SHAPES`` of 7 timings of 3 calls each, cached per (dtype, threads).  bf16 / fp16
+    ``CPU_GEMM_SHAPES`` of 5 timings of 2 calls each (~0.15 s), cached per (dtype, threads).  bf16 / fp16
     take the faster of their own rate and fp32's: a backend may compute them in fp32 (the ``cpp``
     backend does)."""
     key = (dtype, torch.get_num_threads())
@@ -241,7 +242,7 @@ def cpu_gemm_rate(dtype: torch.dtype) -> float:
         gen = torch.Generator().manual_seed(0)
         reduced = dtype in (torch.bfloat16, torch.float16)
         # reduced types: one shape, few calls (CPUs without fp16 GEMMs take ~0.2 s per call)
-        shapes, timings, calls = (CPU_GEMM_SHAPES[:1], 3, 1) if reduced else (CPU_GEMM_SHAPES, 7, 3)
+        shapes, timings, calls = (CPU_GEMM_SHAPES[:1], 3, 1) if reduced else (CPU_GEMM_SHAPES, 5, 2)
         rate = 0.0
         for M, K, N in shapes:
             a = torch.randn(M, K, generator=gen).to(dtype)
@@ -1016,6 +1017,7 @@ def run_suite(configs: Sequence[BenchConfig], backends: Sequence[str], device="c
     bar = _progress(len(configs) * len(backends), progress)
     for cfg in configs:
         cfg_rows = []
+        _cpu_gemm_rates.clear()  # the CPU floor's GEMM rate of this moment (see cpu_gemm_rate)
         threads = 1 if counter is not None else (cfg.threads if device.type == "cpu" else None)
         try:
             reference = torch_module(cfg, device, seed)

@@ -194,10 +194,17 @@ def ratio_markdown(meta: dict, rows: List[dict]) -> str:
     # any backend could reach over torch.nn there ("max x")
     ceiling = any(r.get("fwd_ceiling_vs_torch") is not None for r in rows)
     if ceiling:
-        rates = sorted({(r.get("threads"), r["dtype"], r["cpu_gemm_gflops"]) for r in rows
-                        if r.get("cpu_gemm_gflops") and r["backend"] != "torch"}, key=str)
-        out.append("- floor: FLOP / the GEMM rate of torch.mm measured in the run (GFLOP/s: "
-                   + ", ".join(f"{d} {g:.0f} on {t} thread{'s' if t != 1 else ''}" for t, d, g in rates)
+        rates: Dict[tuple, List[float]] = {}
+        for r in rows:
+            if r.get("cpu_gemm_gflops") and r["backend"] != "torch":
+                rates.setdefault((r.get("threads") or 0, r["dtype"]), []).append(r["cpu_gemm_gflops"])
+
+        def span(v):
+            return f"{min(v):.0f}" if round(min(v)) == round(max(v)) else f"{min(v):.0f}-{max(v):.0f}"
+
+        out.append("- floor: FLOP / the GEMM rate of torch.mm measured before each config (GFLOP/s: "
+                   + ", ".join(f"{d} {span(v)} on {t} thread{'s' if t != 1 else ''}"
+                               for (t, d), v in sorted(rates.items(), key=str))
                    + "); max x = torch time / floor, the most any backend could reach over torch.nn")
     extra_h = " max x fwd | max x fwd+bwd |" if ceiling else ""
     extra_a = "---:|---:|" if ceiling else ""
