@@ -209,3 +209,52 @@ def test_modules_pass_their_steps_and_batch_to_auto(monkeypatch, batch_first):
     assert "cpp" not in calls
     torch.testing.assert_close(gru(long), gru_ref(long))
     assert "cpp" in calls
+
+
+def test_short_call_rule_needs_onednn_lstm():
+    """The fp32 LSTM clause is about oneDNN's per-call setup: with a projection or with oneDNN
+    disabled torch.nn runs its own cheap one-step path, and a single step goes to torch.nn."""
+    if not _cpp_built():
+        pytest.skip("cpp backend not built")
+    proj = RecurrenceConfig("LSTM", "cpu", -1, torch.float32, 64, 32)
+    assert backends.resolve("auto", proj, (1, 1)) == "torch"
+    assert backends.resolve("auto", RecurrenceConfig("LSTM", "cpu", -1, torch.float32, 64), (1, 1)) == "cpp"
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert backends.resolve("auto", RecurrenceConfig("LSTM", "cpu", -1, torch.float32, 64), (1, 1)) == "torch"
+
+
+def test_packed_input_reaches_the_short_call_rule(monkeypatch):
+    if not _cpp_built():
+        pytest.skip("cpp backend not built")
+    calls = _spy_backends(monkeypatch)
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(8, 16)
+    m = fusedrnn.LSTM(8, 16)
+    m.load_state_dict(ref.state_dict())
+    one_step = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(1, 3, 8), [1, 1, 1])  # T = 1, B = 3
+    got, want = m(one_step), ref(one_step)
+    torch.testing.assert_close(got[0].data, want[0].data)
+    assert "cpp" in calls
+    calls.clear()
+    longer = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(5, 3, 8), [5, 3, 2])
+    torch.testing.assert_close(m(longer)[0].data, ref(longer)[0].data)
+    assert "cpp" not in calls
+
+
+def test_traced_calls_use_the_hidden_size_rule(monkeypatch):
+    """jit.trace records one backend for every later size: it must not come from the example's T and B."""
+    if not _cpp_built():
+        pytest.skip("cpp backend not built")
+    calls = _spy_backends(monkeypatch)
+    torch.manual_seed(0)
+    m = fusedrnn.LSTM(8, 16)
+    ref = torch.nn.LSTM(8, 16)
+    ref.load_state_dict(m.state_dict())
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(m, (torch.randn(1, 2, 8),), check_trace=False)
+    # the rule reads no size: no "tensor to a Python integer" conversion is recorded
+    assert not [w for w in rec if "Python integer" in str(w.message)]
+    assert "cpp" not in calls  # the table: torch.nn at H = 16
+    x = torch.randn(7, 3, 8)
+    torch.testing.assert_close(traced(x), ref(x))

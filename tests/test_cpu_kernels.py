@@ -349,12 +349,37 @@ def test_lstm_proj_per_isa(isa, dtype, H, P):
     check_lstm(cpp, "cpu", dtype, T=5, B=9, H=H, P=P, lengths="unsorted", reverse=True)
 
 
-# Short calls (T x row tiles <= 2: streaming, T = 1) read W_hh / W_hr in place instead of packing
-# them: row tiles hold 6 (LSTM) / 8 (GRU) rows with AVX-512, 2 / 3 with AVX2 and the default width.
+def _expect_in_place(isa, mode, T, B, H):
+    """kernels_impl.h read_in_place: at most two passes over the panel (T x row tiles), and at most
+    4 rows in all or float weights over 2 MiB.  Rows per tile (LSTM, GRU): 6 / 8 with AVX-512's 32
+    vector registers, 2 / 3 with 16."""
+    mr = {"lstm": 6, "gru": 8}[mode] if isa == "avx512" else {"lstm": 2, "gru": 3}[mode]
+    gates = 4 if mode == "lstm" else 3
+    return T * -(-B // mr) <= 2 and (T * B <= 4 or gates * H * H * 4 > 2 << 20)
+
+
+def test_reads_in_place_rule():
+    for isa_name in ISAS:
+        ops.cpu_isa(isa_name)
+        try:
+            for mode in ("lstm", "gru"):
+                for T, B, H in [(1, 1, 64), (2, 2, 64), (1, 5, 64), (3, 1, 64), (1, 64, 1024), (1, 6, 1024), (2, 6, 1024)]:
+                    assert ops.cpu_reads_in_place(mode, T, B, H) == _expect_in_place(isa_name, mode, T, B, H)
+                assert ops.cpu_reads_in_place(mode, 1, 1, 64) and not ops.cpu_reads_in_place(mode, 3, 1, 64)
+        finally:
+            ops.cpu_isa("auto")
+    with pytest.raises(RuntimeError, match="mode must be"):
+        ops.cpu_reads_in_place("rnn", 1, 1, 8)
+
+
+# Short calls read W_hh / W_hr in place instead of packing them (see _expect_in_place): few rows at
+# any size, and up to two row tiles when the weights exceed 2 MiB.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T,B", [(1, 1), (1, 5), (2, 3), (1, 7), (1, 13), (2, 6), (2, 9)], ids=str)
+@pytest.mark.parametrize("T,B", [(1, 1), (1, 4), (2, 2), (2, 1), (1, 5), (2, 3)], ids=str)
 @pytest.mark.parametrize("H", [1, 16, 37, 129])
 def test_short_calls_per_isa(isa, dtype, T, B, H):
+    for mode in ("lstm", "gru"):
+        assert ops.cpu_reads_in_place(mode, T, B, H) == _expect_in_place(isa, mode, T, B, H), (mode, T, B)
     if H == 1 and dtype in (torch.bfloat16, torch.float16):
         pytest.skip("a relative-norm check over T*B single units in 8/11-bit mantissas measures one rounding")
     for reverse in (False, True):
@@ -362,6 +387,16 @@ def test_short_calls_per_isa(isa, dtype, T, B, H):
         check_gru(cpp, "cpu", dtype, T=T, B=B, H=H, lengths="unsorted", reverse=reverse)
     if dtype != torch.float16:
         check_lstm(cpp, "cpu", dtype, T=T, B=B, H=H, P=max(1, H // 2 + 3), lengths="unsorted")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T,B", [(1, 12), (2, 6), (1, 7), (1, 2)], ids=str)
+def test_short_calls_large_weights_per_isa(isa, dtype, T, B):
+    """Weights over 2 MiB (H = 520): in place for up to two row tiles, tails in every dimension."""
+    H = 520
+    check_lstm(cpp, "cpu", dtype, T=T, B=B, H=H, lengths="unsorted", reverse=True)
+    check_gru(cpp, "cpu", dtype, T=T, B=B, H=H, lengths="unsorted")
+    check_lstm(cpp, "cpu", dtype, T=T, B=B, H=H, P=300, lengths="unsorted")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -7,6 +7,10 @@
 //   fusedrnn_ext::cpu_recurrence_threads(int B, int K, int N) -> int
 //                                                   threads a recurrence with step GEMM (B x K) @
 //                                                   (K x N) uses now (torch.get_num_threads() at most)
+//   fusedrnn_ext::cpu_reads_in_place(str mode, int T, int B, int H) -> bool
+//                                                   whether the variant in use runs a float forward
+//                                                   of T steps, B sequences, hidden size H ("lstm" /
+//                                                   "gru") on W_hh read in place instead of packed
 //   fusedrnn_ext::cpu_activation(Tensor x, str fn) -> Tensor
 //                                                   the vectorised exp / sigmoid / tanh / dsigmoid /
 //                                                   dtanh (derivatives from the activated value) of
@@ -69,6 +73,12 @@ std::vector<std::string> cpu_supported_isas() {
 
 int64_t cpu_recurrence_threads(int64_t B, int64_t K, int64_t N) { return recurrence_threads(B, K, N); }
 
+bool cpu_reads_in_place(const std::string& mode, int64_t T, int64_t B, int64_t H) {
+  TORCH_CHECK(mode == "lstm" || mode == "gru", "fusedrnn: cpu_reads_in_place: mode must be 'lstm' or 'gru', got '",
+              mode, "'");
+  return kernels().reads_in_place(mode == "lstm" ? 4 : 3, T, B, H);
+}
+
 at::Tensor cpu_activation(const at::Tensor& x, const std::string& fn) {
   TORCH_CHECK(x.device().is_cpu(), "fusedrnn: cpu_activation needs a CPU tensor, got ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
@@ -109,5 +119,6 @@ TORCH_LIBRARY_FRAGMENT(fusedrnn_ext, m) {
   m.def("cpu_isa(str isa=\"\") -> str", &fusedrnn::cpu::cpu_isa);
   m.def("cpu_supported_isas() -> str[]", &fusedrnn::cpu::cpu_supported_isas);
   m.def("cpu_recurrence_threads(int B, int K, int N) -> int", &fusedrnn::cpu::cpu_recurrence_threads);
+  m.def("cpu_reads_in_place(str mode, int T, int B, int H) -> bool", &fusedrnn::cpu::cpu_reads_in_place);
   m.def("cpu_activation(Tensor x, str fn) -> Tensor", &fusedrnn::cpu::cpu_activation);
 }

@@ -148,6 +148,9 @@ struct Kernels {
   void (*gru_cell_bwd)(const GruCellBwdArgs&);
   // y[i] = fn(x[i]) for i < n; x, y are float (kind kFloat) or double (kDouble)
   void (*activation)(Activation fn, ScalarKind kind, const void* x, void* y, int64_t n);
+  // whether a forward of T steps, B sequences, `gates` gate vectors per unit (4 LSTM, 3 GRU) and
+  // float weights of hidden size H reads W_hh in place instead of packing it (short calls)
+  bool (*reads_in_place)(int gates, int64_t T, int64_t B, int64_t H);
 };
 
 // Per-ISA tables; null when this build has no such variant (non-x86 or non-GCC builds).

@@ -148,12 +148,13 @@ class _BackendMixin:
 
     def _choose_backend(self, cfg: RecurrenceConfig, x: Optional[Tensor] = None) -> str:
         """The backend of a call; ``x`` (T, B, I), when given, lets ``auto`` see the call's steps
-        and batch (its CPU rule for short calls).  Not while compiling: a graph's backend must not
-        depend on sizes torch.compile may keep symbolic, so compiled graphs use the hidden-size
-        rule (measured on the eager path anyway)."""
+        and batch (its CPU rule for short calls).  Only in plain eager calls: a compiled, exported
+        or jit-traced graph's backend must not depend on sizes that may stay symbolic or change at
+        replay, so those use the hidden-size rule (measured on the eager path anyway)."""
         steps = batch = None
-        if x is not None and not torch.compiler.is_compiling():
-            steps, batch = int(x.shape[0]), int(x.shape[1])
+        if (x is not None and not torch.compiler.is_compiling() and torch._C._get_tracing_state() is None
+                and all(type(n) is int for n in x.shape[:2])):
+            steps, batch = x.shape[0], x.shape[1]
         return _resolve(self.backend, cfg.mode, cfg.device_type, cfg.device_index, cfg.dtype,
                         cfg.hidden_size, cfg.proj_size, steps, batch)
 

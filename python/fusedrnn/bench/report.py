@@ -205,7 +205,8 @@ def ratio_markdown(meta: dict, rows: List[dict]) -> str:
         out.append("- floor: FLOP / the GEMM rate of torch.mm measured before each config (GFLOP/s: "
                    + ", ".join(f"{d} {span(v)} on {t} thread{'s' if t != 1 else ''}"
                                for (t, d), v in sorted(rates.items(), key=str))
-                   + "); max x = torch time / floor, the most any backend could reach over torch.nn")
+                   + "); max x = torch time / floor: about the most a backend running at that rate could reach "
+                   "over torch.nn (an estimate: a kernel may beat MKL's rate by a few percent)")
     extra_h = " max x fwd | max x fwd+bwd |" if ceiling else ""
     extra_a = "---:|---:|" if ceiling else ""
     out += ["", "| config | backend | threads | torch fwd ms | fwd ms | x fwd | torch fwd+bwd ms | fwd+bwd ms "
