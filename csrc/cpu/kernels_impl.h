@@ -65,6 +65,12 @@ inline namespace CPU_CAPABILITY {
 
 template <typename A>
 using Vec = at::vec::Vectorized<A>;
+
+#if defined(__GNUC__)
+#define FUSEDRNN_CPU_NOINLINE __attribute__((noinline))
+#else
+#define FUSEDRNN_CPU_NOINLINE
+#endif
 template <typename A>
 constexpr int kLanes = Vec<A>::size();
 
@@ -356,8 +362,11 @@ inline void gemm_pass(int tid, int nt, int64_t B, int64_t groups, const A* a, in
 }
 
 // gemm_pass with Bmat = src^T read in place (src row-major N x K, row stride ld; see tile_gemm_direct).
+// Kept out of line: it runs one or two steps per call, and inlined into the forwards next to the
+// packed path it made GCC stop inlining that hot path's tile and epilogue (the LSTM forward ran 2x
+// slower at every T).
 template <typename A, int NV, class ColumnFn, class Epi>
-inline void gemm_pass_direct(int tid, int nt, int64_t B, int64_t groups, const A* a, int64_t lda, const A* src,
+FUSEDRNN_CPU_NOINLINE void gemm_pass_direct(int tid, int nt, int64_t B, int64_t groups, const A* a, int64_t lda, const A* src,
                              int64_t ld, int64_t K, ColumnFn column, const uint8_t* need, Epi& epi) {
   auto tile = [&](auto rows_c, int64_t group, int64_t b0, auto& acc) {
     constexpr int R = decltype(rows_c)::value;
