@@ -206,9 +206,10 @@ def test_auto_on_cpu_uses_torch_and_env_override(monkeypatch):
         return real(name)
 
     monkeypatch.setattr(backends, "get", spy)
-    # a small fp32 LSTM: auto's CPU rule (backends._CPU_CPP_FROM_HIDDEN) hands it to torch.nn
+    # a small fp32 LSTM over more than 4 steps: auto's CPU rule (backends._CPU_CPP_FROM_HIDDEN)
+    # hands it to torch.nn (up to 4 steps its short-call clause picks cpp: tests/test_cpu_auto.py)
     ref, ours = pair("LSTM", backend="auto")
-    x = r(3, 2, 4)
+    x = r(6, 2, 4)
     torch.testing.assert_close(ours(x), ref(x))
     assert calls == []  # torch.nn's own forward, no op backend
     monkeypatch.setenv(backends.ENV_VAR, "reference")
