@@ -158,13 +158,14 @@ _CPU_CPP_FROM_HIDDEN = {
 def _cpu_short_call(cfg: RecurrenceConfig, steps: int, batch: int) -> Optional[tuple]:
     """The rule for a call of ``steps`` time steps of ``batch`` sequences where the per-call costs
     outweigh the recurrence (streaming), or None: the hidden-size table decides.  Measured in eager
-    calls, one thread, T = 1 / 2 / 4, B = 1 / 4 / 16, H = 64 / 256 / 1024 (BENCHMARKS.md "Short
-    calls"): oneDNN's fp32 LSTM sets up its primitive and reorders the weights on every call, which
-    costs more than the whole cpp call at up to 4 steps of up to 16 sequences (cpp 1.1-4.7x in
-    inference, 0.99-9x in training; B = 64 was not measured); torch.nn's own one-step path (GRU; LSTM in fp16 / fp64, with a projection, or with
-    oneDNN disabled) is two GEMVs and a few pointwise ops, which beat fusedrnn's per-call Python
-    path and its input GEMV (cpp 0.6-0.9x at H <= 256); bf16 LSTM (oneDNN with bf16 dot products)
-    keeps the table's answer."""
+    single-layer calls, one thread, (T, B) = (1, 1), (2, 1), (1, 4), (1, 16), (4, 4) at H = 64 / 256
+    / 1024 (the CPU suite's short rows; BENCHMARKS.md "Issue 11, second pass"): oneDNN's fp32 LSTM
+    sets up its primitive and reorders the weights on every call, which costs more than the whole
+    cpp call at up to 4 steps of up to 16 sequences (cpp 1.1-4.7x in inference, 0.99-9x in
+    training; B = 64 not measured); torch.nn's own one-step path (GRU; LSTM in fp16 / fp64, with a
+    projection, or with oneDNN disabled) is two GEMVs and a few pointwise ops, which beat
+    fusedrnn's per-call Python path and its input GEMV (cpp 0.7-0.96x below H = 1024); a bf16 LSTM
+    (oneDNN with bf16 dot products) keeps the table's answer."""
     onednn_lstm = (cfg.mode == "LSTM" and cfg.proj_size == 0 and torch.backends.mkldnn.enabled
                    and cfg.dtype in (torch.float32, torch.bfloat16))
     if onednn_lstm and cfg.dtype == torch.float32 and steps <= 4 and 1 <= batch <= 16:
