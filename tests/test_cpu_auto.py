@@ -32,6 +32,19 @@ def _cpp_built():
     return backends.unavailable_reason("cpp") is None
 
 
+def _spy_backends(monkeypatch):
+    """The kernel backends a call asks for (backends.get), in order."""
+    calls = []
+    real = backends.get
+
+    def spy(name):
+        calls.append(name)
+        return real(name)
+
+    monkeypatch.setattr(backends, "get", spy)
+    return calls
+
+
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
@@ -70,14 +83,7 @@ def test_lstm_under_cpu_autocast_never_goes_to_torch():
 def test_lstm_module_under_cpu_autocast_runs_on_cpp(monkeypatch):
     if not _cpp_built():
         pytest.skip("cpp backend not built")
-    calls = []
-    real = backends.get
-
-    def spy(name):
-        calls.append(name)
-        return real(name)
-
-    monkeypatch.setattr(backends, "get", spy)
+    calls = _spy_backends(monkeypatch)
     torch.manual_seed(0)
     m = fusedrnn.LSTM(8, 16)
     x = torch.randn(5, 3, 8)
@@ -94,14 +100,7 @@ def test_lstm_module_under_cpu_autocast_runs_on_cpp(monkeypatch):
 def test_gru_module_auto_runs_cpp_and_matches_torch(monkeypatch):
     if not _cpp_built():
         pytest.skip("cpp backend not built")
-    calls = []
-    real = backends.get
-
-    def spy(name):
-        calls.append(name)
-        return real(name)
-
-    monkeypatch.setattr(backends, "get", spy)
+    calls = _spy_backends(monkeypatch)
     torch.manual_seed(0)
     ref = torch.nn.GRU(8, 16)
     m = fusedrnn.GRU(8, 16)
@@ -167,18 +166,6 @@ def test_short_call_rule(grad):
     # CPU autocast still sends every LSTM to cpp
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _resolve_shape("LSTM", torch.float64, 64, (1, 1), grad) == "cpp"
-
-
-def _spy_backends(monkeypatch):
-    calls = []
-    real = backends.get
-
-    def spy(name):
-        calls.append(name)
-        return real(name)
-
-    monkeypatch.setattr(backends, "get", spy)
-    return calls
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
