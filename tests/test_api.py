@@ -12,6 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fusedrnn
 from fusedrnn import backends, ops
+from test_cpu_auto import _spy_backends
 from tolerances import RTOL, rel_err
 
 TORCH_CLS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "LSTMCell": nn.LSTMCell, "GRUCell": nn.GRUCell}
@@ -198,14 +199,7 @@ def test_explicit_unavailable_backend_raises(monkeypatch):
 
 
 def test_auto_on_cpu_uses_torch_and_env_override(monkeypatch):
-    calls = []
-    real = backends.get
-
-    def spy(name):
-        calls.append(name)
-        return real(name)
-
-    monkeypatch.setattr(backends, "get", spy)
+    calls = _spy_backends(monkeypatch)
     # a small fp32 LSTM over more than 4 steps: auto's CPU rule (backends._CPU_CPP_FROM_HIDDEN)
     # hands it to torch.nn (up to 4 steps its short-call clause picks cpp: tests/test_cpu_auto.py)
     ref, ours = pair("LSTM", backend="auto")
